@@ -1,0 +1,237 @@
+"""Config schemas and composition: conf/ + studies/NAME.yaml + command-line overrides.
+
+The dataclasses below are registered in Hydra's ConfigStore as the schema of conf/config.yaml, so
+a value of the wrong type fails at composition and, with struct mode, so does an unknown key.
+Sweep expressions (``choice(...)``, ``interval(...)``...) on the command line are not config
+values: they are split off here and become the search space (see ``split_overrides``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(os.environ.get("HARNESS_HOME", Path(__file__).resolve().parent.parent))
+CONF_DIR = PROJECT_ROOT / "conf"
+STUDIES_DIR = PROJECT_ROOT / "studies"
+
+
+class ConfigError(ValueError):
+    """A config or override the user must fix; the message says what and where."""
+
+
+@dataclass
+class ModelConfig:
+    # A Hub id or local directory loaded with from_pretrained; null builds a tiny GPT-2 from
+    # scratch with a byte-level BPE tokenizer trained on the training texts.
+    name_or_path: str | None = None
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    n_positions: int = 128
+    vocab_size: int = 2000
+
+
+@dataclass
+class DataConfig:
+    name: str = "sentiment"
+    task: str = "classification"  # classification | generation
+    path: str | None = None  # one file, split with split_seed...
+    train: str | None = None  # ...or explicit split files
+    validation: str | None = None
+    test: str | None = None
+    format: str = "auto"  # auto (by extension) | jsonl | csv
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    min_rows: int = 10
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 5e-4
+    batch_size: int = 16
+    epochs: int = 3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    dropout: float = 0.1  # GPT-2's resid_pdrop, embd_pdrop and attn_pdrop together
+    trainable_blocks: int = -1  # -1 trains everything; 0 only the head; k the last k blocks + head
+    max_length: int = 64
+    grad_clip: float = 1.0
+    eval_every_steps: int = 0  # 0: evaluate once per epoch
+    patience: int = 2  # early stopping: evaluations without improvement; 0 disables
+    max_steps: int = 0  # 0: no cap (benchmarks cap steps)
+    max_new_tokens: int = 32  # generation: greedy completion length on the test split
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
+
+
+@dataclass
+class SearchConfig:
+    # dotted config key -> Hydra sweep expression; a plain value fixes the key
+    space: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "tpe"  # tpe | random | grid | cmaes | gp
+    n_startup_trials: int = 5
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "median"  # median | hyperband | none
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 0
+    min_resource: int = 1
+    reduction_factor: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # null: sqlite file under paths.runs_dir
+    experiment: str | None = None  # null: the study name
+    log_every_steps: int = 20  # train/loss is buffered and sent in batches of this many steps
+    log_best_model: bool = True
+    register_best_model: bool = True
+    registered_model_name: str | None = None  # null: <study>-best
+
+
+@dataclass
+class StorageConfig:
+    url: str | None = None  # null: an Optuna journal file under paths.runs_dir
+
+
+@dataclass
+class SweepConfig:
+    n_trials: int = 20
+    timeout_s: float | None = None
+    metric: str = "eval/f1"
+    direction: str = "maximize"
+
+
+@dataclass
+class PathsConfig:
+    runs_dir: str = "runs"
+
+
+@dataclass
+class HarnessConfig:
+    name: str = "default"
+    seed: int = 0
+    backend: Any = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def available_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="harness_schema", node=HarnessConfig)
+    # Studies live in studies/ (top level, beside conf/) but are selected like a config group,
+    # `study=NAME`; each is an overlay on the global package.
+    for path in sorted(STUDIES_DIR.glob("*.yaml")):
+        store.store(group="study", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+@dataclass
+class Overrides:
+    plain: list[str]  # ordinary config overrides, passed to Hydra
+    sweeps: dict[str, str]  # key -> sweep expression: searched
+    fixed: set[str]  # keys given a plain value: taken out of the search
+
+
+def split_overrides(overrides: Sequence[str]) -> Overrides:
+    """Separates sweep expressions from plain values, as the hydra-optuna-sweeper plugin does."""
+    parser = OverridesParser.create()
+    plain: list[str] = []
+    sweeps: dict[str, str] = {}
+    fixed: set[str] = set()
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except HydraException as exc:
+            raise ConfigError(f"bad override {line!r}: {exc}") from exc
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            sweeps[key] = line.split("=", 1)[1].strip()
+        else:
+            plain.append(line)
+            if override.package is None and not override.is_delete():
+                fixed.add(key.lstrip("+~"))
+    return Overrides(plain=plain, sweeps=sweeps, fixed=fixed)
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Composes the config a command runs with, search space included, and validates keys."""
+    split = split_overrides(overrides)
+    GlobalHydra.instance().clear()
+    _register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=split.plain)
+    except HydraException as exc:
+        message = str(exc)
+        if "study" in message and "Could not find" in message:
+            message += f"\nAvailable studies: {', '.join(available_studies())}"
+        raise ConfigError(message) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    _apply_search_overrides(cfg, split)
+    return cfg
+
+
+def _apply_search_overrides(cfg: DictConfig, split: Overrides) -> None:
+    space = dict(cfg.search.space)
+    for key in split.fixed:
+        space.pop(key, None)
+    for key, expression in split.sweeps.items():
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(f"unknown config key {key!r} in sweep override {key}={expression}")
+        space[key] = expression
+    for key in space:
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(f"search space key {key!r} is not a config key")
+    cfg.search.space = space
+
+
+_MISSING = object()
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.runs_dir).expanduser().resolve()
+
+
+def with_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
+    """A copy of cfg with each dotted key set to its sampled value (types checked by the schema)."""
+    trial_cfg = copy.deepcopy(cfg)
+    for key, value in params.items():
+        OmegaConf.update(trial_cfg, key, value, merge=False)
+    return trial_cfg
