@@ -1,0 +1,1 @@
+"""Backends run one trial each behind the ``Backend`` protocol (base.py)."""

@@ -1,0 +1,331 @@
+"""Local GPT-2 fine-tuning: transformers models, one readable torch training loop.
+
+Classification adds a head (GPT2ForSequenceClassification, which pools the last non-pad token);
+generation trains GPT2LMHeadModel on prompt + completion with the prompt masked out of the loss.
+The loop: AdamW (no decay on biases and norms), linear warmup then linear decay, gradient
+clipping, dynamic padding, evaluation every epoch (or every N steps), early stopping with
+patience, the best evaluation's weights kept for the test split. CPU, CUDA (bf16 autocast) or MPS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from harness import metrics as task_metrics
+from harness.backends.base import Backend, Reporter, TrialResult, TrialSpec
+from harness.config import runs_dir
+from harness.data import Dataset
+from harness.tokenization import EncodedSplit, TokenizedData, encode, fit_generation
+
+
+def pick_device(name: str) -> Any:
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
+    """A GPT-2 for the task: pretrained with from_pretrained, or tiny and random from scratch."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+    )
+
+    dropout = float(cfg.train.dropout)  # GPT2Config type-checks: a string would raise
+    options: dict[str, Any] = {
+        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+        "pad_token_id": data.pad_id,
+    }
+    if data.task == "classification":
+        options |= {
+            "num_labels": len(data.labels),
+            "id2label": dict(enumerate(data.labels)),
+            "label2id": {label: i for i, label in enumerate(data.labels)},
+        }
+    source = cfg.model.name_or_path
+    if source:
+        auto = (
+            AutoModelForSequenceClassification if data.task == "classification"
+            else AutoModelForCausalLM
+        )
+        return auto.from_pretrained(source, **options)
+    m = cfg.model
+    config = GPT2Config(
+        vocab_size=len(data.tokenizer), n_positions=m.n_positions, n_embd=m.n_embd,
+        n_layer=m.n_layer, n_head=m.n_head, bos_token_id=data.tokenizer.bos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id, **options,
+    )
+    cls = GPT2ForSequenceClassification if data.task == "classification" else GPT2LMHeadModel
+    return cls(config)
+
+
+def freeze(model: Any, trainable_blocks: int) -> None:
+    """-1 trains everything; k >= 0 trains the last k transformer blocks, the final layer norm
+    and the task head (the LM head is tied to the embeddings and stays trainable)."""
+    if trainable_blocks < 0:
+        return
+    blocks = model.transformer.h
+    for param in model.transformer.parameters():
+        param.requires_grad = False
+    keep = list(blocks[len(blocks) - trainable_blocks :]) if trainable_blocks else []
+    for module in [*keep, model.transformer.ln_f]:
+        for param in module.parameters():
+            param.requires_grad = True
+    if hasattr(model, "lm_head"):
+        model.lm_head.weight.requires_grad = True
+
+
+def make_optimizer(model: Any, train: DictConfig) -> Any:
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "ln_" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": float(train.weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=float(train.learning_rate))
+
+
+def warmup_then_linear_decay(optimizer: Any, total_steps: int, warmup_ratio: float) -> Any:
+    import torch
+
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batches(
+    split: EncodedSplit, indices: list[int], batch_size: int, max_length: int, pad_id: int,
+    task: str, device: Any,
+) -> Any:
+    """Dynamically padded batches: each is as long as its longest example, not max_length."""
+    import torch
+
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        if task == "classification":
+            rows = [split.inputs[i][:max_length] or [pad_id] for i in chunk]
+            labels = torch.tensor([split.targets[i] for i in chunk])
+        else:
+            rows, label_rows = [], []
+            for i in chunk:
+                ids = fit_generation(split.inputs[i], split.targets[i], max_length)
+                n_target = min(len(split.targets[i]), max_length)
+                rows.append(ids)
+                label_rows.append([-100] * (len(ids) - n_target) + ids[len(ids) - n_target :])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+        if task != "classification":
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            for row, ids in enumerate(label_rows):
+                labels[row, : len(ids)] = torch.tensor(ids)
+        yield {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention.to(device),
+            "labels": labels.to(device),
+        }
+
+
+class LocalBackend:
+    tunable_keys = frozenset({"train.*", "model.*"})
+
+    def prepare(self, cfg: DictConfig, dataset: Dataset) -> TokenizedData:
+        return encode(cfg, dataset, runs_dir(cfg) / "cache")
+
+    def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
+        trainer = _Training(spec, reporter)
+        try:
+            return trainer.run()
+        finally:
+            trainer.release()
+
+
+class _Training:
+    """One trial's state; released at the end so a long sweep does not grow."""
+
+    def __init__(self, spec: TrialSpec, reporter: Reporter) -> None:
+        import torch
+
+        self.spec, self.reporter = spec, reporter
+        self.cfg, self.train_cfg = spec.config, spec.config.train
+        self.data: TokenizedData = spec.prepared
+        self.device = pick_device(self.train_cfg.device)
+        precision = self.train_cfg.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        torch.manual_seed(self.cfg.seed)
+        self.model: Any = build_model(self.cfg, self.data).to(self.device)
+        freeze(self.model, self.train_cfg.trainable_blocks)
+        self.optimizer: Any = make_optimizer(self.model, self.train_cfg)
+        self.order = torch.Generator().manual_seed(self.cfg.seed)
+
+    def release(self) -> None:
+        self.model = self.optimizer = None
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def autocast(self) -> Any:
+        import torch
+
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def run(self) -> TrialResult:
+        import torch
+
+        t = self.train_cfg
+        n_train = len(self.data.train)
+        steps_per_epoch = math.ceil(n_train / t.batch_size)
+        total = steps_per_epoch * t.epochs
+        if t.max_steps > 0:
+            total = min(total, t.max_steps)
+        scheduler = warmup_then_linear_decay(self.optimizer, total, t.warmup_ratio)
+        eval_every = t.eval_every_steps or steps_per_epoch
+        sign = 1.0 if self.cfg.sweep.direction == "maximize" else -1.0
+        best_score, best_metrics, best_state, stale, step = -math.inf, {}, None, 0, 0
+        self.model.train()
+        while step < total and stale < (t.patience or math.inf):
+            order = torch.randperm(n_train, generator=self.order).tolist()
+            for batch in batches(self.data.train, order, t.batch_size, t.max_length,
+                                 self.data.pad_id, self.data.task, self.device):
+                with self.autocast():
+                    loss = self.model(**batch).loss
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                self.reporter.report(step, {"train/loss": loss.item()})
+                if step % eval_every == 0 or step == total:
+                    evaluated = self.evaluate(self.data.validation, "eval")
+                    score = sign * evaluated[self.cfg.sweep.metric]
+                    if score > best_score:
+                        best_score, best_metrics, stale = score, evaluated, 0
+                        best_state = copy.deepcopy(self.model.state_dict())
+                    else:
+                        stale += 1
+                    self.reporter.report(step, evaluated)  # may raise TrialPruned: stops here
+                    self.model.train()
+                if step >= total or (t.patience and stale >= t.patience):
+                    break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        test, artifacts = self.test()
+        model_dir = self.save() if self.spec.save_model else None
+        return TrialResult({**best_metrics, **test}, artifacts, model_dir, step)
+
+    def evaluate(self, split: EncodedSplit, prefix: str) -> dict[str, float]:
+        """Loss and task metrics on a split; the loss is the mean over examples (classification)
+        or over completion tokens (generation)."""
+        import torch
+
+        t = self.train_cfg
+        self.model.eval()
+        total_loss, weight, correct, predictions = 0.0, 0, 0, []
+        with torch.no_grad(), self.autocast():
+            for batch in batches(split, list(range(len(split))), max(t.batch_size, 32),
+                                 t.max_length, self.data.pad_id, self.data.task, self.device):
+                output = self.model(**batch)
+                if self.data.task == "classification":
+                    n = len(batch["labels"])
+                    total_loss += output.loss.item() * n
+                    weight += n
+                    predictions += output.logits.argmax(-1).tolist()
+                else:
+                    labels = batch["labels"][:, 1:]
+                    mask = labels != -100
+                    guesses = output.logits[:, :-1].argmax(-1)
+                    n = int(mask.sum())
+                    total_loss += output.loss.item() * n
+                    weight += n
+                    correct += int((guesses[mask] == labels[mask]).sum())
+        loss = total_loss / max(weight, 1)
+        result = {f"{prefix}/loss": loss}
+        if self.data.task == "classification":
+            names = self.data.labels
+            truth = [names[i] for i in split.targets]
+            guessed = [names[i] for i in predictions]
+            scores = task_metrics.classification_metrics(truth, guessed, names)
+            self.last_predictions = (truth, guessed)
+        else:
+            scores = {"perplexity": task_metrics.perplexity(loss),
+                      "token_accuracy": correct / max(weight, 1)}
+        return result | {f"{prefix}/{k}": v for k, v in scores.items()}
+
+    def generate(self, split: EncodedSplit) -> list[str]:
+        """Greedy completions of each prompt, up to max_new_tokens or EOS."""
+        import torch
+
+        tokenizer, t = self.data.tokenizer, self.train_cfg
+        limit = self.model.config.n_positions - t.max_new_tokens
+        outputs = []
+        with torch.no_grad(), self.autocast():
+            for prompt in split.inputs:
+                ids = torch.tensor([prompt[-min(limit, t.max_length):]], device=self.device)
+                generated = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=t.max_new_tokens,
+                    do_sample=False, pad_token_id=self.data.pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                outputs.append(
+                    tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+                )
+        return outputs
+
+    def test(self) -> tuple[dict[str, float], list[Path]]:
+        result = self.evaluate(self.data.test, "test")
+        artifacts: list[Path] = []
+        if self.data.task == "classification":
+            truth, guessed = self.last_predictions
+            path = self.spec.workdir / "confusion_matrix_test.png"
+            artifacts.append(task_metrics.save_confusion_matrix(
+                truth, guessed, self.data.labels, path, "test split"))
+        else:
+            predictions = self.generate(self.data.test)
+            references = [e.target for e in self.data.test.examples]
+            scores = task_metrics.generation_metrics(predictions, references)
+            result |= {f"test/{k}": v for k, v in scores.items()}
+        return result, artifacts
+
+    def save(self) -> Path:
+        directory = self.spec.workdir / "model"
+        self.model.save_pretrained(directory)
+        self.data.tokenizer.save_pretrained(directory)
+        return directory
+
+
+_: Backend = LocalBackend()
