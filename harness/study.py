@@ -1,0 +1,330 @@
+"""Run or resume a study: Optuna samples, a backend trains, MLflow records.
+
+Everything that can be checked is checked before the first trial: search-space expressions,
+which keys the backend can tune, the types sampled values will have, the dataset. A failing trial
+fails alone (its run is marked FAILED with the reason) and the study goes on.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from harness import search
+from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
+from harness.config import ConfigError, runs_dir, with_params
+from harness.data import Dataset, load_dataset
+from harness.provenance import provenance
+from harness.tracking import MLflowTracker, TrialRun, redact_text
+
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def storage_for(cfg: DictConfig) -> Any:
+    """Optuna storage: the configured URL, else a journal file under runs/ (safe for several
+    processes on one host, unlike SQLite)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    url = cfg.storage.url
+    if url and not str(url).endswith((".log", ".journal")):
+        return str(url)
+    path = Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def describe_storage(cfg: DictConfig) -> str:
+    url = cfg.storage.url or str(runs_dir(cfg) / "optuna" / f"{cfg.name}.log")
+    return redact_text(str(url))
+
+
+def make_backend(cfg: DictConfig) -> Backend:
+    from hydra.utils import instantiate
+
+    backend: Backend = instantiate(cfg.backend)
+    return backend
+
+
+@dataclass
+class Plan:
+    """A validated study: what to search, what is fixed, the backend, the data."""
+
+    cfg: DictConfig  # fixed values of the space applied
+    distributions: dict[str, optuna.distributions.BaseDistribution]
+    backend: Backend
+    dataset: Dataset
+    prepared: Any = None
+
+
+def plan_study(cfg: DictConfig) -> Plan:
+    """Validates everything a study needs before the first trial; raises with a clear message."""
+    space = dict(cfg.search.space)
+    distributions = search.to_distributions(space)
+    cfg = with_params(cfg, search.fixed_values(space))
+    backend = make_backend(cfg)
+    check_tunable(str(cfg.backend._target_).rsplit(".", 1)[-1], backend.tunable_keys,
+                  distributions)
+    for key, dist in distributions.items():  # the schema must accept every value sampled
+        for value in _extremes(dist):
+            try:
+                with_params(cfg, {key: value})
+            except Exception as exc:
+                raise ConfigError(f"search space {key}={space[key]}: {value!r} is not valid "
+                                  f"for this key: {exc}") from exc
+    if cfg.sweep.direction not in ("maximize", "minimize"):
+        raise ConfigError(f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}")
+    return Plan(cfg, distributions, backend, load_dataset(cfg.data))
+
+
+def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return list(dist.choices)
+    return [dist.low, dist.high]  # type: ignore[attr-defined]
+
+
+def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:
+    """The `harness train` line that repeats a trial: the sweep's plain overrides + its params."""
+    keys = set(params)
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    words = ["harness", command, *kept, *(f"{k}={_format(v)}" for k, v in params.items())]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _format(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class TrialReporter:
+    """Sends metrics to MLflow and the objective metric to Optuna, which may prune."""
+
+    def __init__(self, run: TrialRun, metric: str, trial: optuna.Trial | None = None) -> None:
+        self.run, self.metric, self.trial = run, metric, trial
+        self.evaluations = 0
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        is_eval = self.metric in metrics
+        self.run.log_metrics(step, metrics, buffered=not is_eval)
+        if is_eval and self.trial is not None:
+            # Optuna's step is the evaluation index, so trials with different batch sizes
+            # (different step counts per epoch) are compared at the same point.
+            self.evaluations += 1
+            self.trial.report(float(metrics[self.metric]), self.evaluations)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {step})")
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None
+    seconds: float
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_trial(
+    plan: Plan, tracker: MLflowTracker, params: dict[str, Any], number: int, run_name: str,
+    workdir: Path, tags: Mapping[str, str], trial: optuna.Trial | None = None,
+    parent_id: str | None = None, save_model: bool = True,
+) -> tuple[TrialResult, TrialRun]:
+    """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
+    the run is closed with the right state."""
+    cfg = with_params(plan.cfg, params)
+    run = tracker.start_run(run_name, params, tags, cfg, parent_id)
+    reporter = TrialReporter(run, cfg.sweep.metric, trial)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model)
+    try:
+        result = plan.backend.run(spec, reporter)
+        if cfg.sweep.metric not in result.metrics:
+            raise RuntimeError(f"backend returned no {cfg.sweep.metric!r} metric; it returned "
+                               f"{sorted(result.metrics)}")
+    except optuna.TrialPruned as pruned:
+        run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
+        run.end("KILLED")
+        raise
+    except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
+        reason = f"{type(exc).__name__}: {exc}"
+        run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
+        run.log_text(traceback.format_exc(), "error.txt")
+        run.end("FAILED")
+        raise
+    objective = result.metrics[cfg.sweep.metric]
+    run.log_metrics(result.steps, {**result.metrics, "objective": objective})
+    for artifact in result.artifacts:
+        run.log_artifact(artifact)
+    run.set_tags({"optuna.trial_state": "COMPLETE"})
+    run.end("FINISHED")
+    return result, run
+
+
+class Sweep:
+    """One invocation of `harness sweep`: runs the trials still missing, then summarises."""
+
+    def __init__(self, cfg: DictConfig, overrides: list[str],
+                 on_trial: Callable[[TrialOutcome], None] = lambda outcome: None) -> None:
+        self.overrides = overrides
+        self.on_trial = on_trial
+        self.plan = plan_study(cfg)
+        self.cfg = self.plan.cfg
+        self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
+
+    def create_study(self) -> optuna.Study:
+        c = self.cfg
+        sampler = search.make_sampler(c.sampler.name, c.seed, c.sampler.n_startup_trials,
+                                      self.plan.distributions)
+        pruner = search.make_pruner(c.pruner.name, c.pruner.n_startup_trials,
+                                    c.pruner.n_warmup_steps, c.pruner.min_resource,
+                                    c.pruner.reduction_factor)
+        return optuna.create_study(study_name=c.name, storage=storage_for(c), sampler=sampler,
+                                   pruner=pruner, direction=c.sweep.direction, load_if_exists=True)
+
+    def run(self) -> optuna.Study:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = self.create_study()
+        self._fail_stale_trials(study)
+        study.set_user_attr("overrides", self.overrides)
+        tracker = MLflowTracker(self.cfg)
+        self.tracker = tracker
+        tags = {"optuna.study_name": study.study_name,
+                "optuna.storage": describe_storage(self.cfg),
+                **provenance(self.plan.dataset.file_hashes, self.cfg.seed)}
+        parent_id = tracker.parent_run(tags)
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        self.tags = tags
+        self.parent_id = parent_id
+        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
+        missing = self.cfg.sweep.n_trials - finished
+        if missing > 0:
+            self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
+            try:
+                study.optimize(self._objective, n_trials=missing, timeout=self.cfg.sweep.timeout_s,
+                               catch=(Exception,), callbacks=[self._after_trial], gc_after_trial=True)
+            except BaseException:
+                tracker.client.set_terminated(parent_id, "KILLED")
+                raise
+        self._finish(study, tracker, parent_id)
+        return study
+
+    def _fail_stale_trials(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a process that died (Ctrl-C, crash) on the default single-host
+        storage are marked FAIL so they neither block nor count. A shared storage (a URL) may
+        have live workers elsewhere, so it is left alone there."""
+        if self.cfg.storage.url:
+            return
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        params = search.suggest(trial, self.plan.distributions)
+        workdir = self.checkpoints / f"trial-{trial.number:04d}"
+        tags = {**self.tags, "optuna.trial_number": str(trial.number)}
+        try:
+            result, run = run_trial(
+                self.plan, self.tracker, params, trial.number, f"trial-{trial.number:04d}",
+                workdir, tags, trial, self.parent_id, save_model=self.cfg.tracking.log_best_model,
+            )
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        trial.set_user_attr("metrics", result.metrics)
+        return float(result.metrics[self.cfg.sweep.metric])
+
+    def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Keeps the model of the best trial so far and deletes the others' scratch folders."""
+        workdir = self.checkpoints / f"trial-{trial.number:04d}"
+        best = self.checkpoints / "best"
+        is_best = trial.state == optuna.trial.TrialState.COMPLETE and (
+            study.best_trial.number == trial.number
+        )
+        if is_best and (workdir / "model").exists():
+            shutil.rmtree(best, ignore_errors=True)
+            (workdir / "model").rename(best)
+            (best / "TRIAL").write_text(str(trial.number))
+        shutil.rmtree(workdir, ignore_errors=True)
+        reason = ""
+        if trial.state == optuna.trial.TrialState.FAIL:
+            reason = str(trial.user_attrs.get("fail_reason", ""))
+        self.on_trial(TrialOutcome(
+            trial.number, trial.state.name, dict(trial.params), trial.value,
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete and trial.datetime_start else 0.0,
+            reason, dict(trial.user_attrs.get("metrics", {})),
+        ))
+
+    def _finish(self, study: optuna.Study, tracker: MLflowTracker, parent_id: str) -> None:
+        trials = study.get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(1 for t in trials if t.state == state)
+                  for state in optuna.trial.TrialState}
+        metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
+        completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if completed:
+            best = study.best_trial
+            metrics["best_objective"] = float(best.value)  # type: ignore[arg-type]
+            tracker.client.set_tag(parent_id, "best_trial", str(best.number))
+            self._log_best_model(study, best)
+        tracker.finish_parent(parent_id, metrics)
+
+    def _log_best_model(self, study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
+        best_dir = self.checkpoints / "best"
+        run_id = best.user_attrs.get("mlflow_run_id")
+        if not (self.cfg.tracking.log_best_model and run_id and best_dir.exists()):
+            return
+        if (best_dir / "TRIAL").read_text().strip() != str(best.number):
+            return
+        run = self.tracker.client.get_run(run_id)
+        if run.data.tags.get("harness.model_logged") == "true":
+            return  # logged by an earlier invocation of this study
+        from harness.tracking import log_transformers_model
+
+        name = None
+        if self.cfg.tracking.register_best_model:
+            name = self.cfg.tracking.registered_model_name or f"{self.cfg.name}-best"
+        uri = log_transformers_model(self.tracker.uri, run_id, best_dir, self.cfg.data.task, name)
+        self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
+        self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
+        study.set_user_attr("best_model_uri", uri)
+
+
+def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]:
+    """`harness train`: one run with the config's values (no search), tracked like a trial but
+    as a top-level run named train-<time>. Returns the result and the MLflow run id."""
+    plan = plan_study(cfg)
+    params = {key: OmegaConf.select(plan.cfg, key) for key in cfg.search.space}
+    plan.prepared = plan.backend.prepare(plan.cfg, plan.dataset)
+    tracker = MLflowTracker(plan.cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"train-{stamp}"
+    tags = {"harness.overrides": " ".join(overrides)[:4000],
+            **provenance(plan.dataset.file_hashes, plan.cfg.seed)}
+    result, run = run_trial(plan, tracker, params, -1, f"train-{stamp}", workdir, tags,
+                            save_model=plan.cfg.tracking.log_best_model)
+    if result.model_dir is not None:
+        from harness.tracking import log_transformers_model
+
+        log_transformers_model(tracker.uri, run.run_id, result.model_dir, plan.cfg.data.task, None)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result, run.run_id
+
+
+def load_study(cfg: DictConfig) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+    except KeyError as exc:
+        raise ConfigError(f"no study named {cfg.name!r} in {describe_storage(cfg)}; run "
+                          f"`harness sweep study={cfg.name}` first") from exc

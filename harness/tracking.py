@@ -1,0 +1,195 @@
+"""MLflow records: one experiment per study, a parent run per study, a child run per trial.
+
+Written through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it works
+the same from any thread or process. ``train/loss`` is buffered and sent in batches; evaluation
+metrics go out at once. Secrets never reach MLflow: config values under secret-looking keys and
+passwords in URLs are redacted before the config is logged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import runs_dir
+
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd)", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
+
+STUDY_TAG = "harness.study"
+ROLE_TAG = "harness.role"
+
+
+def redact_text(text: str) -> str:
+    return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of a plain container with secret-looking keys masked and URL passwords removed."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if value is not None and SECRET_KEY.search(key):
+        return "***"
+    return redact_text(value) if isinstance(value, str) else value
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.uri:
+        return str(cfg.tracking.uri)
+    return f"sqlite:///{runs_dir(cfg) / 'mlflow.db'}"
+
+
+class MLflowTracker:
+    """The study's experiment and parent run; makes a ``TrialRun`` per trial."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        if self.uri.startswith("sqlite:"):
+            runs_dir(cfg).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
+        self.client = MlflowClient(self.uri)
+        name = cfg.tracking.experiment or cfg.name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = None
+            if self.uri.startswith("sqlite:"):  # else MLflow would use ./mlruns of the cwd
+                artifacts = (runs_dir(cfg) / "mlartifacts" / name).as_uri()
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def find_parent(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and tags.`{ROLE_TAG}` = 'study'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, tags: Mapping[str, str]) -> str:
+        """The study's parent run: found again on resume, created the first time."""
+        run_id = self.find_parent()
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.cfg.name,
+                tags={STUDY_TAG: self.cfg.name, ROLE_TAG: "study", **tags},
+            )
+            run_id = run.info.run_id
+            self.log_text(run_id, config_yaml(self.cfg), "config.yaml")
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def start_run(
+        self, name: str, params: Mapping[str, Any], tags: Mapping[str, str], cfg: DictConfig,
+        parent_id: str | None = None,
+    ) -> TrialRun:
+        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.log_every_steps)
+        trial_run.log_params(params)
+        self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
+        return trial_run
+
+    def finish_parent(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        TrialRun(self.client, run_id).log_metrics(0, metrics)
+        self.client.set_terminated(run_id, "FINISHED")
+
+
+class TrialRun:
+    """One run's metrics (batched), artifacts and end state."""
+
+    def __init__(self, client: Any, run_id: str, flush_every: int = 20) -> None:
+        self.client, self.run_id, self.flush_every = client, run_id, max(1, flush_every)
+        self.pending: list[Any] = []
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if params:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float], buffered: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if not buffered or len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), 1000):  # log_batch takes <= 1000 metrics
+            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        self.pending = []
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def end(self, status: str) -> None:
+        """status: FINISHED, KILLED (pruned) or FAILED."""
+        self.flush()
+        self.client.set_terminated(self.run_id, status)
+
+
+def log_transformers_model(
+    uri: str, run_id: str, model_dir: Path, task: str, registered_name: str | None
+) -> str:
+    """Logs a saved model as an MLflow transformers model in ``run_id``; registers it when a
+    name is given. Returns the model URI."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    mlflow.set_tracking_uri(uri)
+    is_classification = task == "classification"
+    auto = AutoModelForSequenceClassification if is_classification else AutoModelForCausalLM
+    components = {
+        "model": auto.from_pretrained(model_dir),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+    }
+    # Explicit requirements: inference would add torchvision and fail, and it is slow (FACTS.md).
+    requirements = [f"{name}=={version}" for name, version in _versions().items()]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components,
+            name="model",
+            task="text-classification" if is_classification else "text-generation",
+            pip_requirements=requirements,
+            registered_model_name=registered_name,
+        )
+    return str(info.model_uri)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    return {n: metadata.version(n) for n in ("torch", "transformers", "tokenizers", "mlflow")}
