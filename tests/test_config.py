@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from harness.config import CONF_DIR, STUDIES_DIR, ConfigError, load_config, with_params
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def test_conf_has_the_groups_the_design_names():
+    assert {"backend", "model", "data", "search", "sampler", "pruner", "tracking"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+    + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))],
+)
+def test_every_config_file_composes(override):
+    cfg = load_config([override])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.name
+
+
+def test_study_overlay_selects_its_data_and_search():
+    cfg = load_config(["study=faq_chat_tiny"])
+    assert cfg.name == "faq_chat_tiny"
+    assert cfg.data.task == "generation"
+    assert cfg.sweep.metric == "eval/loss" and cfg.sweep.direction == "minimize"
+    assert cfg.train.max_length == 128
+
+
+def test_command_line_overrides_win_over_the_study():
+    cfg = load_config(["study=faq_chat_tiny", "train.max_length=32", "sweep.n_trials=3"])
+    assert cfg.train.max_length == 32 and cfg.sweep.n_trials == 3
+
+
+def test_bad_type_fails_at_composition():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(["train.batch_size=lots"])
+
+
+def test_unknown_key_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.learning_rat"):
+        load_config(["train.learning_rat=0.1"])
+
+
+def test_unknown_study_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="sentiment_tiny"):
+        load_config(["study=nope"])
+
+
+def test_sweep_override_searches_a_key_and_plain_value_fixes_one():
+    default = load_config([])
+    assert "train.epochs" in default.search.space
+    cfg = load_config(["train.epochs=3", "train.max_length=range(32, 97, 32)",
+                       "train.learning_rate=tag(log, interval(1e-5, 1e-2))"])
+    assert cfg.train.epochs == 3
+    assert "train.epochs" not in cfg.search.space  # fixed: out of the search
+    assert cfg.search.space["train.max_length"] == "range(32, 97, 32)"  # added
+    assert cfg.search.space["train.learning_rate"] == "tag(log, interval(1e-5, 1e-2))"  # replaced
+
+
+def test_sweep_override_of_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
+        load_config(["train.nope=choice(1,2)"])
+
+
+def test_with_params_applies_dotted_keys_with_schema_types():
+    cfg = load_config([])
+    trial = with_params(cfg, {"train.learning_rate": 0.01, "train.batch_size": 8})
+    assert trial.train.learning_rate == 0.01 and trial.train.batch_size == 8
+    assert cfg.train.batch_size == 16  # the original is untouched
+    with pytest.raises(Exception, match="batch_size"):
+        with_params(cfg, {"train.batch_size": "many"})
+
+
+def test_studies_carry_their_launch_command_and_global_package():
+    for path in Path(STUDIES_DIR).glob("*.yaml"):
+        text = path.read_text()
+        assert text.startswith("# @package _global_"), path
+        assert "harness sweep" in text, path
