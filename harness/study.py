@@ -162,7 +162,11 @@ def run_trial(
         run.end("FAILED")
         raise
     objective = result.metrics[cfg.sweep.metric]
-    run.log_metrics(result.steps, {**result.metrics, "objective": objective})
+    # eval/* already has its history (reported per evaluation); logging the kept model's
+    # values again at the last step would put a second point there. test/* and the objective
+    # (the kept model's validation metric) are final values.
+    final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
+    run.log_metrics(result.steps, {**final, "objective": objective})
     for artifact in result.artifacts:
         run.log_artifact(artifact)
     run.set_tags({"optuna.trial_state": "COMPLETE"})

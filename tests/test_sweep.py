@@ -1,0 +1,136 @@
+"""Study logic end to end with the fake backend: real Optuna storage, real MLflow store."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.backends.base import UntunableKeyError
+from harness.config import ConfigError
+from harness.search import SearchSpaceError
+from harness.study import Sweep, load_study, reproduce_command, storage_for
+from harness.tracking import tracking_uri
+
+FAKE = ("backend=fake", "sampler=random", "pruner=median", "pruner.n_startup_trials=2",
+        "pruner.n_warmup_steps=0")
+
+
+def children(cfg, client=None):
+    client = client or MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
+    return client, parents, trials
+
+
+def test_sweep_records_parent_and_nested_trials(make_cfg):
+    cfg = make_cfg(*FAKE, "sweep.n_trials=8")
+    study = Sweep(cfg, list(FAKE)).run()
+    assert len(study.trials) == 8
+    client, parents, trials = children(cfg)
+    assert len(parents) == 1 and parents[0].info.run_name == cfg.name
+    assert parents[0].info.status == "FINISHED"
+    parent_id = parents[0].info.run_id
+    assert sorted(r.info.run_name for r in trials) == [f"trial-{n:04d}" for n in range(8)]
+    keys = {frozenset(r.data.params) for r in trials}
+    assert keys == {frozenset(cfg.search.space)}  # same param keys in every trial
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trials}
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["optuna.study_name"] == cfg.name
+        assert run.data.tags["optuna.trial_state"] == trial.state.name
+        assert run.data.params["train.batch_size"] == str(trial.params["train.batch_size"])
+        assert "git.commit" in run.data.tags and run.data.tags["version.optuna"] == optuna.__version__
+        assert run.data.tags["seed"] == "0"
+        assert any(k.startswith("data.sha256.") for k in run.data.tags)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["objective"] == pytest.approx(trial.value)
+            history = client.get_metric_history(run.info.run_id, "eval/f1")
+            assert [m.step for m in history] == sorted(m.step for m in history)
+            assert len(history) == trial.params["train.epochs"]
+            assert "test/f1" in run.data.metrics
+            losses = client.get_metric_history(run.info.run_id, "train/loss")
+            assert [m.step for m in losses] == list(range(1, len(losses) + 1))
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            assert run.info.status == "KILLED"
+            assert "pruned at evaluation" in run.data.tags["harness.pruned_reason"]
+    states = {t.state for t in study.trials}
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    assert parents[0].data.metrics["best_objective"] == pytest.approx(study.best_value)
+
+
+def test_resume_adds_only_missing_trials_under_the_same_parent(make_cfg):
+    first = Sweep(make_cfg(*FAKE, "sweep.n_trials=3"), list(FAKE)).run()
+    assert len(first.trials) == 3
+    cfg = make_cfg(*FAKE, "sweep.n_trials=5")
+    again = Sweep(cfg, list(FAKE)).run()
+    assert len(again.trials) == 5
+    assert len(Sweep(cfg, list(FAKE)).run().trials) == 5  # complete: nothing more to do
+    _, parents, trials = children(cfg)
+    assert len(parents) == 1
+    assert len(trials) == 5
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+
+
+def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
+    cfg = make_cfg(*FAKE, "sweep.n_trials=3")
+    Sweep(make_cfg(*FAKE, "sweep.n_trials=2"), list(FAKE)).run()
+    # a process killed mid-trial leaves the trial RUNNING in the storage
+    study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+    study.ask()
+    resumed = Sweep(cfg, list(FAKE)).run()
+    states = [t.state.name for t in resumed.trials]
+    assert states.count("FAIL") == 1
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+
+
+def test_failing_trial_fails_alone_and_the_study_goes_on(make_cfg):
+    overrides = ["backend._target_=tests.flaky_backend.FlakyBackend", "backend=fake",
+                 "sampler=grid", "search=none", "train.batch_size=choice(8, 16, 32)",
+                 "pruner=none"]
+    cfg = make_cfg(*overrides, "sweep.n_trials=3")
+    study = Sweep(cfg, overrides).run()
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    _, _, trials = children(cfg)
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(failed) == 1
+    assert "out of memory (simulated" in failed[0].data.tags["harness.failure_reason"]
+
+
+def test_errors_before_any_trial(make_cfg, runs):
+    with pytest.raises(UntunableKeyError, match=r"cannot tune model\.n_layer"):
+        Sweep(make_cfg("backend=fake", "model.n_layer=choice(1, 2)"), [])
+    with pytest.raises(SearchSpaceError, match=r"train\.dropout: 'interval\(0.5, 0.1\)'"):
+        Sweep(make_cfg("backend=fake", "train.dropout=interval(0.5, 0.1)"), [])
+    with pytest.raises(ConfigError, match=r"train\.epochs=interval\(1, 3\): 1.0 is not valid"):
+        Sweep(make_cfg("backend=fake", "train.epochs=interval(1, 3)"), [])
+    assert not (runs / "mlflow.db").exists()  # nothing was started
+
+
+def test_best_and_reproduce_command(make_cfg):
+    overrides = [*FAKE, "sweep.n_trials=4", "train.max_length=32"]
+    cfg = make_cfg(*overrides)
+    Sweep(cfg, overrides).run()
+    study = load_study(cfg)
+    command = reproduce_command("train", study.user_attrs["overrides"], study.best_params)
+    assert command.startswith("harness train backend=fake")
+    assert "train.max_length=32" in command and "sweep.n_trials=4" in command
+    assert f"train.learning_rate={study.best_params['train.learning_rate']!r}" in command
+    with pytest.raises(ConfigError, match="harness sweep study=nothing_here"):
+        load_study(make_cfg("backend=fake", "name=nothing_here"))
+
+
+def test_secrets_are_redacted_from_logged_config(make_cfg):
+    from harness.tracking import config_yaml, redact
+
+    cfg = make_cfg("backend=fake", "storage.url=postgresql://bob:hunter2@db:5432/optuna")
+    text = config_yaml(cfg)
+    assert "hunter2" not in text and "postgresql://bob:***@db:5432/optuna" in text
+    assert redact({"openai_api_key": "sk-123", "n": 1}) == {"openai_api_key": "***", "n": 1}
