@@ -62,7 +62,7 @@ def _format_value(value: Any) -> str:
 
 def cmd_sweep(overrides: list[str]) -> int:
     from harness.config import load_config
-    from harness.study import Sweep, TrialOutcome, describe_storage, reproduce_command
+    from harness.study import Sweep, TrialOutcome, describe_storage
     from harness.tracking import tracking_uri
 
     console = _console()
@@ -70,15 +70,21 @@ def cmd_sweep(overrides: list[str]) -> int:
 
     def on_trial(outcome: TrialOutcome) -> None:
         value = "" if outcome.value is None else f"objective={outcome.value:.4f}"
-        params = " ".join(f"{k.split('.')[-1]}={_format_value(v)}" for k, v in outcome.params.items())
+        params = " ".join(
+            f"{k.split('.')[-1]}={_format_value(v)}" for k, v in outcome.params.items()
+        )
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(outcome.state, "")
-        console.print(f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
-                      f"{value:18s} {outcome.seconds:6.1f}s  {params} {outcome.reason}")
+        console.print(
+            f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
+            f"{value:18s} {outcome.seconds:6.1f}s  {params} {outcome.reason}"
+        )
 
     sweep = Sweep(cfg, overrides, on_trial)
-    console.print(f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, "
-                  f"{cfg.sweep.direction} {cfg.sweep.metric}; sampler {cfg.sampler.name}, "
-                  f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}")
+    console.print(
+        f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, "
+        f"{cfg.sweep.direction} {cfg.sweep.metric}; sampler {cfg.sampler.name}, "
+        f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}"
+    )
     console.print(f"optuna storage: {describe_storage(cfg)}")
     console.print(f"mlflow: {tracking_uri(cfg)}")
     study = sweep.run()
@@ -97,8 +103,10 @@ def _print_best(console: Any, study: Any, metric: str) -> None:
 
     best = study.best_trial
     states = [t.state.name for t in study.trials]
-    console.print(f"\n{len(states)} trials: {states.count('COMPLETE')} complete, "
-                  f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed")
+    console.print(
+        f"\n{len(states)} trials: {states.count('COMPLETE')} complete, "
+        f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed"
+    )
     table = Table(title=f"best trial: {best.number}  ({metric} = {best.value:.4f})")
     table.add_column("key")
     table.add_column("value", justify="right")
@@ -110,8 +118,7 @@ def _print_best(console: Any, study: Any, metric: str) -> None:
     console.print(table)
     overrides = list(study.user_attrs.get("overrides", []))
     console.print("reproduce with:")
-    console.print(reproduce_command("train", overrides, best.params), markup=False,
-                  soft_wrap=True)
+    console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
     if "best_model_uri" in study.user_attrs:
         console.print(f"best model: {study.user_attrs['best_model_uri']}")
 
@@ -134,8 +141,9 @@ def cmd_train(overrides: list[str]) -> int:
     from harness.study import train_once
 
     if split_overrides(overrides).sweeps:
-        raise ConfigError("`harness train` takes fixed values; sweep expressions are for "
-                          "`harness sweep`")
+        raise ConfigError(
+            "`harness train` takes fixed values; sweep expressions are for `harness sweep`"
+        )
     cfg = load_config(overrides)
     result, run_id = train_once(cfg, overrides)
     console = _console()
@@ -173,10 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     _quiet_libraries()
+    from harness.backends.base import UntunableKeyError
     from harness.config import ConfigError
     from harness.data import DataError
     from harness.search import SearchSpaceError
-    from harness.backends.base import UntunableKeyError
 
     try:
         if "--cfg" in rest:

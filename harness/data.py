@@ -122,7 +122,9 @@ def load_examples(path: Path, data: DictConfig) -> list[Example]:
         where = f"{path}:{number}"
         if data.task == "classification":
             examples.append(
-                Example(_field(record, data.text_field, where), _field(record, data.label_field, where))
+                Example(
+                    _field(record, data.text_field, where), _field(record, data.label_field, where)
+                )
             )
         elif data.task == "generation":
             if data.messages_field in record:

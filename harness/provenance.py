@@ -40,5 +40,7 @@ def library_versions() -> dict[str, str]:
 
 def provenance(file_hashes: dict[str, str], seed: int) -> dict[str, str]:
     """Flat tags: git commit and dirtiness, library versions, sha256 of each data file, seed."""
-    data = {f"data.sha256.{path.rsplit('/', 1)[-1]}": digest for path, digest in file_hashes.items()}
+    data = {
+        f"data.sha256.{path.rsplit('/', 1)[-1]}": digest for path, digest in file_hashes.items()
+    }
     return {**git_state(), **library_versions(), **data, "seed": str(seed)}

@@ -45,7 +45,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _range_distribution(key: str, expression: str, sweep: RangeSweep) -> BaseDistribution:
-    start, stop, step = sweep.start, sweep.stop, sweep.step
+    start: Any = sweep.start  # Hydra types these loosely; checked just below
+    stop: Any = sweep.stop
+    step: Any = sweep.step
     if not all(_is_number(v) for v in (start, stop, step)) or step <= 0:
         raise SearchSpaceError(f"{key}: {expression!r} needs numbers and a positive step")
     count = math.ceil((stop - start) / step - 1e-9)
@@ -63,7 +65,8 @@ def _range_distribution(key: str, expression: str, sweep: RangeSweep) -> BaseDis
 
 
 def _interval_distribution(key: str, expression: str, sweep: IntervalSweep) -> BaseDistribution:
-    low, high = sweep.start, sweep.end
+    low: Any = sweep.start
+    high: Any = sweep.end
     if not (_is_number(low) and _is_number(high)):
         raise SearchSpaceError(f"{key}: {expression!r} needs numeric bounds")
     log = "log" in sweep.tags
@@ -86,7 +89,7 @@ def to_distribution(key: str, expression: str) -> BaseDistribution | None:
     if isinstance(value, ChoiceSweep):
         if not value.list:
             raise SearchSpaceError(f"{key}: {expression!r} has no choices")
-        choices = tuple(value.list)
+        choices: tuple[Any, ...] = tuple(value.list)
         if any(isinstance(c, dict | list) for c in choices):
             raise SearchSpaceError(f"{key}: {expression!r}: choices must be plain values")
         return CategoricalDistribution(choices)

@@ -72,17 +72,19 @@ def plan_study(cfg: DictConfig) -> Plan:
     distributions = search.to_distributions(space)
     cfg = with_params(cfg, search.fixed_values(space))
     backend = make_backend(cfg)
-    check_tunable(str(cfg.backend._target_).rsplit(".", 1)[-1], backend.tunable_keys,
-                  distributions)
+    check_tunable(str(cfg.backend._target_).rsplit(".", 1)[-1], backend.tunable_keys, distributions)
     for key, dist in distributions.items():  # the schema must accept every value sampled
         for value in _extremes(dist):
             try:
                 with_params(cfg, {key: value})
             except Exception as exc:
-                raise ConfigError(f"search space {key}={space[key]}: {value!r} is not valid "
-                                  f"for this key: {exc}") from exc
+                raise ConfigError(
+                    f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
+                ) from exc
     if cfg.sweep.direction not in ("maximize", "minimize"):
-        raise ConfigError(f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}")
+        raise ConfigError(
+            f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
+        )
     return Plan(cfg, distributions, backend, load_dataset(cfg.data))
 
 
@@ -135,9 +137,16 @@ class TrialOutcome:
 
 
 def run_trial(
-    plan: Plan, tracker: MLflowTracker, params: dict[str, Any], number: int, run_name: str,
-    workdir: Path, tags: Mapping[str, str], trial: optuna.Trial | None = None,
-    parent_id: str | None = None, save_model: bool = True,
+    plan: Plan,
+    tracker: MLflowTracker,
+    params: dict[str, Any],
+    number: int,
+    run_name: str,
+    workdir: Path,
+    tags: Mapping[str, str],
+    trial: optuna.Trial | None = None,
+    parent_id: str | None = None,
+    save_model: bool = True,
 ) -> tuple[TrialResult, TrialRun]:
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
     the run is closed with the right state."""
@@ -149,8 +158,10 @@ def run_trial(
     try:
         result = plan.backend.run(spec, reporter)
         if cfg.sweep.metric not in result.metrics:
-            raise RuntimeError(f"backend returned no {cfg.sweep.metric!r} metric; it returned "
-                               f"{sorted(result.metrics)}")
+            raise RuntimeError(
+                f"backend returned no {cfg.sweep.metric!r} metric; it returned "
+                f"{sorted(result.metrics)}"
+            )
     except optuna.TrialPruned as pruned:
         run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         run.end("KILLED")
@@ -177,8 +188,12 @@ def run_trial(
 class Sweep:
     """One invocation of `harness sweep`: runs the trials still missing, then summarises."""
 
-    def __init__(self, cfg: DictConfig, overrides: list[str],
-                 on_trial: Callable[[TrialOutcome], None] = lambda outcome: None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: list[str],
+        on_trial: Callable[[TrialOutcome], None] = lambda outcome: None,
+    ) -> None:
         self.overrides = overrides
         self.on_trial = on_trial
         self.plan = plan_study(cfg)
@@ -187,13 +202,24 @@ class Sweep:
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
-        sampler = search.make_sampler(c.sampler.name, c.seed, c.sampler.n_startup_trials,
-                                      self.plan.distributions)
-        pruner = search.make_pruner(c.pruner.name, c.pruner.n_startup_trials,
-                                    c.pruner.n_warmup_steps, c.pruner.min_resource,
-                                    c.pruner.reduction_factor)
-        return optuna.create_study(study_name=c.name, storage=storage_for(c), sampler=sampler,
-                                   pruner=pruner, direction=c.sweep.direction, load_if_exists=True)
+        sampler = search.make_sampler(
+            c.sampler.name, c.seed, c.sampler.n_startup_trials, self.plan.distributions
+        )
+        pruner = search.make_pruner(
+            c.pruner.name,
+            c.pruner.n_startup_trials,
+            c.pruner.n_warmup_steps,
+            c.pruner.min_resource,
+            c.pruner.reduction_factor,
+        )
+        return optuna.create_study(
+            study_name=c.name,
+            storage=storage_for(c),
+            sampler=sampler,
+            pruner=pruner,
+            direction=c.sweep.direction,
+            load_if_exists=True,
+        )
 
     def run(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -202,9 +228,11 @@ class Sweep:
         study.set_user_attr("overrides", self.overrides)
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
-        tags = {"optuna.study_name": study.study_name,
-                "optuna.storage": describe_storage(self.cfg),
-                **provenance(self.plan.dataset.file_hashes, self.cfg.seed)}
+        tags = {
+            "optuna.study_name": study.study_name,
+            "optuna.storage": describe_storage(self.cfg),
+            **provenance(self.plan.dataset.file_hashes, self.cfg.seed),
+        }
         parent_id = tracker.parent_run(tags)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         self.tags = tags
@@ -214,8 +242,14 @@ class Sweep:
         if missing > 0:
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
             try:
-                study.optimize(self._objective, n_trials=missing, timeout=self.cfg.sweep.timeout_s,
-                               catch=(Exception,), callbacks=[self._after_trial], gc_after_trial=True)
+                study.optimize(
+                    self._objective,
+                    n_trials=missing,
+                    timeout=self.cfg.sweep.timeout_s,
+                    catch=(Exception,),
+                    callbacks=[self._after_trial],
+                    gc_after_trial=True,
+                )
             except BaseException:
                 tracker.client.set_terminated(parent_id, "KILLED")
                 raise
@@ -237,8 +271,16 @@ class Sweep:
         tags = {**self.tags, "optuna.trial_number": str(trial.number)}
         try:
             result, run = run_trial(
-                self.plan, self.tracker, params, trial.number, f"trial-{trial.number:04d}",
-                workdir, tags, trial, self.parent_id, save_model=self.cfg.tracking.log_best_model,
+                self.plan,
+                self.tracker,
+                params,
+                trial.number,
+                f"trial-{trial.number:04d}",
+                workdir,
+                tags,
+                trial,
+                self.parent_id,
+                save_model=self.cfg.tracking.log_best_model,
             )
         except optuna.TrialPruned:
             raise
@@ -264,17 +306,26 @@ class Sweep:
         reason = ""
         if trial.state == optuna.trial.TrialState.FAIL:
             reason = str(trial.user_attrs.get("fail_reason", ""))
-        self.on_trial(TrialOutcome(
-            trial.number, trial.state.name, dict(trial.params), trial.value,
-            (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start else 0.0,
-            reason, dict(trial.user_attrs.get("metrics", {})),
-        ))
+        self.on_trial(
+            TrialOutcome(
+                trial.number,
+                trial.state.name,
+                dict(trial.params),
+                trial.value,
+                (trial.datetime_complete - trial.datetime_start).total_seconds()
+                if trial.datetime_complete and trial.datetime_start
+                else 0.0,
+                reason,
+                dict(trial.user_attrs.get("metrics", {})),
+            )
+        )
 
     def _finish(self, study: optuna.Study, tracker: MLflowTracker, parent_id: str) -> None:
         trials = study.get_trials(deepcopy=False)
-        counts = {state.name.lower(): sum(1 for t in trials if t.state == state)
-                  for state in optuna.trial.TrialState}
+        counts = {
+            state.name.lower(): sum(1 for t in trials if t.state == state)
+            for state in optuna.trial.TrialState
+        }
         metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
         completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         if completed:
@@ -314,10 +365,20 @@ def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]
     tracker = MLflowTracker(plan.cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"train-{stamp}"
-    tags = {"harness.overrides": " ".join(overrides)[:4000],
-            **provenance(plan.dataset.file_hashes, plan.cfg.seed)}
-    result, run = run_trial(plan, tracker, params, -1, f"train-{stamp}", workdir, tags,
-                            save_model=plan.cfg.tracking.log_best_model)
+    tags = {
+        "harness.overrides": " ".join(overrides)[:4000],
+        **provenance(plan.dataset.file_hashes, plan.cfg.seed),
+    }
+    result, run = run_trial(
+        plan,
+        tracker,
+        params,
+        -1,
+        f"train-{stamp}",
+        workdir,
+        tags,
+        save_model=plan.cfg.tracking.log_best_model,
+    )
     if result.model_dir is not None:
         from harness.tracking import log_transformers_model
 
@@ -330,5 +391,7 @@ def load_study(cfg: DictConfig) -> optuna.Study:
     try:
         return optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
     except KeyError as exc:
-        raise ConfigError(f"no study named {cfg.name!r} in {describe_storage(cfg)}; run "
-                          f"`harness sweep study={cfg.name}` first") from exc
+        raise ConfigError(
+            f"no study named {cfg.name!r} in {describe_storage(cfg)}; run "
+            f"`harness sweep study={cfg.name}` first"
+        ) from exc

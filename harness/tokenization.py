@@ -41,7 +41,9 @@ def load_tokenizer(cfg: DictConfig, dataset: Dataset, cache_dir: Path) -> tuple[
 
     source = cfg.model.name_or_path
     if not source:
-        texts = [e.text + e.target if dataset.task == "generation" else e.text for e in dataset.train]
+        texts = [
+            e.text + e.target if dataset.task == "generation" else e.text for e in dataset.train
+        ]
         key = hashlib.sha256(
             json.dumps({"texts": texts, "vocab": cfg.model.vocab_size, "v": 1}).encode()
         ).hexdigest()[:20]
@@ -93,7 +95,7 @@ def encode(cfg: DictConfig, dataset: Dataset, cache_dir: Path) -> TokenizedData:
             targets: list[Any] = [label_index[e.target] for e in examples]
         else:
             completions = tokenizer([e.target for e in examples], add_special_tokens=False)
-            targets = [ids + [tokenizer.eos_token_id] for ids in completions["input_ids"]]
+            targets = [[*ids, tokenizer.eos_token_id] for ids in completions["input_ids"]]
         return EncodedSplit(inputs, targets, examples)
 
     return TokenizedData(

@@ -101,7 +101,11 @@ class MLflowTracker:
         self.client.log_text(run_id, text, name)
 
     def start_run(
-        self, name: str, params: Mapping[str, Any], tags: Mapping[str, str], cfg: DictConfig,
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        cfg: DictConfig,
         parent_id: str | None = None,
     ) -> TrialRun:
         all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags}

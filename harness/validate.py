@@ -31,8 +31,11 @@ def overrides_for(arguments: list[str]) -> list[str]:
             overrides.append(argument)
             continue
         path = resolve_path(argument)
-        overrides += [f"data.path={path}", f"data.name={path.stem}",
-                      f"data.task={_guess_task(path) if path.exists() else 'classification'}"]
+        overrides += [
+            f"data.path={path}",
+            f"data.name={path.stem}",
+            f"data.task={_guess_task(path) if path.exists() else 'classification'}",
+        ]
     return overrides
 
 
@@ -41,8 +44,10 @@ def token_lengths(cfg: Any, dataset: Dataset) -> list[int]:
     from harness.tokenization import load_tokenizer
 
     tokenizer, _ = load_tokenizer(cfg, dataset, runs_dir(cfg) / "cache")
-    texts = [e.text + e.target if dataset.task == "generation" else e.text
-             for e in dataset.train + dataset.validation + dataset.test]
+    texts = [
+        e.text + e.target if dataset.task == "generation" else e.text
+        for e in dataset.train + dataset.validation + dataset.test
+    ]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -54,10 +59,16 @@ def validate(arguments: list[str], console: Any) -> int:
     console.print(f"dataset [bold]{cfg.data.name}[/bold] ({cfg.data.task}): OK")
     for path, digest in dataset.file_hashes.items():
         console.print(f"  {path}  sha256 {digest[:16]}")
-    sizes = {"train": len(dataset.train), "validation": len(dataset.validation),
-             "test": len(dataset.test)}
-    console.print("  rows: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
-                  + f" (total {sum(sizes.values())})")
+    sizes = {
+        "train": len(dataset.train),
+        "validation": len(dataset.validation),
+        "test": len(dataset.test),
+    }
+    console.print(
+        "  rows: "
+        + ", ".join(f"{k} {v}" for k, v in sizes.items())
+        + f" (total {sum(sizes.values())})"
+    )
     if dataset.task == "classification":
         table = Table(title="label balance")
         table.add_column("label")
@@ -71,9 +82,13 @@ def validate(arguments: list[str], console: Any) -> int:
     over = sum(1 for n in lengths if n > cfg.train.max_length)
     p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
     tokenizer_name = cfg.model.name_or_path or "BPE trained on the training split"
-    console.print(f"  tokens per example ({tokenizer_name}): min {lengths[0]}, "
-                  f"mean {statistics.mean(lengths):.1f}, p95 {p95}, max {lengths[-1]}, "
-                  f"total {sum(lengths)}")
-    console.print(f"  {over} of {len(lengths)} examples exceed train.max_length="
-                  f"{cfg.train.max_length} and will be truncated")
+    console.print(
+        f"  tokens per example ({tokenizer_name}): min {lengths[0]}, "
+        f"mean {statistics.mean(lengths):.1f}, p95 {p95}, max {lengths[-1]}, "
+        f"total {sum(lengths)}"
+    )
+    console.print(
+        f"  {over} of {len(lengths)} examples exceed train.max_length="
+        f"{cfg.train.max_length} and will be truncated"
+    )
     return 0

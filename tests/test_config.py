@@ -14,7 +14,11 @@ def test_conf_has_the_groups_the_design_names():
 
 @pytest.mark.parametrize(
     "override",
-    [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+    [
+        f"{group}={path.stem}"
+        for group in GROUPS
+        for path in sorted((CONF_DIR / group).glob("*.yaml"))
+    ]
     + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))],
 )
 def test_every_config_file_composes(override):
@@ -37,12 +41,12 @@ def test_command_line_overrides_win_over_the_study():
 
 
 def test_bad_type_fails_at_composition():
-    with pytest.raises(ConfigError, match="train.batch_size"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
         load_config(["train.batch_size=lots"])
 
 
 def test_unknown_key_is_an_error_naming_the_key():
-    with pytest.raises(ConfigError, match="train.learning_rat"):
+    with pytest.raises(ConfigError, match=r"train\.learning_rat"):
         load_config(["train.learning_rat=0.1"])
 
 
@@ -54,8 +58,13 @@ def test_unknown_study_lists_the_available_ones():
 def test_sweep_override_searches_a_key_and_plain_value_fixes_one():
     default = load_config([])
     assert "train.epochs" in default.search.space
-    cfg = load_config(["train.epochs=3", "train.max_length=range(32, 97, 32)",
-                       "train.learning_rate=tag(log, interval(1e-5, 1e-2))"])
+    cfg = load_config(
+        [
+            "train.epochs=3",
+            "train.max_length=range(32, 97, 32)",
+            "train.learning_rate=tag(log, interval(1e-5, 1e-2))",
+        ]
+    )
     assert cfg.train.epochs == 3
     assert "train.epochs" not in cfg.search.space  # fixed: out of the search
     assert cfg.search.space["train.max_length"] == "range(32, 97, 32)"  # added
@@ -63,7 +72,7 @@ def test_sweep_override_searches_a_key_and_plain_value_fixes_one():
 
 
 def test_sweep_override_of_unknown_key_is_an_error():
-    with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.nope'"):
         load_config(["train.nope=choice(1,2)"])
 
 

@@ -55,8 +55,9 @@ def test_missing_field_names_file_line_and_field(tmp_path):
 def test_configurable_field_names(tmp_path):
     text = "".join(json.dumps({"body": f"t {i}", "y": "ab"[i % 2]}) + "\n" for i in range(30))
     path = write(tmp_path / "d.jsonl", text)
-    dataset = load_dataset(data_cfg(f"data.path={path}", "data.text_field=body",
-                                    "data.label_field=y"))
+    dataset = load_dataset(
+        data_cfg(f"data.path={path}", "data.text_field=body", "data.label_field=y")
+    )
     assert dataset.labels == ["a", "b"]
 
 
@@ -86,7 +87,9 @@ def test_csv_with_bom_and_csv_errors_name_the_line(tmp_path):
     assert dataset.labels == ["a", "b"]
     assert any(e.text.startswith("hello, number") for e in dataset.train)
     bad = write(tmp_path / "bad.csv", "\n".join([*lines[:5], '"no label",', *lines[5:]]))
-    with pytest.raises(DataError, match=rf"{bad}:6: missing field 'label'|{bad}:6: field 'label' is empty"):
+    with pytest.raises(
+        DataError, match=rf"{bad}:6: missing field 'label'|{bad}:6: field 'label' is empty"
+    ):
         load_dataset(data_cfg(f"data.path={bad}"))
 
 
@@ -94,8 +97,11 @@ def test_explicit_split_files(tmp_path):
     train = write(tmp_path / "train.jsonl", rows(20))
     val = write(tmp_path / "val.jsonl", rows(4))
     test = write(tmp_path / "test.jsonl", rows(6))
-    dataset = load_dataset(data_cfg("data.path=null", f"data.train={train}",
-                                    f"data.validation={val}", f"data.test={test}"))
+    dataset = load_dataset(
+        data_cfg(
+            "data.path=null", f"data.train={train}", f"data.validation={val}", f"data.test={test}"
+        )
+    )
     assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (20, 4, 6)
     assert set(dataset.file_hashes) == {str(train), str(val), str(test)}
 
@@ -108,20 +114,25 @@ def test_label_only_in_validation_is_an_error(tmp_path):
 
 
 def test_chat_rows_need_valid_roles_and_a_final_assistant_turn(tmp_path):
-    good = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "hello"}]}
-    bad_role = {"messages": [{"role": "robot", "content": "hi"},
-                             {"role": "assistant", "content": "x"}]}
+    good = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
+    bad_role = {
+        "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    }
     no_answer = {"messages": [{"role": "user", "content": "hi"}]}
     for bad, message in ((bad_role, "needs a role"), (no_answer, "last message must be")):
-        path = write(tmp_path / "chat.jsonl",
-                     "\n".join(json.dumps(r) for r in [good] * 12 + [bad]) + "\n")
+        path = write(
+            tmp_path / "chat.jsonl", "\n".join(json.dumps(r) for r in [good] * 12 + [bad]) + "\n"
+        )
         with pytest.raises(DataError, match=rf"{path}:13: .*{message}"):
             load_dataset(data_cfg("data=faq_chat", f"data.path={path}"))
 
 
 def test_prompt_completion_rows(tmp_path):
-    text = "".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}."}) + "\n" for i in range(20))
+    text = "".join(
+        json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}."}) + "\n" for i in range(20)
+    )
     path = write(tmp_path / "pc.jsonl", text)
     dataset = load_dataset(data_cfg("data=faq_chat", f"data.path={path}"))
     example = (dataset.train + dataset.validation + dataset.test)[0]

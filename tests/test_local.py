@@ -19,9 +19,15 @@ from tests.test_backend_contract import RecordingReporter
 
 pytestmark = pytest.mark.slow
 
-GOOD = {"train.learning_rate": 3e-3, "train.batch_size": 16, "train.epochs": 3,
-        "train.dropout": 0.1, "train.weight_decay": 0.01, "train.warmup_ratio": 0.1,
-        "train.trainable_blocks": -1}
+GOOD = {
+    "train.learning_rate": 3e-3,
+    "train.batch_size": 16,
+    "train.epochs": 3,
+    "train.dropout": 0.1,
+    "train.weight_decay": 0.01,
+    "train.warmup_ratio": 0.1,
+    "train.trainable_blocks": -1,
+}
 
 
 def test_local_loop_lowers_the_loss(make_cfg, tmp_path):
@@ -40,13 +46,17 @@ def test_local_loop_lowers_the_loss(make_cfg, tmp_path):
 
 
 def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg):
-    overrides = ["sampler=tpe", "pruner=median", "pruner.n_startup_trials=1",
-                 "pruner.n_warmup_steps=0", "train.patience=0"]
+    overrides = [
+        "sampler=tpe",
+        "pruner=median",
+        "pruner.n_startup_trials=1",
+        "pruner.n_warmup_steps=0",
+        "train.patience=0",
+    ]
     cfg = make_cfg(*overrides, "sweep.n_trials=3")
     # Seed the study: a good trial first, then one whose learning rate cannot learn anything,
     # which the median pruner must stop at its first evaluation.
-    study = optuna.create_study(study_name=cfg.name, storage=storage_for(cfg),
-                                direction="maximize")
+    study = optuna.create_study(study_name=cfg.name, storage=storage_for(cfg), direction="maximize")
     study.enqueue_trial(GOOD)
     study.enqueue_trial({**GOOD, "train.learning_rate": 3e-4, "train.trainable_blocks": 0})
     study = Sweep(cfg, overrides).run()
@@ -56,7 +66,6 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg)
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.name)
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("harness.role") == "study")
     trials = {r.info.run_name: r for r in runs if r.data.tags.get("harness.role") == "trial"}
     assert set(trials) == {"trial-0000", "trial-0001", "trial-0002"}
     pruned = trials["trial-0001"]
@@ -79,14 +88,19 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg)
     best_run = trials[f"trial-{study.best_trial.number:04d}"]
     assert client.get_run(best_run.info.run_id).data.tags["harness.model_logged"] == "true"
     others = [r for name, r in trials.items() if r.info.run_id != best_run.info.run_id]
-    assert all("model" not in {a.path for a in client.list_artifacts(r.info.run_id)}
-               for r in others)
+    assert all(
+        "model" not in {a.path for a in client.list_artifacts(r.info.run_id)} for r in others
+    )
     versions = client.search_model_versions(f"name='{cfg.name}-best'")
     assert len(versions) == 1 and versions[0].run_id == best_run.info.run_id
     mlflow.set_tracking_uri(tracking_uri(cfg))
     classifier = mlflow.transformers.load_model(f"models:/{cfg.name}-best/1")
-    predictions = classifier(["The soup was cold and the waiter ignored us.",
-                              "Absolutely loved this phone, best purchase this year!"])
+    predictions = classifier(
+        [
+            "The soup was cold and the waiter ignored us.",
+            "Absolutely loved this phone, best purchase this year!",
+        ]
+    )
     assert {p["label"] for p in predictions} <= {"negative", "neutral", "positive"}
 
     # resume: one more trial, same parent run
@@ -104,14 +118,22 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg)
 
 
 def test_generation_task_reports_loss_perplexity_and_text_metrics(make_cfg, tmp_path):
-    cfg = with_params(make_cfg("study=faq_chat_tiny", "train.max_new_tokens=8"),
-                      {"train.epochs": 2, "train.learning_rate": 3e-3, "train.batch_size": 8})
+    cfg = with_params(
+        make_cfg("study=faq_chat_tiny", "train.max_new_tokens=8"),
+        {"train.epochs": 2, "train.learning_rate": 3e-3, "train.batch_size": 8},
+    )
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     reporter = RecordingReporter("eval/loss")
     result = backend.run(TrialSpec(0, cfg, prepared, tmp_path, True), reporter)
-    for key in ("eval/loss", "eval/perplexity", "eval/token_accuracy", "test/exact_match",
-                "test/token_f1", "test/loss"):
+    for key in (
+        "eval/loss",
+        "eval/perplexity",
+        "eval/token_accuracy",
+        "test/exact_match",
+        "test/token_f1",
+        "test/loss",
+    ):
         assert key in result.metrics
     evals = [m["eval/loss"] for _, m in reporter.calls if "eval/loss" in m]
     assert evals[-1] < evals[0]
@@ -130,17 +152,21 @@ def test_pretrained_checkpoint_loads_with_from_pretrained(make_cfg, tmp_path, st
     tokenizer_source = LocalBackend().prepare(cfg, dataset).tokenizer_source
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     checkpoint = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32,
-                               n_layer=2, n_head=2)).save_pretrained(checkpoint)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    ).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
 
-    pretrained_cfg = with_params(make_cfg(f"study={study}", f"model.name_or_path={checkpoint}",
-                                          "train.max_new_tokens=4"),
-                                 {"train.epochs": 1, "train.trainable_blocks": 1})
+    pretrained_cfg = with_params(
+        make_cfg(f"study={study}", f"model.name_or_path={checkpoint}", "train.max_new_tokens=4"),
+        {"train.epochs": 1, "train.trainable_blocks": 1},
+    )
     backend = LocalBackend()
     prepared = backend.prepare(pretrained_cfg, dataset)
     assert prepared.tokenizer_source == str(checkpoint)
-    result = backend.run(TrialSpec(0, pretrained_cfg, prepared, tmp_path / "run", True),
-                         RecordingReporter(pretrained_cfg.sweep.metric))
+    result = backend.run(
+        TrialSpec(0, pretrained_cfg, prepared, tmp_path / "run", True),
+        RecordingReporter(pretrained_cfg.sweep.metric),
+    )
     assert pretrained_cfg.sweep.metric in result.metrics
     assert (result.model_dir / "config.json").exists()

@@ -12,8 +12,13 @@ from harness.search import SearchSpaceError
 from harness.study import Sweep, load_study, reproduce_command, storage_for
 from harness.tracking import tracking_uri
 
-FAKE = ("backend=fake", "sampler=random", "pruner=median", "pruner.n_startup_trials=2",
-        "pruner.n_warmup_steps=0")
+FAKE = (
+    "backend=fake",
+    "sampler=random",
+    "pruner=median",
+    "pruner.n_startup_trials=2",
+    "pruner.n_warmup_steps=0",
+)
 
 
 def children(cfg, client=None):
@@ -43,7 +48,9 @@ def test_sweep_records_parent_and_nested_trials(make_cfg):
         assert run.data.tags["optuna.study_name"] == cfg.name
         assert run.data.tags["optuna.trial_state"] == trial.state.name
         assert run.data.params["train.batch_size"] == str(trial.params["train.batch_size"])
-        assert "git.commit" in run.data.tags and run.data.tags["version.optuna"] == optuna.__version__
+        assert (
+            "git.commit" in run.data.tags and run.data.tags["version.optuna"] == optuna.__version__
+        )
         assert run.data.tags["seed"] == "0"
         assert any(k.startswith("data.sha256.") for k in run.data.tags)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -91,9 +98,14 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
 
 
 def test_failing_trial_fails_alone_and_the_study_goes_on(make_cfg):
-    overrides = ["backend._target_=tests.flaky_backend.FlakyBackend", "backend=fake",
-                 "sampler=grid", "search=none", "train.batch_size=choice(8, 16, 32)",
-                 "pruner=none"]
+    overrides = [
+        "backend._target_=tests.flaky_backend.FlakyBackend",
+        "backend=fake",
+        "sampler=grid",
+        "search=none",
+        "train.batch_size=choice(8, 16, 32)",
+        "pruner=none",
+    ]
     cfg = make_cfg(*overrides, "sweep.n_trials=3")
     study = Sweep(cfg, overrides).run()
     states = sorted(t.state.name for t in study.trials)

@@ -58,9 +58,7 @@ def check_tunable(backend_name: str, tunable: frozenset[str], keys: Iterable[str
     """Fails before any trial starts when the search space varies a key the backend ignores."""
 
     def allowed(key: str) -> bool:
-        return key in tunable or any(
-            p.endswith(".*") and key.startswith(p[:-1]) for p in tunable
-        )
+        return key in tunable or any(p.endswith(".*") and key.startswith(p[:-1]) for p in tunable)
 
     bad = sorted(k for k in keys if not allowed(k))
     if bad:

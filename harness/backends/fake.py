@@ -52,11 +52,19 @@ class FakeBackend:
                 reporter.report(step, {"train/loss": 1.2 - curve * step / (step + 5.0)})
             if generation:
                 loss = 4.0 - 2.5 * curve
-                metrics = {"eval/loss": loss, "eval/perplexity": math.exp(loss),
-                           "eval/token_accuracy": curve}
+                metrics = {
+                    "eval/loss": loss,
+                    "eval/perplexity": math.exp(loss),
+                    "eval/token_accuracy": curve,
+                }
             else:
-                metrics = {"eval/loss": 1.1 - curve, "eval/accuracy": curve + 0.02,
-                           "eval/precision": curve + 0.01, "eval/recall": curve, "eval/f1": curve}
+                metrics = {
+                    "eval/loss": 1.1 - curve,
+                    "eval/accuracy": curve + 0.02,
+                    "eval/precision": curve + 0.01,
+                    "eval/recall": curve,
+                    "eval/f1": curve,
+                }
             reporter.report(step, metrics)
         test = {f"test/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
         return TrialResult(metrics={**metrics, **test}, steps=step)

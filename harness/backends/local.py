@@ -49,7 +49,9 @@ def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
 
     dropout = float(cfg.train.dropout)  # GPT2Config type-checks: a string would raise
     options: dict[str, Any] = {
-        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+        "resid_pdrop": dropout,
+        "embd_pdrop": dropout,
+        "attn_pdrop": dropout,
         "pad_token_id": data.pad_id,
     }
     if data.task == "classification":
@@ -61,15 +63,21 @@ def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
     source = cfg.model.name_or_path
     if source:
         auto = (
-            AutoModelForSequenceClassification if data.task == "classification"
+            AutoModelForSequenceClassification
+            if data.task == "classification"
             else AutoModelForCausalLM
         )
         return auto.from_pretrained(source, **options)
     m = cfg.model
     config = GPT2Config(
-        vocab_size=len(data.tokenizer), n_positions=m.n_positions, n_embd=m.n_embd,
-        n_layer=m.n_layer, n_head=m.n_head, bos_token_id=data.tokenizer.bos_token_id,
-        eos_token_id=data.tokenizer.eos_token_id, **options,
+        vocab_size=len(data.tokenizer),
+        n_positions=m.n_positions,
+        n_embd=m.n_embd,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        bos_token_id=data.tokenizer.bos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id,
+        **options,
     )
     cls = GPT2ForSequenceClassification if data.task == "classification" else GPT2LMHeadModel
     return cls(config)
@@ -94,7 +102,8 @@ def freeze(model: Any, trainable_blocks: int) -> None:
 def make_optimizer(model: Any, train: DictConfig) -> Any:
     import torch
 
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "ln_" in name else decay).append(param)
@@ -119,8 +128,13 @@ def warmup_then_linear_decay(optimizer: Any, total_steps: int, warmup_ratio: flo
 
 
 def batches(
-    split: EncodedSplit, indices: list[int], batch_size: int, max_length: int, pad_id: int,
-    task: str, device: Any,
+    split: EncodedSplit,
+    indices: list[int],
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    task: str,
+    device: Any,
 ) -> Any:
     """Dynamically padded batches: each is as long as its longest example, not max_length."""
     import torch
@@ -218,8 +232,15 @@ class _Training:
         self.model.train()
         while step < total and stale < (t.patience or math.inf):
             order = torch.randperm(n_train, generator=self.order).tolist()
-            for batch in batches(self.data.train, order, t.batch_size, t.max_length,
-                                 self.data.pad_id, self.data.task, self.device):
+            for batch in batches(
+                self.data.train,
+                order,
+                t.batch_size,
+                t.max_length,
+                self.data.pad_id,
+                self.data.task,
+                self.device,
+            ):
                 with self.autocast():
                     loss = self.model(**batch).loss
                 loss.backward()
@@ -257,8 +278,15 @@ class _Training:
         self.model.eval()
         total_loss, weight, correct, predictions = 0.0, 0, 0, []
         with torch.no_grad(), self.autocast():
-            for batch in batches(split, list(range(len(split))), max(t.batch_size, 32),
-                                 t.max_length, self.data.pad_id, self.data.task, self.device):
+            for batch in batches(
+                split,
+                list(range(len(split))),
+                max(t.batch_size, 32),
+                t.max_length,
+                self.data.pad_id,
+                self.data.task,
+                self.device,
+            ):
                 output = self.model(**batch)
                 if self.data.task == "classification":
                     n = len(batch["labels"])
@@ -282,8 +310,10 @@ class _Training:
             scores = task_metrics.classification_metrics(truth, guessed, names)
             self.last_predictions = (truth, guessed)
         else:
-            scores = {"perplexity": task_metrics.perplexity(loss),
-                      "token_accuracy": correct / max(weight, 1)}
+            scores = {
+                "perplexity": task_metrics.perplexity(loss),
+                "token_accuracy": correct / max(weight, 1),
+            }
         return result | {f"{prefix}/{k}": v for k, v in scores.items()}
 
     def generate(self, split: EncodedSplit) -> list[str]:
@@ -295,14 +325,17 @@ class _Training:
         outputs = []
         with torch.no_grad(), self.autocast():
             for prompt in split.inputs:
-                ids = torch.tensor([prompt[-min(limit, t.max_length):]], device=self.device)
+                ids = torch.tensor([prompt[-min(limit, t.max_length) :]], device=self.device)
                 generated = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=t.max_new_tokens,
-                    do_sample=False, pad_token_id=self.data.pad_id,
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=t.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.data.pad_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
                 outputs.append(
-                    tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+                    tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
                 )
         return outputs
 
@@ -312,8 +345,11 @@ class _Training:
         if self.data.task == "classification":
             truth, guessed = self.last_predictions
             path = self.spec.workdir / "confusion_matrix_test.png"
-            artifacts.append(task_metrics.save_confusion_matrix(
-                truth, guessed, self.data.labels, path, "test split"))
+            artifacts.append(
+                task_metrics.save_confusion_matrix(
+                    truth, guessed, self.data.labels, path, "test split"
+                )
+            )
         else:
             predictions = self.generate(self.data.test)
             references = [e.target for e in self.data.test.examples]
