@@ -15,6 +15,9 @@ of optimizer steps, then evaluate once on the validation split. Reported per sid
 
 Each side runs --repeats times, alternately, after one short untimed warm-up each; the median
 tokens/s is reported. Trainer keeps its own defaults otherwise (e.g. its AdamW implementation).
+--model gpt2-arch is GPT-2 small's shape with random weights; the tiny BPE tokenizer gets unused
+tokens up to GPT-2's 50257 so that the embedding (and its optimizer work) is full size.
+transformers.Trainer needs the `accelerate` package.
 
     python benchmarks/train_throughput.py                      # tiny GPT-2, CPU or CUDA
     python benchmarks/train_throughput.py --model gpt2-arch --bf16 --steps 300 --json  # on CUDA
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both (CUDA only)")
     parser.add_argument("--json", action="store_true", help="also print one JSON result line")
     args = parser.parse_args()

@@ -41,10 +41,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import logging
     import warnings
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # model-card and license lookups fail for local checkpoints by design; say nothing
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
 
 

@@ -165,7 +165,7 @@ def _register() -> None:
 class Overrides:
     plain: list[str]  # ordinary config overrides, passed to Hydra
     sweeps: dict[str, str]  # key -> sweep expression: searched
-    fixed: set[str]  # keys given a plain value: taken out of the search
+    fixed: dict[str, str]  # key -> plain value: the key is taken out of the search
 
 
 def split_overrides(overrides: Sequence[str]) -> Overrides:
@@ -173,7 +173,7 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
     parser = OverridesParser.create()
     plain: list[str] = []
     sweeps: dict[str, str] = {}
-    fixed: set[str] = set()
+    fixed: dict[str, str] = {}
     for line in overrides:
         try:
             override = parser.parse_override(line)
@@ -185,7 +185,7 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
         else:
             plain.append(line)
             if override.package is None and not override.is_delete():
-                fixed.add(key.lstrip("+~"))
+                fixed[key.lstrip("+~")] = line.split("=", 1)[1].strip()
     return Overrides(plain=plain, sweeps=sweeps, fixed=fixed)
 
 
@@ -210,8 +210,9 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 def _apply_search_overrides(cfg: DictConfig, split: Overrides) -> None:
     space = dict(cfg.search.space)
-    for key in split.fixed:
-        space.pop(key, None)
+    for key, value in split.fixed.items():
+        if key in space:  # stays in the space as a plain value: fixed, and still a logged param
+            space[key] = value
     for key, expression in split.sweeps.items():
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"unknown config key {key!r} in sweep override {key}={expression}")

@@ -61,6 +61,7 @@ class Plan:
 
     cfg: DictConfig  # fixed values of the space applied
     distributions: dict[str, optuna.distributions.BaseDistribution]
+    fixed: dict[str, Any]  # keys of the space given a plain value
     backend: Backend
     dataset: Dataset
     prepared: Any = None
@@ -70,7 +71,8 @@ def plan_study(cfg: DictConfig) -> Plan:
     """Validates everything a study needs before the first trial; raises with a clear message."""
     space = dict(cfg.search.space)
     distributions = search.to_distributions(space)
-    cfg = with_params(cfg, search.fixed_values(space))
+    fixed = search.fixed_values(space)
+    cfg = with_params(cfg, fixed)
     backend = make_backend(cfg)
     check_tunable(str(cfg.backend._target_).rsplit(".", 1)[-1], backend.tunable_keys, distributions)
     for key, dist in distributions.items():  # the schema must accept every value sampled
@@ -85,7 +87,7 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    return Plan(cfg, distributions, backend, load_dataset(cfg.data))
+    return Plan(cfg, distributions, fixed, backend, load_dataset(cfg.data))
 
 
 def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
@@ -273,7 +275,7 @@ class Sweep:
             result, run = run_trial(
                 self.plan,
                 self.tracker,
-                params,
+                {**self.plan.fixed, **params},  # logged: the same keys in every trial
                 trial.number,
                 f"trial-{trial.number:04d}",
                 workdir,

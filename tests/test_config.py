@@ -4,6 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR, STUDIES_DIR, ConfigError, load_config, with_params
+from harness.search import to_distributions
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -66,7 +67,8 @@ def test_sweep_override_searches_a_key_and_plain_value_fixes_one():
         ]
     )
     assert cfg.train.epochs == 3
-    assert "train.epochs" not in cfg.search.space  # fixed: out of the search
+    assert cfg.search.space["train.epochs"] == "3"  # a plain value: fixed, out of the search
+    assert "train.epochs" not in to_distributions(cfg.search.space)
     assert cfg.search.space["train.max_length"] == "range(32, 97, 32)"  # added
     assert cfg.search.space["train.learning_rate"] == "tag(log, interval(1e-5, 1e-2))"  # replaced
 

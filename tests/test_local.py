@@ -45,7 +45,29 @@ def test_local_loop_lowers_the_loss(make_cfg, tmp_path):
     assert result.metrics["eval/f1"] > 0.4  # 3 balanced classes: chance is ~0.33
 
 
-def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg):
+def test_eval_every_n_steps_and_early_stopping(make_cfg, tmp_path):
+    cfg = with_params(
+        make_cfg("train.eval_every_steps=10", "train.patience=2", "train.epochs=30"),
+        {**GOOD, "train.learning_rate": 1e-2, "train.epochs": 30},
+    )
+    backend = LocalBackend()
+    prepared = backend.prepare(cfg, load_dataset(cfg.data))
+    reporter = RecordingReporter("eval/f1")
+    result = backend.run(TrialSpec(0, cfg, prepared, tmp_path, False), reporter)
+    eval_steps = [step for step, m in reporter.calls if "eval/f1" in m]
+    assert eval_steps == list(range(10, 10 * len(eval_steps) + 1, 10))
+    assert result.steps == eval_steps[-1] < 30 * 28  # stopped long before 30 epochs
+    f1 = [m["eval/f1"] for _, m in reporter.calls if "eval/f1" in m]
+    assert max(f1[-2:]) <= max(f1[:-2])  # the last `patience` evaluations did not improve
+    assert result.metrics["eval/f1"] == max(f1)  # the best evaluation's weights were kept
+
+
+def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg, monkeypatch):
+    import harness.backends.local as local
+
+    encode_calls = []
+    real_encode = local.encode
+    monkeypatch.setattr(local, "encode", lambda *a: encode_calls.append(1) or real_encode(*a))
     overrides = [
         "sampler=tpe",
         "pruner=median",
@@ -60,6 +82,7 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg)
     study.enqueue_trial(GOOD)
     study.enqueue_trial({**GOOD, "train.learning_rate": 3e-4, "train.trainable_blocks": 0})
     study = Sweep(cfg, overrides).run()
+    assert len(encode_calls) == 1  # data tokenized once per study, not per trial
     states = [t.state.name for t in study.trials]
     assert len(states) == 3 and states[1] == "PRUNED" and states[0] == "COMPLETE"
 

@@ -66,7 +66,8 @@ class FakeBackend:
                     "eval/f1": curve,
                 }
             reporter.report(step, metrics)
-        test = {f"test/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+        # held-out scores a little below validation ones, as they tend to be
+        test = {f"test/{k.split('/', 1)[1]}": 0.97 * v for k, v in metrics.items()}
         return TrialResult(metrics={**metrics, **test}, steps=step)
 
 
