@@ -73,6 +73,7 @@ class TrainConfig:
     dropout: float = 0.1  # GPT-2's resid_pdrop, embd_pdrop and attn_pdrop together
     trainable_blocks: int = -1  # -1 trains everything; 0 only the head; k the last k blocks + head
     max_length: int = 64
+    group_by_length: bool = True  # batches of similar length (less padding); order stays random
     grad_clip: float = 1.0
     eval_every_steps: int = 0  # 0: evaluate once per epoch
     patience: int = 2  # early stopping: evaluations without improvement; 0 disables
