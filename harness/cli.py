@@ -78,7 +78,8 @@ def cmd_sweep(overrides: list[str]) -> int:
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(outcome.state, "")
         console.print(
             f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
-            f"{value:18s} {outcome.seconds:6.1f}s  {params} {outcome.reason}"
+            f"{value:18s} {outcome.seconds:6.1f}s  {params} {outcome.reason}",
+            soft_wrap=True,  # one line per trial, also in log files
         )
 
     sweep = Sweep(cfg, overrides, on_trial)

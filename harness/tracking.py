@@ -190,6 +190,8 @@ def log_transformers_model(
             pip_requirements=requirements,
             registered_model_name=registered_name,
         )
+    if registered_name and info.registered_model_version is not None:
+        return f"models:/{registered_name}/{info.registered_model_version}"
     return str(info.model_uri)
 
 
