@@ -226,10 +226,10 @@ class Sweep:
     def run(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study()
-        self._fail_stale_trials(study)
         study.set_user_attr("overrides", self.overrides)
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
+        self._fail_stale_trials(study)
         tags = {
             "optuna.study_name": study.study_name,
             "optuna.storage": describe_storage(self.cfg),
@@ -265,7 +265,8 @@ class Sweep:
         if self.cfg.storage.url:
             return
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            self.tracker.fail_stale_run(trial.number, "the process running this trial ended")
 
     def _objective(self, trial: optuna.Trial) -> float:
         params = search.suggest(trial, self.plan.distributions)

@@ -97,6 +97,18 @@ class MLflowTracker:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    def fail_stale_run(self, trial_number: int, reason: str) -> None:
+        """Closes the run of a trial whose process died, if it was left RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
+            f"tags.`optuna.trial_number` = '{trial_number}' and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            self.client.set_tag(run.info.run_id, "harness.failure_reason", reason)
+            self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
+            self.client.set_terminated(run.info.run_id, "FAILED")
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -95,6 +99,46 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
     states = [t.state.name for t in resumed.trials]
     assert states.count("FAIL") == 1
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+
+
+def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
+    """kill -9 during a trial: on resume that trial is FAIL in Optuna and FAILED in MLflow, and
+    the study still ends with exactly n_trials finished trials under one parent run."""
+    overrides = [*FAKE, "backend.seconds_per_epoch=1", "train.epochs=3", "sweep.n_trials=3"]
+    cfg = make_cfg(*overrides)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+            except KeyError:
+                continue
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if running and running[0].number >= 1:
+                break
+        else:
+            pytest.fail("the sweep never reached its second trial")
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    fast = [o for o in overrides if not o.startswith("backend.seconds")]
+    resumed = Sweep(make_cfg(*fast), fast).run()
+    states = [t.state.name for t in resumed.trials]
+    assert states.count("FAIL") == 1
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+    killed = next(t.number for t in resumed.trials if t.state.name == "FAIL")
+    _, parents, trials = children(cfg)
+    assert len(parents) == 1
+    killed_run = next(r for r in trials if r.data.tags["optuna.trial_number"] == str(killed))
+    assert killed_run.info.status == "FAILED"
+    assert "process running this trial ended" in killed_run.data.tags["harness.failure_reason"]
+    assert all(r.info.status != "RUNNING" for r in trials)
 
 
 def test_failing_trial_fails_alone_and_the_study_goes_on(make_cfg):
