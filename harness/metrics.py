@@ -10,6 +10,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+# What every backend reports on the validation split at each evaluation, by task: the metrics a
+# study may optimize (sweep.metric).
+EVAL_METRICS = {
+    "classification": ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"),
+    "generation": ("eval/loss", "eval/perplexity", "eval/token_accuracy"),
+}
+
 
 def classification_metrics(
     y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]

@@ -23,6 +23,7 @@ from harness import search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
 from harness.config import ConfigError, runs_dir, with_params
 from harness.data import Dataset, load_dataset
+from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
 from harness.tracking import MLflowTracker, TrialRun, redact_text
 
@@ -83,6 +84,12 @@ def plan_study(cfg: DictConfig) -> Plan:
                 raise ConfigError(
                     f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
                 ) from exc
+    metrics = EVAL_METRICS.get(cfg.data.task, ())
+    if cfg.sweep.metric not in metrics:
+        raise ConfigError(
+            f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
+            f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
+        )
     if cfg.sweep.direction not in ("maximize", "minimize"):
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"

@@ -167,6 +167,8 @@ def test_errors_before_any_trial(make_cfg, runs):
         Sweep(make_cfg("backend=fake", "train.dropout=interval(0.5, 0.1)"), [])
     with pytest.raises(ConfigError, match=r"train\.epochs=interval\(1, 3\): 1.0 is not valid"):
         Sweep(make_cfg("backend=fake", "train.epochs=interval(1, 3)"), [])
+    with pytest.raises(ConfigError, match=r"sweep.metric=test/f1 is not measured"):
+        Sweep(make_cfg("backend=fake", "sweep.metric=test/f1"), [])
     assert not (runs / "mlflow.db").exists()  # nothing was started
 
 
