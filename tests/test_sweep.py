@@ -192,3 +192,12 @@ def test_secrets_are_redacted_from_logged_config(make_cfg):
     text = config_yaml(cfg)
     assert "hunter2" not in text and "postgresql://bob:***@db:5432/optuna" in text
     assert redact({"openai_api_key": "sk-123", "n": 1}) == {"openai_api_key": "***", "n": 1}
+
+
+def test_hyperband_prunes_on_evaluation_index(make_cfg):
+    overrides = ["backend=fake", "sampler=random", "pruner=hyperband", "train.epochs=6"]
+    study = Sweep(make_cfg(*overrides, "sweep.n_trials=12"), overrides).run()
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and "COMPLETE" in states
+    for trial in study.trials:  # Optuna steps are evaluation indexes 1..epochs
+        assert set(trial.intermediate_values) <= set(range(1, 7))
