@@ -65,7 +65,7 @@ def _format_value(value: Any) -> str:
 def cmd_sweep(overrides: list[str]) -> int:
     from harness.config import load_config
     from harness.study import Sweep, TrialOutcome, describe_storage
-    from harness.tracking import tracking_uri
+    from harness.tracking import redact_text, tracking_uri
 
     console = _console()
     cfg = load_config(overrides)
@@ -89,7 +89,7 @@ def cmd_sweep(overrides: list[str]) -> int:
         f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}"
     )
     console.print(f"optuna storage: {describe_storage(cfg)}")
-    console.print(f"mlflow: {tracking_uri(cfg)}")
+    console.print(f"mlflow: {redact_text(tracking_uri(cfg))}")
     study = sweep.run()
     completed = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not completed:
@@ -119,7 +119,8 @@ def _print_best(console: Any, study: Any, metric: str) -> None:
     for key in sorted(metrics, key=lambda k: (not k.startswith("eval/"), k)):
         table.add_row(key, f"{metrics[key]:.4f}")
     console.print(table)
-    overrides = list(study.user_attrs.get("overrides", []))
+    # the overrides of the invocation that ran the best trial (a resume may have had others)
+    overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
     console.print("reproduce with:")
     console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
     if "best_model_uri" in study.user_attrs:

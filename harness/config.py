@@ -165,29 +165,34 @@ def _register() -> None:
 @dataclass
 class Overrides:
     plain: list[str]  # ordinary config overrides, passed to Hydra
-    sweeps: dict[str, str]  # key -> sweep expression: searched
-    fixed: dict[str, str]  # key -> plain value: the key is taken out of the search
+    # (key, value, is_sweep) in command-line order, so the last word on a key wins: a sweep
+    # expression searches the key, a plain value fixes it and takes it out of the search
+    search: list[tuple[str, str, bool]]
+
+    @property
+    def sweeps(self) -> dict[str, str]:
+        return {key: value for key, value, is_sweep in self.search if is_sweep}
 
 
 def split_overrides(overrides: Sequence[str]) -> Overrides:
     """Separates sweep expressions from plain values, as the hydra-optuna-sweeper plugin does."""
     parser = OverridesParser.create()
     plain: list[str] = []
-    sweeps: dict[str, str] = {}
-    fixed: dict[str, str] = {}
+    search: list[tuple[str, str, bool]] = []
     for line in overrides:
         try:
             override = parser.parse_override(line)
         except HydraException as exc:
             raise ConfigError(f"bad override {line!r}: {exc}") from exc
         key = override.get_key_element()
+        value = line.split("=", 1)[1].strip() if "=" in line else ""
         if override.is_sweep_override():
-            sweeps[key] = line.split("=", 1)[1].strip()
+            search.append((key, value, True))
         else:
             plain.append(line)
             if override.package is None and not override.is_delete():
-                fixed[key.lstrip("+~")] = line.split("=", 1)[1].strip()
-    return Overrides(plain=plain, sweeps=sweeps, fixed=fixed)
+                search.append((key.lstrip("+~"), value, False))
+    return Overrides(plain=plain, search=search)
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -211,13 +216,13 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 def _apply_search_overrides(cfg: DictConfig, split: Overrides) -> None:
     space = dict(cfg.search.space)
-    for key, value in split.fixed.items():
-        if key in space:  # stays in the space as a plain value: fixed, and still a logged param
+    for key, value, is_sweep in split.search:
+        if is_sweep:
+            if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"unknown config key {key!r} in sweep override {key}={value}")
             space[key] = value
-    for key, expression in split.sweeps.items():
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise ConfigError(f"unknown config key {key!r} in sweep override {key}={expression}")
-        space[key] = expression
+        elif key in space:  # stays in the space as a plain value: fixed, still a logged param
+            space[key] = value
     for key in space:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"search space key {key!r} is not a config key")

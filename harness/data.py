@@ -71,10 +71,13 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         if fmt == "csv":
             reader = csv.DictReader(handle)
-            for row in reader:
-                # reader.line_num is the line the record ends on; the header is line 1
-                yield reader.line_num, dict(row)
-            return
+            while True:
+                # a quoted field may span lines: the record starts after the previous one ended
+                start = max(reader.line_num, 1) + 1
+                row = next(reader, None)
+                if row is None:
+                    return
+                yield start, dict(row)
         if fmt != "jsonl":
             raise DataError(f"{path}: unknown format {fmt!r} (use jsonl or csv)")
         for number, line in enumerate(handle, start=1):
@@ -130,7 +133,11 @@ def load_examples(path: Path, data: DictConfig) -> list[Example]:
             if data.messages_field in record:
                 messages = record[data.messages_field]
                 if isinstance(messages, str):  # CSV cell holding JSON
-                    messages = json.loads(messages)
+                    try:
+                        messages = json.loads(messages)
+                    except json.JSONDecodeError as exc:
+                        message = f"{where}: {data.messages_field!r}: bad JSON: {exc.msg}"
+                        raise DataError(message) from exc
                 examples.append(Example(*chat_to_prompt_completion(messages, where)))
             else:
                 prompt = _field(record, data.prompt_field, where)

@@ -7,8 +7,12 @@ fails alone (its run is marked FAILED with the reason) and the study goes on.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import shlex
 import shutil
+import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -25,7 +29,7 @@ from harness.config import ConfigError, runs_dir, with_params
 from harness.data import Dataset, load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
-from harness.tracking import MLflowTracker, TrialRun, redact_text
+from harness.tracking import MLflowTracker, TrialRun, redact_override, redact_text
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -160,17 +164,24 @@ def run_trial(
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
     the run is closed with the right state."""
     cfg = with_params(plan.cfg, params)
+    workdir.mkdir(parents=True, exist_ok=True)
     run = tracker.start_run(run_name, params, tags, cfg, parent_id)
     reporter = TrialReporter(run, cfg.sweep.metric, trial)
-    workdir.mkdir(parents=True, exist_ok=True)
     spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model)
     try:
         result = plan.backend.run(spec, reporter)
-        if cfg.sweep.metric not in result.metrics:
+        objective = result.metrics.get(cfg.sweep.metric, math.nan)
+        if not math.isfinite(objective):
             raise RuntimeError(
-                f"backend returned no {cfg.sweep.metric!r} metric; it returned "
-                f"{sorted(result.metrics)}"
+                f"objective {cfg.sweep.metric} is {objective} (metrics: {sorted(result.metrics)})"
             )
+        # eval/* already has its history (reported per evaluation); logging the kept model's
+        # values again at the last step would put a second point there. test/* and the
+        # objective (the kept model's validation metric) are final values.
+        final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
+        run.log_metrics(result.steps, {**final, "objective": objective})
+        for artifact in result.artifacts:
+            run.log_artifact(artifact)
     except optuna.TrialPruned as pruned:
         run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         run.end("KILLED")
@@ -181,14 +192,6 @@ def run_trial(
         run.log_text(traceback.format_exc(), "error.txt")
         run.end("FAILED")
         raise
-    objective = result.metrics[cfg.sweep.metric]
-    # eval/* already has its history (reported per evaluation); logging the kept model's
-    # values again at the last step would put a second point there. test/* and the objective
-    # (the kept model's validation metric) are final values.
-    final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
-    run.log_metrics(result.steps, {**final, "objective": objective})
-    for artifact in result.artifacts:
-        run.log_artifact(artifact)
     run.set_tags({"optuna.trial_state": "COMPLETE"})
     run.end("FINISHED")
     return result, run
@@ -203,7 +206,8 @@ class Sweep:
         overrides: list[str],
         on_trial: Callable[[TrialOutcome], None] = lambda outcome: None,
     ) -> None:
-        self.overrides = overrides
+        # kept in Optuna and MLflow and printed: never with a secret in it
+        self.overrides = [redact_override(o) for o in overrides]
         self.on_trial = on_trial
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
@@ -211,8 +215,15 @@ class Sweep:
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
+        storage = storage_for(c)
+        # A resumed sweep seeds its sampler past the trials already there: the same seed again
+        # would re-draw the first trials' parameters. A fresh sweep is seeded with c.seed.
+        try:
+            done = len(optuna.load_study(study_name=c.name, storage=storage).trials)
+        except KeyError:
+            done = 0
         sampler = search.make_sampler(
-            c.sampler.name, c.seed, c.sampler.n_startup_trials, self.plan.distributions
+            c.sampler.name, c.seed + done, c.sampler.n_startup_trials, self.plan.distributions
         )
         pruner = search.make_pruner(
             c.pruner.name,
@@ -223,7 +234,7 @@ class Sweep:
         )
         return optuna.create_study(
             study_name=c.name,
-            storage=storage_for(c),
+            storage=storage,
             sampler=sampler,
             pruner=pruner,
             direction=c.sweep.direction,
@@ -248,9 +259,9 @@ class Sweep:
         self.parent_id = parent_id
         finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
         missing = self.cfg.sweep.n_trials - finished
-        if missing > 0:
-            self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
-            try:
+        try:
+            if missing > 0:
+                self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
                 study.optimize(
                     self._objective,
                     n_trials=missing,
@@ -259,23 +270,26 @@ class Sweep:
                     callbacks=[self._after_trial],
                     gc_after_trial=True,
                 )
-            except BaseException:
-                tracker.client.set_terminated(parent_id, "KILLED")
-                raise
-        self._finish(study, tracker, parent_id)
+            self._finish(study, tracker, parent_id)
+        except BaseException:
+            tracker.client.set_terminated(parent_id, "KILLED")
+            raise
         return study
 
     def _fail_stale_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a process that died (Ctrl-C, crash) on the default single-host
-        storage are marked FAIL so they neither block nor count. A shared storage (a URL) may
-        have live workers elsewhere, so it is left alone there."""
-        if self.cfg.storage.url:
-            return
+        """Trials left RUNNING by a process of this host that is gone (Ctrl-C, crash, kill) are
+        marked FAIL, so they neither block nor count; a trial of a live process, here or on
+        another host, is left alone."""
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker", {})
+            if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
+                continue
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             self.tracker.fail_stale_run(trial.number, "the process running this trial ended")
 
     def _objective(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("overrides", self.overrides)
         params = search.suggest(trial, self.plan.distributions)
         workdir = self.checkpoints / f"trial-{trial.number:04d}"
         tags = {**self.tags, "optuna.trial_number": str(trial.number)}
@@ -351,6 +365,11 @@ class Sweep:
         if not (self.cfg.tracking.log_best_model and run_id and best_dir.exists()):
             return
         if (best_dir / "TRIAL").read_text().strip() != str(best.number):
+            logging.getLogger("harness").warning(
+                "the saved best model is not trial %d's (its process died before keeping it): "
+                "no model logged; `harness train` with its params makes one",
+                best.number,
+            )
             return
         run = self.tracker.client.get_run(run_id)
         if run.data.tags.get("harness.model_logged") == "true":
@@ -366,6 +385,18 @@ class Sweep:
         study.set_user_attr("best_model_uri", uri)
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]:
     """`harness train`: one run with the config's values (no search), tracked like a trial but
     as a top-level run named train-<time>. Returns the result and the MLflow run id."""
@@ -376,7 +407,7 @@ def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"train-{stamp}"
     tags = {
-        "harness.overrides": " ".join(overrides)[:4000],
+        "harness.overrides": " ".join(redact_override(o) for o in overrides)[:4000],
         **provenance(plan.dataset.file_hashes, plan.cfg.seed),
     }
     result, run = run_trial(

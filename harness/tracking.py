@@ -18,7 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import runs_dir
 
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd)", re.IGNORECASE)
+# A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
+# password... but not max_new_tokens or tokenizer_source.
+SECRET_KEY = re.compile(
+    r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
+)
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
 
 STUDY_TAG = "harness.study"
@@ -27,6 +31,14 @@ ROLE_TAG = "harness.role"
 
 def redact_text(text: str) -> str:
     return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+def redact_override(line: str) -> str:
+    """A command-line override safe to log or print: `backend.api_key=***`."""
+    key, sep, _ = line.partition("=")
+    if sep and SECRET_KEY.search(key.lstrip("+~")):
+        return f"{key}=***"
+    return redact_text(line)
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -73,6 +73,13 @@ def test_sweep_override_searches_a_key_and_plain_value_fixes_one():
     assert cfg.search.space["train.learning_rate"] == "tag(log, interval(1e-5, 1e-2))"  # replaced
 
 
+def test_the_last_override_of_a_key_wins():
+    searched = load_config(["train.epochs=3", "train.epochs=range(1, 6)"])
+    assert searched.search.space["train.epochs"] == "range(1, 6)"
+    fixed = load_config(["train.epochs=range(1, 6)", "train.epochs=3"])
+    assert fixed.search.space["train.epochs"] == "3" and fixed.train.epochs == 3
+
+
 def test_sweep_override_of_unknown_key_is_an_error():
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.nope'"):
         load_config(["train.nope=choice(1,2)"])

@@ -93,6 +93,13 @@ def test_csv_with_bom_and_csv_errors_name_the_line(tmp_path):
         load_dataset(data_cfg(f"data.path={bad}"))
 
 
+def test_csv_multiline_record_is_reported_at_its_first_line(tmp_path):
+    lines = ["text,label"] + [f"row {i},{'ab'[i % 2]}" for i in range(20)]
+    bad = write(tmp_path / "bad.csv", "\n".join([*lines[:3], '"two\nlines",', *lines[3:]]))
+    with pytest.raises(DataError, match=rf"{bad}:4: field 'label' is empty"):
+        load_dataset(data_cfg(f"data.path={bad}"))
+
+
 def test_explicit_split_files(tmp_path):
     train = write(tmp_path / "train.jsonl", rows(20))
     val = write(tmp_path / "val.jsonl", rows(4))

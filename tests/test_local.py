@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlflow
@@ -15,6 +16,7 @@ from harness.config import with_params
 from harness.data import load_dataset
 from harness.study import Sweep, storage_for, train_once
 from harness.tracking import tracking_uri
+from tests.conftest import write
 from tests.test_backend_contract import RecordingReporter
 
 pytestmark = pytest.mark.slow
@@ -45,9 +47,22 @@ def test_local_loop_lowers_the_loss(make_cfg, tmp_path):
     assert result.metrics["eval/f1"] > 0.4  # 3 balanced classes: chance is ~0.33
 
 
-def test_eval_every_n_steps_and_early_stopping(make_cfg, tmp_path):
+def test_eval_every_n_steps_early_stopping_and_best_weights(make_cfg, tmp_path):
+    # explicit train/validation files and no test file: the test split IS the validation split,
+    # so test metrics show which weights the trial ended with
+    source = load_dataset(make_cfg().data)
+    files = {}
+    for split in ("train", "validation"):
+        rows = [json.dumps({"text": e.text, "label": e.target}) for e in getattr(source, split)]
+        files[split] = write(tmp_path / f"{split}.jsonl", "\n".join(rows) + "\n")
     cfg = with_params(
-        make_cfg("train.eval_every_steps=10", "train.patience=2", "train.epochs=30"),
+        make_cfg(
+            "train.eval_every_steps=10",
+            "train.patience=2",
+            "data.path=null",
+            f"data.train={files['train']}",
+            f"data.validation={files['validation']}",
+        ),
         {**GOOD, "train.learning_rate": 1e-2, "train.epochs": 30},
     )
     backend = LocalBackend()
@@ -59,7 +74,9 @@ def test_eval_every_n_steps_and_early_stopping(make_cfg, tmp_path):
     assert result.steps == eval_steps[-1] < 30 * 28  # stopped long before 30 epochs
     f1 = [m["eval/f1"] for _, m in reporter.calls if "eval/f1" in m]
     assert max(f1[-2:]) <= max(f1[:-2])  # the last `patience` evaluations did not improve
-    assert result.metrics["eval/f1"] == max(f1)  # the best evaluation's weights were kept
+    assert result.metrics["eval/f1"] == max(f1)
+    assert f1[-1] < max(f1)  # so the last weights were not the best ones...
+    assert result.metrics["test/f1"] == pytest.approx(max(f1))  # ...and the best were restored
 
 
 def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg, monkeypatch):
@@ -193,3 +210,11 @@ def test_pretrained_checkpoint_loads_with_from_pretrained(make_cfg, tmp_path, st
     )
     assert pretrained_cfg.sweep.metric in result.metrics
     assert (result.model_dir / "config.json").exists()
+
+
+def test_max_length_beyond_the_model_positions_is_a_clear_error(make_cfg, tmp_path):
+    cfg = with_params(make_cfg(), {"train.max_length": 256})
+    backend = LocalBackend()
+    prepared = backend.prepare(cfg, load_dataset(cfg.data))
+    with pytest.raises(ValueError, match=r"train.max_length=256 exceeds the model's 128"):
+        backend.run(TrialSpec(0, cfg, prepared, tmp_path, False), RecordingReporter("eval/f1"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -94,9 +96,20 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
     Sweep(make_cfg(*FAKE, "sweep.n_trials=2"), list(FAKE)).run()
     # a process killed mid-trial leaves the trial RUNNING in the storage
     study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-    study.ask()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = study.ask()
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": int(gone.stdout)})
+    alive = study.ask()  # a trial of a live process (this one) must be left alone
+    alive.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     resumed = Sweep(cfg, list(FAKE)).run()
     states = [t.state.name for t in resumed.trials]
+    assert resumed.trials[dead.number].state.name == "FAIL"
+    assert resumed.trials[alive.number].state.name == "RUNNING"
     assert states.count("FAIL") == 1
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
 
@@ -139,6 +152,14 @@ def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
     assert killed_run.info.status == "FAILED"
     assert "process running this trial ended" in killed_run.data.tags["harness.failure_reason"]
     assert all(r.info.status != "RUNNING" for r in trials)
+
+
+def test_resumed_sweep_draws_new_params(make_cfg):
+    first = Sweep(make_cfg(*FAKE, "sweep.n_trials=3"), list(FAKE)).run()
+    old = [t.params["train.learning_rate"] for t in first.trials]
+    resumed = Sweep(make_cfg(*FAKE, "sweep.n_trials=6"), list(FAKE)).run()
+    new = [t.params["train.learning_rate"] for t in resumed.trials[3:]]
+    assert not set(old) & set(new)
 
 
 def test_failing_trial_fails_alone_and_the_study_goes_on(make_cfg):
@@ -186,12 +207,15 @@ def test_best_and_reproduce_command(make_cfg):
 
 
 def test_secrets_are_redacted_from_logged_config(make_cfg):
-    from harness.tracking import config_yaml, redact
+    from harness.tracking import config_yaml, redact, redact_override
 
     cfg = make_cfg("backend=fake", "storage.url=postgresql://bob:hunter2@db:5432/optuna")
     text = config_yaml(cfg)
     assert "hunter2" not in text and "postgresql://bob:***@db:5432/optuna" in text
     assert redact({"openai_api_key": "sk-123", "n": 1}) == {"openai_api_key": "***", "n": 1}
+    assert "max_new_tokens: 32" in text  # a key merely containing "token" is no secret
+    assert redact_override("backend.api_key=sk-123") == "backend.api_key=***"
+    assert redact_override("storage.url=mysql://u:pw@h/db") == "storage.url=mysql://u:***@h/db"
 
 
 def test_hyperband_prunes_on_evaluation_index(make_cfg):

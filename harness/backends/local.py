@@ -192,7 +192,9 @@ def batches(
 
 
 class LocalBackend:
-    tunable_keys = frozenset({"train.*", "model.*"})
+    # The architecture keys shape a model built from scratch; the tokenizer and checkpoint are
+    # prepared once per study, so model.name_or_path and model.vocab_size cannot vary per trial.
+    tunable_keys = frozenset({"train.*", "model.n_layer", "model.n_head", "model.n_embd"})
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> TokenizedData:
         return encode(cfg, dataset, runs_dir(cfg) / "cache")
@@ -219,6 +221,17 @@ class _Training:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(self.cfg.seed)
         self.model: Any = build_model(self.cfg, self.data).to(self.device)
+        positions = self.model.config.n_positions
+        if self.train_cfg.max_length > positions:
+            raise ValueError(
+                f"train.max_length={self.train_cfg.max_length} exceeds the model's "
+                f"{positions} positions"
+            )
+        if self.data.task == "generation" and self.train_cfg.max_new_tokens >= positions:
+            raise ValueError(
+                f"train.max_new_tokens={self.train_cfg.max_new_tokens} leaves no room for a "
+                f"prompt in the model's {positions} positions"
+            )
         freeze(self.model, self.train_cfg.trainable_blocks)
         self.optimizer: Any = make_optimizer(self.model, self.train_cfg)
         self.order = torch.Generator().manual_seed(self.cfg.seed)
