@@ -203,15 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_config(rest: list[str]) -> int:
-    from omegaconf import OmegaConf
-
     from harness.config import load_config
-    from harness.tracking import redact
+    from harness.tracking import config_yaml
 
     index = rest.index("--cfg")
-    overrides = rest[:index] + rest[index + 2 :]
-    cfg = load_config(overrides)
-    print(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg)))))
+    print(config_yaml(load_config(rest[:index] + rest[index + 2 :])))
     return 0
 
 

@@ -270,7 +270,7 @@ class Sweep:
                     callbacks=[self._after_trial],
                     gc_after_trial=True,
                 )
-            self._finish(study, tracker, parent_id)
+            self._finish(study)
         except BaseException:
             tracker.client.set_terminated(parent_id, "KILLED")
             raise
@@ -344,7 +344,7 @@ class Sweep:
             )
         )
 
-    def _finish(self, study: optuna.Study, tracker: MLflowTracker, parent_id: str) -> None:
+    def _finish(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
         counts = {
             state.name.lower(): sum(1 for t in trials if t.state == state)
@@ -355,9 +355,9 @@ class Sweep:
         if completed:
             best = study.best_trial
             metrics["best_objective"] = float(best.value)  # type: ignore[arg-type]
-            tracker.client.set_tag(parent_id, "best_trial", str(best.number))
+            self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
-        tracker.finish_parent(parent_id, metrics)
+        self.tracker.finish_parent(self.parent_id, metrics)
 
     def _log_best_model(self, study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
         best_dir = self.checkpoints / "best"

@@ -21,6 +21,11 @@ from harness.data import Dataset, Example
 EOS = "<|endoftext|>"
 
 
+def model_text(example: Example, task: str) -> str:
+    """What the model reads of an example: the text, or prompt + completion for generation."""
+    return example.text + example.target if task == "generation" else example.text
+
+
 def _train_bpe(texts: list[str], vocab_size: int, directory: Path) -> None:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -41,9 +46,7 @@ def load_tokenizer(cfg: DictConfig, dataset: Dataset, cache_dir: Path) -> tuple[
 
     source = cfg.model.name_or_path
     if not source:
-        texts = [
-            e.text + e.target if dataset.task == "generation" else e.text for e in dataset.train
-        ]
+        texts = [model_text(e, dataset.task) for e in dataset.train]
         key = hashlib.sha256(
             json.dumps({"texts": texts, "vocab": cfg.model.vocab_size, "v": 1}).encode()
         ).hexdigest()[:20]

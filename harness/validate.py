@@ -41,13 +41,10 @@ def overrides_for(arguments: list[str]) -> list[str]:
 
 def token_lengths(cfg: Any, dataset: Dataset) -> list[int]:
     from harness.config import runs_dir
-    from harness.tokenization import load_tokenizer
+    from harness.tokenization import load_tokenizer, model_text
 
     tokenizer, _ = load_tokenizer(cfg, dataset, runs_dir(cfg) / "cache")
-    texts = [
-        e.text + e.target if dataset.task == "generation" else e.text
-        for e in dataset.train + dataset.validation + dataset.test
-    ]
+    texts = [model_text(e, dataset.task) for e in dataset.train + dataset.validation + dataset.test]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 

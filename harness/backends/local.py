@@ -297,7 +297,7 @@ class _Training:
                     self.report_losses(step, losses)
                 if step % eval_every == 0 or step == total:
                     self.report_losses(step, losses)
-                    evaluated = self.evaluate(self.data.validation, "eval")
+                    evaluated, _ = self.evaluate(self.data.validation, "eval")
                     score = sign * evaluated[self.cfg.sweep.metric]
                     if score > best_score:
                         best_score, best_metrics, stale = score, evaluated, 0
@@ -327,9 +327,10 @@ class _Training:
             self.reporter.report(first + offset, {"train/loss": value})
         losses.clear()
 
-    def evaluate(self, split: EncodedSplit, prefix: str) -> dict[str, float]:
+    def evaluate(self, split: EncodedSplit, prefix: str) -> tuple[dict[str, float], list[str]]:
         """Loss and task metrics on a split; the loss is the mean over examples (classification)
-        or over completion tokens (generation)."""
+        or over completion tokens (generation). Also returns the predicted labels of a
+        classification split, in split order (empty for generation)."""
         import torch
 
         t = self.train_cfg
@@ -370,18 +371,18 @@ class _Training:
                     correct += int((guesses[mask] == labels[mask]).sum())
         loss = total_loss / max(weight, 1)
         result = {f"{prefix}/loss": loss}
+        guessed: list[str] = []
         if self.data.task == "classification":
             names = self.data.labels
-            truth = [names[i] for i in split.targets]
             guessed = [names[i] for i in predictions]
+            truth = [names[i] for i in split.targets]
             scores = task_metrics.classification_metrics(truth, guessed, names)
-            self.last_predictions = (truth, guessed)
         else:
             scores = {
                 "perplexity": task_metrics.perplexity(loss),
                 "token_accuracy": correct / max(weight, 1),
             }
-        return result | {f"{prefix}/{k}": v for k, v in scores.items()}
+        return result | {f"{prefix}/{k}": v for k, v in scores.items()}, guessed
 
     def generate(self, split: EncodedSplit) -> list[str]:
         """Greedy completions of each prompt, up to max_new_tokens or EOS."""
@@ -407,10 +408,10 @@ class _Training:
         return outputs
 
     def test(self) -> tuple[dict[str, float], list[Path]]:
-        result = self.evaluate(self.data.test, "test")
+        result, guessed = self.evaluate(self.data.test, "test")
         artifacts: list[Path] = []
         if self.data.task == "classification":
-            truth, guessed = self.last_predictions
+            truth = [self.data.labels[i] for i in self.data.test.targets]
             path = self.spec.workdir / "confusion_matrix_test.png"
             artifacts.append(
                 task_metrics.save_confusion_matrix(
