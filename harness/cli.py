@@ -18,7 +18,10 @@ commands:
   sweep      run the study, or resume it up to sweep.n_trials finished trials
   train      one run with fixed hyperparameters (e.g. the overrides `harness best` prints)
   best       print the best trial and the command that reproduces it
-  validate   check a dataset (data=NAME, or a file path): size, labels, token statistics
+  validate   check a dataset (data=NAME, or a file path): size, labels, token statistics;
+             for a hosted backend also the API's rules and tokens and cost per trial shape
+  fake-openai  serve a loopback fake of the OpenAI fine-tuning API, for free dry runs
+             (--port 8787; --help lists its fault-injection options)
 
 overrides (Hydra syntax; the last one wins):
   study=NAME                                  a study from studies/ (default: sentiment_tiny)
@@ -32,6 +35,8 @@ examples:
   harness sweep
   harness sweep study=spam_tiny sweep.n_trials=40 'train.batch_size=choice(8,16)'
   harness best study=spam_tiny
+  harness fake-openai --port 8787 &
+  harness sweep study=tickets_openai backend.base_url=http://127.0.0.1:8787/v1
   mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db
 """
 
@@ -76,9 +81,10 @@ def cmd_sweep(overrides: list[str]) -> int:
             f"{k.split('.')[-1]}={_format_value(v)}" for k, v in outcome.params.items()
         )
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(outcome.state, "")
+        cost = "" if outcome.cost_usd is None else f" ${outcome.cost_usd:.4f}"
         console.print(
             f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
-            f"{value:18s} {outcome.seconds:6.1f}s  {params} {outcome.reason}",
+            f"{value:18s} {outcome.seconds:6.1f}s{cost}  {params} {outcome.reason}",
             soft_wrap=True,  # one line per trial, also in log files
         )
 
@@ -91,6 +97,14 @@ def cmd_sweep(overrides: list[str]) -> int:
     console.print(f"optuna storage: {describe_storage(cfg)}")
     console.print(f"mlflow: {redact_text(tracking_uri(cfg))}")
     study = sweep.run()
+    if any("cost_usd" in t.user_attrs for t in study.trials):
+        from harness.study import study_spend
+
+        budget = cfg.sweep.budget_usd
+        limit = "no budget set" if budget is None else f"budget ${budget:.2f}"
+        console.print(f"spent ${study_spend(study):.4f} ({limit})")
+    if sweep.stop_reason:
+        console.print(f"[yellow]stopped[/yellow]: {sweep.stop_reason}", soft_wrap=True)
     completed = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not completed:
         console.print("[red]no trial completed[/red]: see the FAIL reasons above")
@@ -164,11 +178,18 @@ def cmd_validate(overrides: list[str]) -> int:
     return validate(overrides, _console())
 
 
+def cmd_fake_openai(args: list[str]) -> int:
+    from harness.fake_openai import serve_forever
+
+    return serve_forever(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": cmd_sweep,
     "train": cmd_train,
     "best": cmd_best,
     "validate": cmd_validate,
+    "fake-openai": cmd_fake_openai,
 }
 
 
@@ -181,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"harness: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if "-h" in rest or "--help" in rest:
+    if ("-h" in rest or "--help" in rest) and command != "fake-openai":
         print(USAGE)
         return 0
     _quiet_libraries()

@@ -81,6 +81,7 @@ class TrainConfig:
     max_new_tokens: int = 32  # generation: greedy completion length on the test split
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
+    learning_rate_multiplier: float = 1.0  # hosted fine-tuning: scales the provider's rate
 
 
 @dataclass
@@ -125,6 +126,7 @@ class SweepConfig:
     timeout_s: float | None = None
     metric: str = "eval/f1"
     direction: str = "maximize"
+    budget_usd: float | None = None  # hosted backends: no trial starts that would pass this spend
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Load, validate and split datasets.
 
 Formats: JSONL or CSV (UTF-8, with or without BOM), field names from the config.
-- classification rows: ``{text, label}``
+- classification rows: ``{text, label}``, or chat rows whose last user turn is the text and whose
+  final assistant turn is the label
 - generation rows: ``{prompt, completion}`` or chat rows ``{"messages": [...]}`` (OpenAI format);
   a chat row becomes a prompt (every turn before the last assistant turn) and a completion.
 A dataset is one file split with a seed (stratified by label for classification), or explicit
@@ -34,10 +35,12 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One row: ``text`` + ``label`` for classification, ``text`` (prompt) + ``target`` for
-    generation."""
+    generation. A chat row keeps its ``messages`` too, for backends that take chats as they are."""
 
     text: str
     target: str
+    source: str = ""  # file:line of the record, for error messages
+    messages: tuple[dict[str, str], ...] = ()
 
 
 @dataclass
@@ -104,9 +107,9 @@ def _field(record: dict[str, Any], name: str, where: str) -> str:
     return text
 
 
-def chat_to_prompt_completion(messages: Any, where: str) -> tuple[str, str]:
-    """Renders a chat as plain text: the turns before the last assistant turn are the prompt."""
-    if not isinstance(messages, list) or not messages:
+def check_chat(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+    """The messages of a chat row, checked: known roles, text content, an assistant answer last."""
+    if not isinstance(messages, list | tuple) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
@@ -115,39 +118,59 @@ def chat_to_prompt_completion(messages: Any, where: str) -> tuple[str, str]:
             raise DataError(f"{where}: message {index} needs text 'content'")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's answer")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def chat_to_prompt_completion(messages: Any, where: str) -> tuple[str, str]:
+    """Renders a chat as plain text: the turns before the last assistant turn are the prompt."""
+    messages = check_chat(messages, where)
     prompt = "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages[:-1])
     return f"{prompt}\nassistant:", " " + messages[-1]["content"].strip()
 
 
 def load_examples(path: Path, data: DictConfig) -> list[Example]:
+    if data.task not in ("classification", "generation"):
+        raise DataError(f"unknown task {data.task!r} (use classification or generation)")
     examples: list[Example] = []
     for number, record in _records(path, data.format):
         where = f"{path}:{number}"
-        if data.task == "classification":
-            examples.append(
-                Example(
-                    _field(record, data.text_field, where), _field(record, data.label_field, where)
-                )
-            )
-        elif data.task == "generation":
-            if data.messages_field in record:
-                messages = record[data.messages_field]
-                if isinstance(messages, str):  # CSV cell holding JSON
-                    try:
-                        messages = json.loads(messages)
-                    except json.JSONDecodeError as exc:
-                        message = f"{where}: {data.messages_field!r}: bad JSON: {exc.msg}"
-                        raise DataError(message) from exc
-                examples.append(Example(*chat_to_prompt_completion(messages, where)))
+        if data.messages_field in record:
+            messages = _messages(record[data.messages_field], data.messages_field, where)
+            if data.task == "classification":
+                examples.append(_chat_classification(messages, where))
             else:
-                prompt = _field(record, data.prompt_field, where)
-                completion = _field(record, data.completion_field, where)
-                examples.append(Example(prompt, " " + completion))
+                text, target = chat_to_prompt_completion(messages, where)
+                examples.append(Example(text, target, where, messages))
+        elif data.task == "classification":
+            text = _field(record, data.text_field, where)
+            examples.append(Example(text, _field(record, data.label_field, where), where))
         else:
-            raise DataError(f"unknown task {data.task!r} (use classification or generation)")
+            prompt = _field(record, data.prompt_field, where)
+            completion = _field(record, data.completion_field, where)
+            examples.append(Example(prompt, " " + completion, where))
     if not examples:
         raise DataError(f"{path}: empty file (no records)")
     return examples
+
+
+def _messages(value: Any, name: str, where: str) -> tuple[dict[str, str], ...]:
+    if isinstance(value, str):  # CSV cell holding JSON
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: {name!r}: bad JSON: {exc.msg}") from exc
+    return check_chat(value, where)
+
+
+def _chat_classification(messages: tuple[dict[str, str], ...], where: str) -> Example:
+    """A chat row as a labelled text: the last user turn is the text, the answer the label."""
+    users = [m["content"].strip() for m in messages[:-1] if m["role"] == "user"]
+    label = messages[-1]["content"].strip()
+    if not users or not users[-1]:
+        raise DataError(f"{where}: a classification chat row needs a user message (the text)")
+    if not label:
+        raise DataError(f"{where}: the assistant message (the label) is empty")
+    return Example(users[-1], label, where, messages)
 
 
 def _stratified_split(

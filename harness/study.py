@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,15 +121,31 @@ def _format(value: Any) -> str:
 
 
 class TrialReporter:
-    """Sends metrics to MLflow and the objective metric to Optuna, which may prune."""
+    """Sends metrics to MLflow and the objective metric to Optuna, which may prune; passes the
+    trial's spend (``cost_usd``) on to ``on_cost``."""
 
-    def __init__(self, run: TrialRun, metric: str, trial: optuna.Trial | None = None) -> None:
-        self.run, self.metric, self.trial = run, metric, trial
+    def __init__(
+        self,
+        run: TrialRun,
+        metric: str,
+        trial: optuna.Trial | None = None,
+        on_cost: Callable[[float], None] | None = None,
+    ) -> None:
+        self.run, self.metric, self.trial, self.on_cost = run, metric, trial, on_cost
         self.evaluations = 0
+        self.cost_usd: float | None = None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.run.set_tags(tags)
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
         is_eval = self.metric in metrics
         self.run.log_metrics(step, metrics, buffered=not is_eval)
+        cost = metrics.get("cost_usd")
+        if cost is not None and cost != self.cost_usd:
+            self.cost_usd = float(cost)
+            if self.on_cost is not None:
+                self.on_cost(self.cost_usd)
         if is_eval and self.trial is not None:
             # Optuna's step is the evaluation index, so trials with different batch sizes
             # (different step counts per epoch) are compared at the same point.
@@ -147,6 +164,7 @@ class TrialOutcome:
     seconds: float
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    cost_usd: float | None = None  # where money is spent
 
 
 def run_trial(
@@ -160,14 +178,16 @@ def run_trial(
     trial: optuna.Trial | None = None,
     parent_id: str | None = None,
     save_model: bool = True,
+    key: str = "",
+    on_cost: Callable[[float], None] | None = None,
 ) -> tuple[TrialResult, TrialRun]:
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
     the run is closed with the right state."""
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
     run = tracker.start_run(run_name, params, tags, cfg, parent_id)
-    reporter = TrialReporter(run, cfg.sweep.metric, trial)
-    spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model)
+    reporter = TrialReporter(run, cfg.sweep.metric, trial, on_cost)
+    spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model, key)
     try:
         result = plan.backend.run(spec, reporter)
         objective = result.metrics.get(cfg.sweep.metric, math.nan)
@@ -180,8 +200,12 @@ def run_trial(
         # objective (the kept model's validation metric) are final values.
         final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
         run.log_metrics(result.steps, {**final, "objective": objective})
+        if "cost_usd" in result.metrics and on_cost is not None:
+            on_cost(float(result.metrics["cost_usd"]))
         for artifact in result.artifacts:
             run.log_artifact(artifact)
+        if result.hosted_model:
+            tracker.log_hosted_model(run.run_id, run_name, result.hosted_model)
     except optuna.TrialPruned as pruned:
         run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         run.end("KILLED")
@@ -212,6 +236,7 @@ class Sweep:
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
+        self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
@@ -245,9 +270,20 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study()
         study.set_user_attr("overrides", self.overrides)
+        if "harness_uid" not in study.user_attrs:  # names this study's hosted jobs, see _key
+            study.set_user_attr("harness_uid", uuid.uuid4().hex[:12])
+        self.uid = str(
+            optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs[
+                "harness_uid"
+            ]
+        )
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
         self._fail_stale_trials(study)
+        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
+        missing = self.cfg.sweep.n_trials - finished
+        if missing > 0:  # before the parent run: a missing API key or bad data leaves no trace
+            self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
         tags = {
             "optuna.study_name": study.study_name,
             "optuna.storage": describe_storage(self.cfg),
@@ -257,11 +293,8 @@ class Sweep:
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         self.tags = tags
         self.parent_id = parent_id
-        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
-        missing = self.cfg.sweep.n_trials - finished
         try:
             if missing > 0:
-                self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
                 study.optimize(
                     self._objective,
                     n_trials=missing,
@@ -286,11 +319,24 @@ class Sweep:
                 continue
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             self.tracker.fail_stale_run(trial.number, "the process running this trial ended")
+            if "harness_retry_of" not in trial.user_attrs:  # retried once, with the same key
+                study.enqueue_trial(
+                    trial.params,
+                    user_attrs={
+                        "harness_retry_of": trial.number,
+                        "harness_trial_key": trial.user_attrs.get("harness_trial_key", ""),
+                    },
+                )
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         trial.set_user_attr("overrides", self.overrides)
         params = search.suggest(trial, self.plan.distributions)
+        # A retry of a crashed trial keeps that trial's key: a hosted backend re-attaches to the
+        # job it started. Otherwise the key is new: the study's uid and the trial number.
+        key = trial.user_attrs.get("harness_trial_key") or f"{self.uid}-{trial.number}"
+        trial.set_user_attr("harness_trial_key", key)
+        self._check_budget(trial, {**self.plan.fixed, **params})
         workdir = self.checkpoints / f"trial-{trial.number:04d}"
         tags = {**self.tags, "optuna.trial_number": str(trial.number)}
         try:
@@ -305,6 +351,8 @@ class Sweep:
                 trial,
                 self.parent_id,
                 save_model=self.cfg.tracking.log_best_model,
+                key=key,
+                on_cost=lambda usd: trial.set_user_attr("cost_usd", usd),
             )
         except optuna.TrialPruned:
             raise
@@ -314,6 +362,28 @@ class Sweep:
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
         return float(result.metrics[self.cfg.sweep.metric])
+
+    def _check_budget(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        """Does not launch a trial whose estimated cost would take the study's spend past
+        sweep.budget_usd: the trial fails with the reason and the study stops."""
+        budget = self.cfg.sweep.budget_usd
+        estimate_cost = getattr(self.plan.backend, "estimate_cost_usd", None)
+        if estimate_cost is None:
+            return
+        estimate = float(estimate_cost(with_params(self.cfg, params), self.plan.prepared))
+        trial.set_user_attr("cost_estimate_usd", estimate)
+        if budget is None:
+            return
+        spent = study_spend(trial.study, exclude=trial.number)
+        if spent + estimate > budget:
+            self.stop_reason = (
+                f"budget: trial {trial.number} would cost ~${estimate:.4f} and the study has "
+                f"spent ${spent:.4f} of sweep.budget_usd=${budget:.2f}; it was not launched and "
+                "the study stopped. Raise sweep.budget_usd to go on."
+            )
+            trial.set_user_attr("fail_reason", self.stop_reason)
+            trial.study.stop()
+            raise BudgetExceededError(self.stop_reason)
 
     def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Keeps the model of the best trial so far and deletes the others' scratch folders."""
@@ -341,6 +411,7 @@ class Sweep:
                 else 0.0,
                 reason,
                 dict(trial.user_attrs.get("metrics", {})),
+                trial.user_attrs.get("cost_usd"),
             )
         )
 
@@ -351,6 +422,9 @@ class Sweep:
             for state in optuna.trial.TrialState
         }
         metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
+        metrics["spend_usd"] = study_spend(study)
+        if self.stop_reason:
+            self.tracker.client.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
         completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         if completed:
             best = study.best_trial
@@ -383,6 +457,24 @@ class Sweep:
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
         self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
+
+
+class BudgetExceededError(RuntimeError):
+    pass
+
+
+def study_spend(study: optuna.Study, exclude: int = -1) -> float:
+    """USD spent by the study's trials: what finished ones cost, and for running ones (other
+    workers) the larger of their spend so far and their estimate."""
+    total = 0.0
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == exclude:
+            continue
+        spent = float(trial.user_attrs.get("cost_usd", 0.0))
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            spent = max(spent, float(trial.user_attrs.get("cost_estimate_usd", 0.0)))
+        total += spent
+    return total
 
 
 def _alive(pid: int) -> bool:
@@ -419,6 +511,7 @@ def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]
         workdir,
         tags,
         save_model=plan.cfg.tracking.log_best_model,
+        key=f"train-{uuid.uuid4().hex[:12]}",
     )
     if result.model_dir is not None:
         from harness.tracking import log_transformers_model

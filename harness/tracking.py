@@ -141,6 +141,22 @@ class MLflowTracker:
         self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
         return trial_run
 
+    def log_hosted_model(self, run_id: str, name: str, details: Mapping[str, str]) -> None:
+        """An MLflow model entry for a model that lives with a provider (a fine-tuned model
+        id): listed in the experiment's models beside logged local ones, linked to its run."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        model = mlflow.create_external_model(
+            name=name,
+            source_run_id=run_id,
+            experiment_id=self.experiment_id,
+            model_type="hosted-fine-tune",
+            tags={f"hosted.{k}": redact_text(str(v)) for k, v in details.items()},
+        )
+        self.client.set_tag(run_id, "harness.hosted_model", details.get("id", ""))
+        self.client.set_tag(run_id, "harness.logged_model_id", model.model_id)
+
     def finish_parent(self, run_id: str, metrics: Mapping[str, float]) -> None:
         TrialRun(self.client, run_id).log_metrics(0, metrics)
         self.client.set_terminated(run_id, "FINISHED")

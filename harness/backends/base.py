@@ -18,7 +18,11 @@ class Reporter(Protocol):
         """Records metrics at a training step (``train/loss`` each step, ``eval/*`` at each
         evaluation). When the metrics include the study's objective metric, the value is also
         reported to Optuna, and ``optuna.TrialPruned`` is raised if the trial should stop: the
-        backend lets it propagate, which stops the trial at once."""
+        backend lets it propagate, which stops the trial at once. A backend that spends money
+        reports ``cost_usd`` (the trial's spend so far) as it goes."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Labels the trial's run as soon as something is known (a hosted job's id, say)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class TrialSpec:
     prepared: Any  # what Backend.prepare returned: shared by every trial of the study
     workdir: Path  # this trial's scratch folder: artifacts and a saved model go here
     save_model: bool = True  # save the final model under workdir/model
+    # Stable identity of this trial's work. A retry of a trial whose process died has the key of
+    # the trial it retries, so a hosted backend finds the job that process started rather than
+    # paying for another. Empty: the backend makes up a unique one.
+    key: str = ""
 
 
 @dataclass
@@ -36,6 +44,9 @@ class TrialResult:
     artifacts: list[Path] = field(default_factory=list)  # files to attach to the trial's run
     model_dir: Path | None = None  # saved model (transformers format) when spec.save_model
     steps: int = 0  # optimizer steps taken
+    # A model that lives with a provider, not on disk: its id and details (job id, base model),
+    # recorded in MLflow as an external model entry beside local ones.
+    hosted_model: dict[str, str] | None = None
 
 
 class Backend(Protocol):
@@ -48,6 +59,13 @@ class Backend(Protocol):
 
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
         """Runs one trial to the end (or until the reporter raises TrialPruned)."""
+
+
+class PaidBackend(Protocol):
+    """A backend whose trials cost money: the study checks its budget before each trial."""
+
+    def estimate_cost_usd(self, cfg: DictConfig, prepared: Any) -> float:
+        """What a trial with this config would cost, before it is launched."""
 
 
 class UntunableKeyError(ValueError):

@@ -1,0 +1,599 @@
+"""Hosted fine-tuning trials through the OpenAI API (or any server that speaks it, or Azure).
+
+Per study (``prepare``): the data become chat rows, are checked as the API would check them,
+counted with tiktoken, and uploaded once per study and content (the file name carries the content
+hash, so a resumed study or another host finds the upload instead of repeating it).
+
+Per trial (``run``): one supervised job with the trial's ``n_epochs``, ``batch_size`` and
+``learning_rate_multiplier``, its seed, a suffix naming study and trial, and the trial's key in
+its metadata. Before creating a job, the backend looks for one carrying that key: the SDK's own
+retries are off for the create (they send no idempotency key, so a create whose response was lost
+would be paid twice), and a study resumed after a crash finds the job its dead process started.
+The job is followed with backoff; its metrics events go to the reporter at their steps, and the
+validation loss at each epoch end is the evaluation Optuna may prune on, which cancels the job.
+A succeeded job's model is evaluated on the test split through chat completions at temperature 0,
+by the same metric code as the local backend.
+
+The API key comes from the environment (``backend.api_key_env``) or a file
+(``backend.api_key_file``), never from the config, so it cannot reach a logged config.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.backends.base import Backend, PaidBackend, Reporter, TrialResult, TrialSpec
+from harness.chat_data import Chat, check_chats, to_chats, to_jsonl, token_limit
+from harness.config import ConfigError, runs_dir
+from harness.cost import encoding_for, price_per_token
+from harness.data import Dataset
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
+UNPARSED = "<unparsed>"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class HostedJobError(RuntimeError):
+    """A job that failed, was cancelled by someone else, or could not be created or followed."""
+
+
+class MissingApiKeyError(ConfigError):
+    pass
+
+
+@dataclass
+class Prepared:
+    """What every trial of a study shares: uploaded files, the test chats, token counts."""
+
+    task: str
+    labels: list[str]
+    training_file: str
+    validation_file: str
+    test: list[Chat]
+    file_tokens: int  # tokens in the training file: billed once per epoch
+    tokens_note: str  # how they were counted (exact encoding or an estimate)
+    usd_per_token: float
+    max_answer_tokens: int
+    uploads: dict[str, str] = field(default_factory=dict)  # split -> file id
+
+
+class OpenAIBackend:
+    tunable_keys = frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
+
+    def __init__(
+        self,
+        model: str = "gpt-4o-mini-2024-07-18",
+        base_url: str | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        api_key_file: str | None = None,
+        organization: str | None = None,
+        system_prompt: str = "Classify the text as one of: {labels}. Answer with the label only.",
+        poll_interval_s: float = 5.0,
+        max_poll_interval_s: float = 60.0,
+        max_job_hours: float = 24.0,
+        request_retries: int = 5,
+        request_timeout_s: float = 60.0,
+        create_attempts: int = 5,
+        poll_failures: int = 5,
+        eval_concurrency: int = 4,
+        eval_max_examples: int | None = None,
+        cancel_on_interrupt: bool = True,
+        prices_per_1m_training_tokens: Mapping[str, float] | None = None,
+        example_token_limits: Mapping[str, int] | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.azure_endpoint = azure_endpoint
+        self.api_version = api_version
+        self.api_key_env = api_key_env
+        self.api_key_file = api_key_file
+        self.organization = organization
+        self.system_prompt = system_prompt
+        self.poll_interval_s = poll_interval_s
+        self.max_poll_interval_s = max_poll_interval_s
+        self.max_job_s = max_job_hours * 3600
+        self.request_retries = request_retries
+        self.request_timeout_s = request_timeout_s
+        self.create_attempts = max(1, create_attempts)
+        self.poll_failures = max(1, poll_failures)
+        self.eval_concurrency = max(1, eval_concurrency)
+        self.eval_max_examples = eval_max_examples
+        self.cancel_on_interrupt = cancel_on_interrupt
+        self.prices = _plain(prices_per_1m_training_tokens or {})
+        self.token_limits = _plain(example_token_limits or {"default": 65536})
+        self._client: Any = None
+
+    # the client ------------------------------------------------------------------------------
+    def api_key(self) -> str:
+        if self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            if not path.exists():
+                raise MissingApiKeyError(f"backend.api_key_file: {path} does not exist")
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+            if lines and lines[0].strip():
+                return lines[0].strip()
+            raise MissingApiKeyError(f"backend.api_key_file: {path} is empty")
+        key = os.environ.get(self.api_key_env, "").strip()
+        if key:
+            return key
+        if self.base_url and urlsplit(self.base_url).hostname in LOOPBACK_HOSTS:
+            return "harness-loopback"  # a local server (harness fake-openai) needs no real key
+        raise MissingApiKeyError(
+            f"no API key: set the environment variable {self.api_key_env} (export "
+            f"{self.api_key_env}=...), or put the key in a file and set "
+            "backend.api_key_file=PATH. harness never reads a key from the config, so it "
+            "cannot end up in logged configs."
+        )
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import openai
+
+            options: dict[str, Any] = {
+                "api_key": self.api_key(),
+                "max_retries": self.request_retries,
+                "timeout": self.request_timeout_s,
+            }
+            if self.azure_endpoint:
+                self._client = openai.AzureOpenAI(
+                    azure_endpoint=self.azure_endpoint, api_version=self.api_version, **options
+                )
+            else:
+                self._client = openai.OpenAI(
+                    base_url=self.base_url, organization=self.organization, **options
+                )
+        return self._client
+
+    # once per study -------------------------------------------------------------------------
+    def prepare(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
+        if cfg.sweep.metric not in REPORTED_METRICS:
+            raise ConfigError(
+                f"sweep.metric={cfg.sweep.metric}: a hosted job reports "
+                f"{', '.join(REPORTED_METRICS)} on the validation split while it trains; optimize "
+                "one of those (test metrics are measured after the job)"
+            )
+        prepared = self.describe(cfg, dataset)
+        chats = to_chats(dataset, self.system_prompt)
+        for split in ("train", "validation"):
+            content = to_jsonl(chats[split])
+            name = f"harness-{cfg.name}-{split}-{_sha(content)[:16]}.jsonl"
+            prepared.uploads[split] = self._upload(name, content)
+        prepared.training_file = prepared.uploads["train"]
+        prepared.validation_file = prepared.uploads["validation"]
+        return prepared
+
+    def describe(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
+        """Converts and checks the data and counts tokens, touching no network: what
+        ``harness validate`` shows and ``prepare`` uploads."""
+        encoding = encoding_for(self.model, str(runs_dir(cfg) / "cache" / "tiktoken"))
+        limit = token_limit(self.token_limits, self.model)
+        chats = to_chats(dataset, self.system_prompt)
+        counts = {split: check_chats(rows, split, encoding, limit) for split, rows in chats.items()}
+        try:
+            usd_per_token = price_per_token(self.prices, self.model)
+        except KeyError:
+            raise ConfigError(
+                f"no training price for model {self.model!r}: add it to "
+                f"backend.prices_per_1m_training_tokens (USD per 1M training tokens; 0 for a "
+                "free server)"
+            ) from None
+        answers = [encoding.count(c.answer) for c in chats["train"]]
+        return Prepared(
+            task=dataset.task,
+            labels=list(dataset.labels),
+            training_file="",
+            validation_file="",
+            test=chats["test"][: self.eval_max_examples or None],
+            file_tokens=sum(counts["train"]),
+            tokens_note=encoding.note,
+            usd_per_token=usd_per_token,
+            max_answer_tokens=max(answers) + 8,
+        )
+
+    def _upload(self, name: str, content: bytes) -> str:
+        for existing in self.client.files.list(purpose="fine-tune"):
+            if existing.filename == name and existing.bytes == len(content):
+                return str(existing.id)
+        uploaded = self.client.files.create(file=(name, content), purpose="fine-tune")
+        return str(uploaded.id)
+
+    def estimate_cost_usd(self, cfg: DictConfig, prepared: Prepared) -> float:
+        return float(cfg.train.epochs * prepared.file_tokens * prepared.usd_per_token)
+
+    # one trial ------------------------------------------------------------------------------
+    def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
+        cfg, prepared = spec.config, spec.prepared
+        key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
+        job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
+        reporter.set_tags(
+            {
+                "openai.job_id": job.id,
+                "openai.base_model": self.model,
+                "openai.trial_key": key,
+                "openai.reattached": str(reattached).lower(),
+            }
+        )
+        follower = _Follower(self, job.id, reporter, cfg, prepared)
+        try:
+            job = follower.follow()
+        except KeyboardInterrupt:
+            if self.cancel_on_interrupt:
+                self._cancel_quietly(job.id)
+            raise
+        except BaseException:  # pruned, or we gave up following: stop paying for it
+            self._cancel_quietly(job.id)
+            raise
+        if job.status != "succeeded":
+            error = job.error
+            code = getattr(error, "code", None) or "no code"
+            message = getattr(error, "message", None) or "no message"
+            raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
+        return self._results(spec, reporter, job, follower)
+
+    def _find_or_create(self, cfg: DictConfig, prepared: Prepared, number: int, key: str):
+        """(job, True) when a job with this trial's key already runs or succeeded, else a new
+        job. Our own retry loop, each attempt looking first, replaces the SDK's retries."""
+        import openai
+
+        transient = (
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+            openai.InternalServerError,
+            openai.RateLimitError,
+        )
+        hyperparameters = {
+            "n_epochs": int(cfg.train.epochs),
+            "batch_size": int(cfg.train.batch_size),
+            "learning_rate_multiplier": float(cfg.train.learning_rate_multiplier),
+        }
+        suffix = re.sub(r"[^a-zA-Z0-9-]", "-", f"{cfg.name}-t{number}")[-40:].strip("-")
+        metadata = {
+            "harness_study": str(cfg.name)[:512],
+            "harness_trial": str(number),
+            "harness_trial_key": key,
+        }
+        last_error: Exception | None = None
+        for attempt in range(self.create_attempts):
+            for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
+                if job.status not in ("failed", "cancelled"):
+                    return job, True
+            try:
+                job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
+                    model=self.model,
+                    training_file=prepared.training_file,
+                    validation_file=prepared.validation_file,
+                    method={
+                        "type": "supervised",
+                        "supervised": {"hyperparameters": hyperparameters},
+                    },
+                    seed=int(cfg.seed),
+                    suffix=suffix or None,
+                    metadata=metadata,
+                )
+                return job, False
+            except transient as exc:
+                last_error = exc
+                time.sleep(min(self.max_poll_interval_s, self.poll_interval_s * 2**attempt))
+        raise HostedJobError(
+            f"could not create a fine-tuning job after {self.create_attempts} attempts: "
+            f"{type(last_error).__name__}: {last_error}"
+        )
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        # already finished, or the API is down: nothing more to do here
+        with contextlib.suppress(Exception):
+            self.client.fine_tuning.jobs.cancel(job_id)
+
+    def _results(
+        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
+    ) -> TrialResult:
+        prepared: Prepared = spec.prepared
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        artifacts = []
+        if job.result_files:
+            raw = self.client.files.content(job.result_files[0]).content
+            text = decode_result_file(raw)
+            path = spec.workdir / "result.csv"
+            path.write_text(text, encoding="utf-8")
+            artifacts.append(path)
+            follower.report_result_rows(text)
+        checkpoints = [
+            {
+                "id": c.id,
+                "step": c.step_number,
+                "model": c.fine_tuned_model_checkpoint,
+                "metrics": c.metrics.model_dump() if c.metrics else {},
+            }
+            for c in self.client.fine_tuning.jobs.checkpoints.list(job.id)
+        ]
+        path = spec.workdir / "checkpoints.json"
+        path.write_text(json.dumps(checkpoints, indent=2), encoding="utf-8")
+        artifacts.append(path)
+        tokens = job.trained_tokens or follower.tokens_so_far()
+        reporter.set_tags(
+            {
+                "openai.fine_tuned_model": str(job.fine_tuned_model),
+                "openai.trained_tokens": str(tokens),
+                "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
+            }
+        )
+        test, predictions = self._evaluate(job.fine_tuned_model, prepared, spec)
+        path = spec.workdir / "test_predictions.jsonl"
+        path.write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+            encoding="utf-8",
+        )
+        artifacts.append(path)
+        if prepared.task == "classification":
+            from harness.metrics import save_confusion_matrix
+
+            truth = [p["expected"] for p in predictions]
+            predicted = [p["label"] for p in predictions]
+            labels = prepared.labels + ([UNPARSED] if UNPARSED in predicted else [])
+            artifacts.append(
+                save_confusion_matrix(
+                    truth,
+                    predicted,
+                    labels,
+                    spec.workdir / "confusion_matrix.png",
+                    f"{spec.config.name} trial {spec.number}: test split",
+                )
+            )
+        metrics = {
+            **follower.final_eval,
+            **test,
+            "cost_usd": tokens * prepared.usd_per_token,
+            "trained_tokens": float(tokens),
+        }
+        hosted = {
+            "id": str(job.fine_tuned_model),
+            "job_id": str(job.id),
+            "base_model": self.model,
+            "provider": "azure-openai" if self.azure_endpoint else "openai-api",
+        }
+        return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
+
+    def _evaluate(
+        self, model: str, prepared: Prepared, spec: TrialSpec
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Test-split metrics of the fine-tuned model, answers at temperature 0."""
+        from harness.metrics import classification_metrics, generation_metrics
+
+        classification = prepared.task == "classification"
+        limit = prepared.max_answer_tokens if classification else spec.config.train.max_new_tokens
+
+        def ask(chat: Chat) -> tuple[str, int, int]:
+            response = self.client.chat.completions.create(
+                model=model,
+                messages=chat.prompt,
+                temperature=0,
+                max_tokens=int(limit),
+                seed=int(spec.config.seed),
+            )
+            usage = response.usage
+            return (
+                response.choices[0].message.content or "",
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
+
+        with ThreadPoolExecutor(self.eval_concurrency) as pool:
+            answers = list(pool.map(ask, prepared.test))
+        expected = [c.answer for c in prepared.test]
+        predictions: list[dict[str, Any]] = []
+        for chat, (answer, _, _) in zip(prepared.test, answers, strict=True):
+            row: dict[str, Any] = {"source": chat.source, "expected": chat.answer, "answer": answer}
+            if classification:
+                row["label"] = parse_label(answer, prepared.labels)
+            predictions.append(row)
+        if classification:
+            scores = classification_metrics(
+                expected, [p["label"] for p in predictions], prepared.labels
+            )
+            scores["unparsed"] = sum(p["label"] == UNPARSED for p in predictions) / len(expected)
+        else:
+            scores = generation_metrics([a for a, _, _ in answers], expected)
+        scores["prompt_tokens"] = float(sum(p for _, p, _ in answers))
+        scores["completion_tokens"] = float(sum(c for _, _, c in answers))
+        return {f"test/{k}": float(v) for k, v in scores.items()}, predictions
+
+
+class _Follower:
+    """Polls one job to its end, passing its metrics events to the reporter in step order."""
+
+    def __init__(
+        self,
+        backend: OpenAIBackend,
+        job_id: str,
+        reporter: Reporter,
+        cfg: DictConfig,
+        prepared: Prepared,
+    ) -> None:
+        self.backend, self.job_id, self.reporter = backend, job_id, reporter
+        self.prepared = prepared
+        self.estimated_tokens = int(cfg.train.epochs) * prepared.file_tokens
+        self.seen: set[str] = set()
+        self.reported_steps: set[int] = set()
+        self.last_step = 0
+        self.total_steps = 0
+        self.final_eval: dict[str, float] = {}
+
+    def follow(self) -> Any:
+        import openai
+
+        transient = (
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+            openai.InternalServerError,
+            openai.RateLimitError,
+        )
+        backend = self.backend
+        delay = backend.poll_interval_s
+        deadline = time.monotonic() + backend.max_job_s
+        failures = 0
+        status = "unknown"
+        while True:
+            try:
+                # status first, then events: a finished job's events are all there by then
+                job = backend.client.fine_tuning.jobs.retrieve(self.job_id)
+                progressed = self._read_events()
+                failures, status = 0, job.status
+            except transient as exc:
+                failures += 1
+                if failures >= backend.poll_failures:
+                    raise HostedJobError(
+                        f"lost contact with fine-tuning job {self.job_id}: {failures} polls "
+                        f"failed in a row, the last with {type(exc).__name__}: {exc}"
+                    ) from exc
+                progressed = False
+            else:
+                if status in TERMINAL:
+                    return job
+            if time.monotonic() > deadline:
+                raise HostedJobError(
+                    f"fine-tuning job {self.job_id} still {status} after "
+                    f"{backend.max_job_s / 3600:g} h (backend.max_job_hours): cancelled"
+                )
+            time.sleep(delay)
+            delay = (
+                backend.poll_interval_s
+                if progressed
+                else min(backend.max_poll_interval_s, delay * 1.5)
+            )
+
+    def _read_events(self) -> bool:
+        """Reports metrics events not seen before, oldest first. Events come newest first, a
+        page at a time: read pages until one holds an event already seen."""
+        fresh = []
+        page = self.backend.client.fine_tuning.jobs.list_events(self.job_id, limit=100)
+        while True:
+            for event in page.data:
+                if event.id in self.seen:
+                    break
+                fresh.append(event)
+            else:
+                if page.has_more and page.data:
+                    page = self.backend.client.fine_tuning.jobs.list_events(
+                        self.job_id, limit=100, after=page.data[-1].id
+                    )
+                    continue
+            break
+        metrics = [e.data for e in fresh if e.type == "metrics" and isinstance(e.data, dict)]
+        for data in sorted(metrics, key=lambda d: int(d.get("step", 0))):
+            self._report(data)
+        self.seen.update(e.id for e in fresh)
+        return bool(fresh)
+
+    def _report(self, data: Mapping[str, Any]) -> None:
+        step = int(data["step"])
+        self.total_steps = int(data.get("total_steps") or self.total_steps)
+        self.last_step = max(self.last_step, step)
+        self.reported_steps.add(step)
+        names = {
+            "train_loss": "train/loss",
+            "train_mean_token_accuracy": "train/token_accuracy",
+            "valid_loss": "valid/batch_loss",
+            "valid_mean_token_accuracy": "valid/batch_token_accuracy",
+        }
+        metrics = {names[k]: float(v) for k, v in data.items() if k in names and v is not None}
+        metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
+        if data.get("full_valid_loss") is not None:  # an epoch end: the whole validation file
+            loss = float(data["full_valid_loss"])
+            self.final_eval = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+            accuracy = data.get("full_valid_mean_token_accuracy")
+            if accuracy is not None:
+                self.final_eval["eval/token_accuracy"] = float(accuracy)
+            metrics.update(self.final_eval)
+        self.reporter.report(step, metrics)  # may raise TrialPruned: the caller cancels
+
+    def tokens_so_far(self) -> int:
+        if not self.total_steps:
+            return 0
+        return round(self.estimated_tokens * self.last_step / self.total_steps)
+
+    def report_result_rows(self, text: str) -> None:
+        """The result file's rows for steps no event reported (events can be missed)."""
+        names = {
+            "train_loss": "train/loss",
+            "train_accuracy": "train/token_accuracy",
+            "valid_loss": "valid/batch_loss",
+            "valid_mean_token_accuracy": "valid/batch_token_accuracy",
+        }
+        for row in csv.DictReader(io.StringIO(text)):
+            try:
+                step = int(float(row["step"]))
+            except (KeyError, ValueError):
+                continue
+            if step in self.reported_steps:
+                continue
+            metrics = {}
+            for column, name in names.items():
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    metrics[name] = float(row[column])
+            if metrics:
+                self.reporter.report(step, metrics)
+                self.reported_steps.add(step)
+
+
+def decode_result_file(raw: bytes) -> str:
+    """A result CSV, served plain or base64-encoded."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    if text.startswith("step"):
+        return text + "\n"
+    try:
+        decoded = base64.b64decode(raw.strip(), validate=True).decode("utf-8").strip()
+    except ValueError:
+        return text + "\n"
+    return decoded + "\n"
+
+
+def parse_label(answer: str, labels: list[str]) -> str:
+    """The label an answer names: an exact match (case, spaces and punctuation aside), else the
+    only label mentioned in it as a whole word; otherwise UNPARSED, which counts as wrong."""
+
+    def norm(text: str) -> str:
+        return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+    said = norm(answer)
+    by_norm = {norm(label): label for label in labels}
+    if said in by_norm:
+        return by_norm[said]
+    mentioned = [label for n, label in by_norm.items() if re.search(rf"\b{re.escape(n)}\b", said)]
+    return mentioned[0] if len(mentioned) == 1 else UNPARSED
+
+
+def _sha(content: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(content).hexdigest()
+
+
+def _plain(mapping: Any) -> dict[str, Any]:
+    if isinstance(mapping, DictConfig):
+        return dict(OmegaConf.to_container(mapping))  # type: ignore[arg-type]
+    return dict(mapping)
+
+
+_: Backend = OpenAIBackend()
+_paid: PaidBackend = OpenAIBackend()

@@ -1,0 +1,107 @@
+"""Datasets as the chat rows a hosted fine-tuning API takes, checked as the API would check them.
+
+A classification row becomes (system prompt naming the labels, the text as the user message, the
+label as the assistant message); chat rows pass through as they are; prompt/completion rows become
+a user and an assistant message. Each chat keeps the file:line of its record, so a rule broken
+here (too few examples, no assistant answer, an empty message, too many tokens for the model) is
+reported where the user can fix it, before anything is uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from harness.cost import Encoding
+from harness.data import CHAT_ROLES, DataError, Dataset, Example
+
+MIN_TRAINING_EXAMPLES = 10  # the API refuses smaller training files
+
+
+@dataclass(frozen=True)
+class Chat:
+    messages: tuple[dict[str, str], ...]  # the answer is the last (assistant) message
+    source: str  # file:line of the record it came from
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        return [dict(m) for m in self.messages[:-1]]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"].strip()
+
+
+def to_chat(example: Example, task: str, system_prompt: str) -> Chat:
+    if task == "classification":
+        messages: tuple[dict[str, str], ...] = (
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": example.text},
+            {"role": "assistant", "content": example.target},
+        )
+    elif example.messages:
+        messages = example.messages
+    else:
+        messages = (
+            {"role": "user", "content": example.text},
+            {"role": "assistant", "content": example.target.strip()},
+        )
+    return Chat(messages, example.source)
+
+
+def system_prompt_for(template: str, labels: Sequence[str]) -> str:
+    return template.format(labels=", ".join(labels))
+
+
+def to_chats(dataset: Dataset, template: str) -> dict[str, list[Chat]]:
+    """The dataset's three splits as chats."""
+    prompt = system_prompt_for(template, dataset.labels)
+    return {
+        split: [to_chat(e, dataset.task, prompt) for e in getattr(dataset, split)]
+        for split in ("train", "validation", "test")
+    }
+
+
+def check_chats(
+    chats: Sequence[Chat], split: str, encoding: Encoding, token_limit: int
+) -> list[int]:
+    """Token counts of each chat; raises DataError at the first chat the API would refuse."""
+    if split == "train" and len(chats) < MIN_TRAINING_EXAMPLES:
+        where = chats[0].source.rsplit(":", 1)[0] if chats else "training split"
+        raise DataError(
+            f"{where}: the training split has {len(chats)} examples; hosted fine-tuning needs at "
+            f"least {MIN_TRAINING_EXAMPLES}"
+        )
+    counts = []
+    for chat in chats:
+        where = chat.source or f"{split} example"
+        roles = [m.get("role") for m in chat.messages]
+        if "assistant" not in roles:
+            raise DataError(f"{where}: no assistant message; every example needs one")
+        for index, message in enumerate(chat.messages):
+            if message.get("role") not in CHAT_ROLES:
+                raise DataError(f"{where}: message {index} has role {message.get('role')!r}")
+            if not str(message.get("content") or "").strip():
+                raise DataError(f"{where}: message {index} ({message['role']}) is empty")
+        tokens = encoding.count_chat(chat.messages)
+        if tokens > token_limit:
+            raise DataError(
+                f"{where}: {tokens} tokens ({encoding.note}); the model's limit per example is "
+                f"{token_limit}. Shorten it or drop it."
+            )
+        counts.append(tokens)
+    return counts
+
+
+def token_limit(limits: Mapping[str, int], model: str) -> int:
+    """The per-example limit of ``model``: its longest matching prefix in ``limits``, else the
+    ``default`` entry."""
+    base = model.split(":")[1] if model.startswith("ft:") else model
+    matches = [key for key in limits if key != "default" and base.startswith(key)]
+    return int(limits[max(matches, key=len)] if matches else limits["default"])
+
+
+def to_jsonl(chats: Sequence[Chat]) -> bytes:
+    lines = (json.dumps({"messages": list(c.messages)}, ensure_ascii=False) for c in chats)
+    return ("\n".join(lines) + "\n").encode("utf-8")

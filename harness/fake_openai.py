@@ -1,0 +1,808 @@
+"""A loopback fake of the OpenAI fine-tuning API, for tests and free dry runs.
+
+The real ``openai`` SDK talks to it over HTTP (``base_url="http://127.0.0.1:PORT/v1"``). It keeps
+state like the service: files (multipart upload, content), fine-tuning jobs (create, list with
+metadata filters, retrieve, cancel), events newest first with pagination, checkpoints, result
+files, and chat completions for the models its jobs produce.
+
+Jobs move through validating_files -> queued -> running -> succeeded on the server's clock
+(``Timing``). Their loss curves follow the hyperparameters: an optimum learning-rate multiplier
+near 2, divergence above 5, under-fitting with too few epochs and over-fitting (validation loss
+rising) with too many, so a search over it has something to find. A fine-tuned model answers
+chat requests by nearest neighbour over its training file, and answers wrongly as often as its
+final validation loss says it should: better hyperparameters, better test accuracy.
+
+Faults can be injected (``Faults``): 5xx and 429 answers, jobs that fail half-way, and job
+creates whose response is never sent (the job exists; the client sees a dropped connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+DROP = object()  # a handler's answer meaning: close the connection, send nothing
+
+
+@dataclass
+class Timing:
+    validate_s: float = 0.05  # validating_files
+    queue_s: float = 0.05  # queued
+    step_s: float = 0.01  # one training step
+
+
+@dataclass
+class Faults:
+    error_rate: float = 0.0  # share of requests answered 500
+    rate_limit_rate: float = 0.0  # share of requests answered 429
+    fail_jobs: frozenset[int] = frozenset()  # creation numbers (1, 2, ...) of jobs that fail
+    job_failure_rate: float = 0.0  # chance that any other job fails half-way
+    drop_create_responses: int = 0  # the next N job creates: job made, response never sent
+    seed: int = 0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str = ""):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+@dataclass
+class StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    content: bytes
+    created_at: int
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+        }
+
+
+@dataclass
+class Job:
+    id: str
+    number: int  # creation order, from 1
+    created_at: int
+    started: float  # server clock at creation
+    model: str
+    training_file: str
+    validation_file: str | None
+    n_epochs: int
+    batch_size: int
+    lr_multiplier: float
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str]
+    examples: list[tuple[str, str]]  # (last user message, assistant answer) of the training file
+    file_tokens: int
+    steps_per_epoch: int
+    invalid_reason: str | None = None  # the training file breaks a rule: fails validation
+    fail_at_step: int | None = None
+    status: str = "validating_files"
+    steps_done: int = 0
+    error: dict[str, Any] | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    result_files: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # oldest first
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # oldest first
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.n_epochs
+
+    def json(self) -> dict[str, Any]:
+        hyperparameters = {
+            "n_epochs": self.n_epochs,
+            "batch_size": self.batch_size,
+            "learning_rate_multiplier": self.lr_multiplier,
+        }
+        return {
+            "id": self.id,
+            "object": "fine_tuning.job",
+            "created_at": self.created_at,
+            "error": self.error or {"code": None, "message": None, "param": None},
+            "fine_tuned_model": self.fine_tuned_model,
+            "finished_at": self.finished_at,
+            "hyperparameters": hyperparameters,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "model": self.model,
+            "organization_id": "org-harness-fake",
+            "result_files": self.result_files,
+            "seed": self.seed,
+            "status": self.status,
+            "trained_tokens": self.trained_tokens,
+            "training_file": self.training_file,
+            "validation_file": self.validation_file,
+            "estimated_finish": None,
+            "integrations": [],
+            "metadata": self.metadata or None,
+            "suffix": self.suffix,
+        }
+
+
+# --- the simulated training -------------------------------------------------------------------
+
+
+def train_loss(job: Job, step: int) -> float:
+    """Smooth training loss after ``step`` steps; how fast it falls depends on the multiplier
+    (and a little on the batch size); above a multiplier of 5 training diverges."""
+    epochs_done = step / job.steps_per_epoch
+    rate = 0.8 * min(job.lr_multiplier, 3.0) * (16 / job.batch_size) ** 0.15
+    loss = 0.18 + 2.4 * math.exp(-rate * epochs_done)
+    if job.lr_multiplier > 5.0:
+        loss += 0.35 * (job.lr_multiplier - 5.0) * max(0.0, epochs_done - 0.2)
+    return loss
+
+
+def valid_loss(job: Job, step: int) -> float:
+    """Training loss plus a generalisation gap that grows past ~2.5 epochs (over-fitting), faster
+    with larger multipliers."""
+    epochs_done = step / job.steps_per_epoch
+    overfit = 0.05 * max(0.0, epochs_done - 2.5) ** 2 * min(job.lr_multiplier, 3.0) / 2
+    return train_loss(job, step) + 0.12 + overfit
+
+
+def token_accuracy(loss: float) -> float:
+    return max(0.0, min(1.0, 1.0 - loss / 2.8))
+
+
+def skill(final_valid_loss: float) -> float:
+    """How often a fine-tuned model answers as its training data would: ~0.95 at the best
+    reachable loss, falling to a few percent for a model that learned nothing."""
+    return max(0.02, min(0.97, math.exp(-1.1 * (final_valid_loss - 0.3))))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from its inputs."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def parse_training_file(content: bytes) -> tuple[list[tuple[str, str]], list[list[dict]], str]:
+    """(user, answer) pairs, the chats, and '' or why the file breaks the API's rules."""
+    pairs: list[tuple[str, str]] = []
+    chats: list[list[dict]] = []
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            roles = [m["role"] for m in messages]
+            contents = [m["content"] for m in messages]
+        except (ValueError, KeyError, TypeError):
+            return [], [], f"line {number}: not a chat example with 'messages'"
+        if "assistant" not in roles:
+            return [], [], f"line {number}: example has no assistant message"
+        if any(r not in ("system", "user", "assistant", "tool", "developer") for r in roles):
+            return [], [], f"line {number}: unrecognised role"
+        users = [c for r, c in zip(roles, contents, strict=True) if r == "user"]
+        user = users[-1] if users else ""
+        pairs.append((str(user), str(contents[roles.index("assistant", len(roles) - 1)])))
+        chats.append(messages)
+    if len(pairs) < 10:
+        return [], [], f"training file has {len(pairs)} examples; at least 10 are required"
+    return pairs, chats, ""
+
+
+# --- the server state -------------------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """The API's state and request handling, independent of the HTTP plumbing."""
+
+    def __init__(
+        self,
+        timing: Timing | None = None,
+        faults: Faults | None = None,
+        api_key: str | None = None,
+        base64_results: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.timing = timing or Timing()
+        self.faults = faults or Faults()
+        self.api_key = api_key  # None: any bearer token is accepted (but one must be sent)
+        self.base64_results = base64_results
+        self.clock = clock
+        self.log = log
+        self.lock = threading.RLock()
+        self.rng = random.Random(self.faults.seed)
+        self.files: dict[str, StoredFile] = {}
+        self.jobs: dict[str, Job] = {}
+        self.ids = itertools.count(1)
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.chat_requests: list[dict[str, Any]] = []
+
+    def _id(self, prefix: str) -> str:
+        salt = hashlib.sha1(str(time.time()).encode()).hexdigest()[:10]
+        return f"{prefix}-{next(self.ids):06d}{salt}"
+
+    # dispatch ----------------------------------------------------------------------------------
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> tuple[int, Any, dict[str, str]]:
+        with self.lock:
+            self.requests.append((method, path))
+            auth = headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or (
+                self.api_key is not None and auth != f"Bearer {self.api_key}"
+            ):
+                raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
+            draw = self.rng.random()
+            if draw < self.faults.rate_limit_rate:
+                raise ApiError(429, "Rate limit reached (injected).", "rate_limit_exceeded")
+            if draw < self.faults.rate_limit_rate + self.faults.error_rate:
+                raise ApiError(500, "The server had an error (injected).", "server_error")
+            for pattern, verb, handler in self.routes:
+                match = re.fullmatch(pattern, path)
+                if match and verb == method:
+                    return handler(self, *match.groups(), query=query, body=body, headers=headers)
+            raise ApiError(404, f"Unknown request URL: {method} {path}", "unknown_url")
+
+    # files -------------------------------------------------------------------------------------
+    def create_file(self, query, body, headers):
+        fields = _multipart(headers.get("content-type", ""), body)
+        if "file" not in fields:
+            raise ApiError(400, "'file' is a required property", param="file")
+        filename, content = fields["file"]
+        purpose = fields.get("purpose", ("", b""))[1].decode()
+        name = filename or "upload"
+        stored = StoredFile(self._id("file"), name, purpose, content, int(time.time()))
+        self.files[stored.id] = stored
+        return 200, stored.json(), {}
+
+    def list_files(self, query, body, headers):
+        purpose = query.get("purpose", [None])[0]
+        files = [f.json() for f in self.files.values() if purpose in (None, f.purpose)]
+        return 200, _page(list(reversed(files)), query), {}
+
+    def get_file(self, file_id, query, body, headers):
+        return 200, self._file(file_id).json(), {}
+
+    def file_content(self, file_id, query, body, headers):
+        return 200, self._file(file_id).content, {}
+
+    def delete_file(self, file_id, query, body, headers):
+        self._file(file_id)
+        del self.files[file_id]
+        return 200, {"id": file_id, "object": "file", "deleted": True}, {}
+
+    def _file(self, file_id: str) -> StoredFile:
+        if file_id not in self.files:
+            raise ApiError(404, f"No such File object: {file_id}", param="id")
+        return self.files[file_id]
+
+    # jobs --------------------------------------------------------------------------------------
+    def create_job(self, query, body, headers):
+        request = json.loads(body or b"{}")
+        model = request.get("model")
+        if not model:
+            raise ApiError(400, "Missing required parameter: 'model'.", param="model")
+        training = self._file(str(request.get("training_file")))
+        validation_id = request.get("validation_file")
+        if validation_id:
+            self._file(validation_id)
+        method = request.get("method") or {}
+        hp = ((method.get("supervised") or {}).get("hyperparameters")) or {}
+        n_epochs = _setting(hp, "n_epochs", 3, int, 1, 50)
+        batch_size = _setting(hp, "batch_size", 8, int, 1, 256)
+        multiplier = _setting(hp, "learning_rate_multiplier", 2.0, float, 1e-9, 1e9)
+        metadata = request.get("metadata") or {}
+        if not isinstance(metadata, dict) or len(metadata) > 16:
+            raise ApiError(400, "metadata must be an object of at most 16 pairs", param="metadata")
+        pairs, chats, invalid = parse_training_file(training.content)
+        number = len(self.jobs) + 1
+        steps_per_epoch = max(1, math.ceil(len(pairs) / batch_size))
+        fails = number in self.faults.fail_jobs or self.rng.random() < self.faults.job_failure_rate
+        # billed tokens, simulated: ~4 characters a token plus a per-message overhead
+        tokens = sum(
+            2 + sum(4 + len(str(m.get("content", ""))) // 4 for m in chat) for chat in chats
+        )
+        job = Job(
+            id=self._id("ftjob"),
+            number=number,
+            created_at=int(time.time()),
+            started=self.clock(),
+            model=str(model),
+            training_file=training.id,
+            validation_file=validation_id,
+            n_epochs=n_epochs,
+            batch_size=batch_size,
+            lr_multiplier=multiplier,
+            seed=int(request.get("seed") or 0),
+            suffix=request.get("suffix"),
+            metadata={str(k): str(v) for k, v in metadata.items()},
+            examples=pairs,
+            file_tokens=tokens,
+            steps_per_epoch=steps_per_epoch,
+            invalid_reason=invalid or None,
+            fail_at_step=(steps_per_epoch * n_epochs) // 2 + 1 if fails else None,
+        )
+        self.jobs[job.id] = job
+        self._event(job, f"Validating training file: {training.id}")
+        self.log(
+            f"job {number} {job.id} created: n_epochs={n_epochs} batch_size={batch_size} "
+            f"learning_rate_multiplier={multiplier:.4g} metadata={job.metadata}"
+        )
+        if self.faults.drop_create_responses > 0:
+            self.faults.drop_create_responses -= 1
+            return 200, DROP, {}
+        return 200, job.json(), {}
+
+    def list_jobs(self, query, body, headers):
+        wanted = {
+            key[len("metadata[") : -1]: values[0]
+            for key, values in query.items()
+            if key.startswith("metadata[") and key.endswith("]")
+        }
+        jobs = []
+        for job in reversed(list(self.jobs.values())):  # newest first
+            if all(job.metadata.get(k) == v for k, v in wanted.items()):
+                self._advance(job)
+                jobs.append(job.json())
+        return 200, _page(jobs, query), {}
+
+    def get_job(self, job_id, query, body, headers):
+        job = self._job(job_id)
+        self._advance(job)
+        return 200, job.json(), {}
+
+    def cancel_job(self, job_id, query, body, headers):
+        job = self._job(job_id)
+        self._advance(job)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            raise ApiError(400, f"Job {job_id} has already completed with status {job.status}.")
+        job.status = "cancelled"
+        job.finished_at = int(time.time())
+        self.log(f"job {job.number} {job.id} cancelled at step {job.steps_done}")
+        # billed for the steps it trained before the cancel
+        job.trained_tokens = round(job.file_tokens * job.steps_done / job.steps_per_epoch)
+        self._event(job, "Fine-tuning job cancelled")
+        return 200, job.json(), {}
+
+    def list_events(self, job_id, query, body, headers):
+        job = self._job(job_id)
+        self._advance(job)
+        return 200, _page(list(reversed(job.events)), query, default_limit=20), {}
+
+    def list_checkpoints(self, job_id, query, body, headers):
+        job = self._job(job_id)
+        self._advance(job)
+        return 200, _page(list(reversed(job.checkpoints)), query, default_limit=10), {}
+
+    def _job(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise ApiError(404, f"No fine-tuning job found with id {job_id}", param="fine_tune_id")
+        return self.jobs[job_id]
+
+    def _event(self, job: Job, message: str, data: dict | None = None, level: str = "info"):
+        job.events.append(
+            {
+                "id": f"ftevent-{job.id[6:]}-{len(job.events):05d}",
+                "object": "fine_tuning.job.event",
+                "created_at": int(time.time()),
+                "level": level,
+                "message": message,
+                "data": data,
+                "type": "metrics" if data else "message",
+            }
+        )
+
+    def _advance(self, job: Job) -> None:
+        """Brings a job up to the server clock: status changes, steps and their events."""
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return
+        elapsed = self.clock() - job.started
+        t = self.timing
+        if elapsed < t.validate_s:
+            return
+        if job.invalid_reason:
+            self._finish(
+                job,
+                "failed",
+                {
+                    "code": "invalid_training_file",
+                    "message": f"Invalid training file: {job.invalid_reason}",
+                    "param": "training_file",
+                },
+            )
+            return
+        if job.status == "validating_files":
+            job.status = "queued"
+            self._event(job, "Files validated, moving job to queued state")
+        if elapsed < t.validate_s + t.queue_s:
+            return
+        if job.status == "queued":
+            job.status = "running"
+            self._event(job, "Fine-tuning job started")
+        target = min(job.total_steps, int((elapsed - t.validate_s - t.queue_s) / t.step_s))
+        while job.steps_done < target:
+            job.steps_done += 1
+            step = job.steps_done
+            if job.fail_at_step is not None and step >= job.fail_at_step:
+                self._finish(
+                    job,
+                    "failed",
+                    {
+                        "code": "server_error",
+                        "message": "The job failed due to an internal error (injected).",
+                        "param": None,
+                    },
+                )
+                return
+            self._step_event(job, step)
+        if job.steps_done >= job.total_steps:
+            self._succeed(job)
+
+    def _step_event(self, job: Job, step: int) -> None:
+        noise = 0.04 * (_unit(job.id, step) - 0.5) * (8 / job.batch_size) ** 0.5
+        train = train_loss(job, step) + noise
+        valid = valid_loss(job, step) + 1.5 * noise
+        metrics = {
+            "step": step,
+            "train_loss": round(train, 5),
+            "train_mean_token_accuracy": round(token_accuracy(train), 5),
+            "valid_loss": round(valid, 5),
+            "valid_mean_token_accuracy": round(token_accuracy(valid), 5),
+            "total_steps": job.total_steps,
+        }
+        if step % job.steps_per_epoch == 0:  # epoch end: the whole validation file
+            full = valid_loss(job, step)
+            metrics["full_valid_loss"] = round(full, 5)
+            metrics["full_valid_mean_token_accuracy"] = round(token_accuracy(full), 5)
+            job.last_metrics = metrics
+            epoch = step // job.steps_per_epoch
+            if epoch > job.n_epochs - 3:  # the API keeps the last three epochs' checkpoints
+                job.checkpoints.append(
+                    {
+                        "id": f"ftckpt-{job.id[6:]}-{epoch}",
+                        "object": "fine_tuning.job.checkpoint",
+                        "created_at": int(time.time()),
+                        "fine_tuning_job_id": job.id,
+                        "fine_tuned_model_checkpoint": f"{self._model_name(job)}:ckpt-step-{step}",
+                        "metrics": metrics,
+                        "step_number": step,
+                    }
+                )
+        self._event(job, f"Step {step}/{job.total_steps}: training loss={train:.4f}", metrics)
+
+    def _model_name(self, job: Job) -> str:
+        suffix = re.sub(r"[^a-z0-9-]", "-", (job.suffix or "").lower())[:40]
+        return f"ft:{job.model}:harness-fake:{suffix}:{job.id[6:14]}"
+
+    def _succeed(self, job: Job) -> None:
+        rows = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
+        for event in job.events:
+            d = event["data"]
+            if d:
+                rows.append(
+                    f"{d['step']},{d['train_loss']},{d['train_mean_token_accuracy']},"
+                    f"{d['valid_loss']},{d['valid_mean_token_accuracy']}"
+                )
+        csv_bytes = ("\n".join(rows) + "\n").encode()
+        content = base64.b64encode(csv_bytes) if self.base64_results else csv_bytes
+        result = StoredFile(
+            self._id("file"), "step_metrics.csv", "fine-tune-results", content, int(time.time())
+        )
+        self.files[result.id] = result
+        job.result_files = [result.id]
+        job.fine_tuned_model = self._model_name(job)
+        job.trained_tokens = job.file_tokens * job.n_epochs
+        self._event(job, f"New fine-tuned model created: {job.fine_tuned_model}")
+        self._finish(job, "succeeded", None)
+        self._event(job, "The job has successfully completed")
+
+    def _finish(self, job: Job, status: str, error: dict | None) -> None:
+        job.status, job.error, job.finished_at = status, error, int(time.time())
+        self.log(f"job {job.number} {job.id} {status}" + (f": {error['message']}" if error else ""))
+        if error:
+            self._event(job, error["message"], level="error")
+
+    # chat --------------------------------------------------------------------------------------
+    def chat(self, query, body, headers):
+        request = json.loads(body or b"{}")
+        model = str(request.get("model", ""))
+        messages = request.get("messages") or []
+        if not messages:
+            raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+        self.chat_requests.append({"model": model, "temperature": request.get("temperature")})
+        job = next((j for j in self.jobs.values() if j.fine_tuned_model == model), None)
+        if model.startswith("ft:") and job is None:
+            raise ApiError(404, f"The model '{model}' does not exist", "model_not_found", "model")
+        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        prompt = str(users[-1]) if users else ""
+        if job is None:  # a base model: knows nothing of the data, answers verbosely
+            answer = "I am not sure which category this is."
+        else:
+            answer = self._answer(job, model, prompt)
+        prompt_tokens = sum(4 + len(str(m.get("content", "")).split()) for m in messages)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(answer.split()),
+            "total_tokens": prompt_tokens + len(answer.split()),
+        }
+        return (
+            200,
+            {
+                "id": self._id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                        "message": {"role": "assistant", "content": answer, "refusal": None},
+                    }
+                ],
+                "usage": usage,
+            },
+            {},
+        )
+
+    def _answer(self, job: Job, model: str, prompt: str) -> str:
+        """The nearest training example's answer, or, as often as the model's loss says it
+        should be wrong, another answer from the training file."""
+        words = _words(prompt)
+
+        def similarity(pair: tuple[str, str]) -> float:
+            other = _words(pair[0])
+            return len(words & other) / math.sqrt(max(1, len(words)) * max(1, len(other)))
+
+        nearest = max(job.examples, key=similarity)[1]
+        final = job.last_metrics.get("full_valid_loss", valid_loss(job, job.total_steps))
+        if _unit(model, prompt) < skill(final):
+            return nearest
+        others = sorted({a for _, a in job.examples} - {nearest})
+        return others[int(_unit(model, prompt, "wrong") * len(others))] if others else nearest
+
+    routes: ClassVar[list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]]] = [
+        (r"/v1/files", "POST", create_file),
+        (r"/v1/files", "GET", list_files),
+        (r"/v1/files/([\w-]+)", "GET", get_file),
+        (r"/v1/files/([\w-]+)", "DELETE", delete_file),
+        (r"/v1/files/([\w-]+)/content", "GET", file_content),
+        (r"/v1/fine_tuning/jobs", "POST", create_job),
+        (r"/v1/fine_tuning/jobs", "GET", list_jobs),
+        (r"/v1/fine_tuning/jobs/([\w-]+)", "GET", get_job),
+        (r"/v1/fine_tuning/jobs/([\w-]+)/cancel", "POST", cancel_job),
+        (r"/v1/fine_tuning/jobs/([\w-]+)/events", "GET", list_events),
+        (r"/v1/fine_tuning/jobs/([\w-]+)/checkpoints", "GET", list_checkpoints),
+        (r"/v1/chat/completions", "POST", chat),
+    ]
+
+
+def _setting(hp: Mapping[str, Any], key: str, auto: Any, kind: type, low: float, high: float):
+    value = hp.get(key, "auto")
+    if value == "auto":
+        return auto
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"Invalid value for {key}: {value!r}", param=key) from None
+    if not low <= number <= high:
+        raise ApiError(400, f"{key} must be between {low:g} and {high:g}", param=key)
+    return number
+
+
+def _page(items: list[dict[str, Any]], query: dict[str, list[str]], default_limit: int = 20):
+    """A cursor page: items after the one whose id is ``after``, at most ``limit``."""
+    limit = int(query.get("limit", [default_limit])[0])
+    after = query.get("after", [None])[0]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "has_more": len(items) > limit,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str, bytes]]:
+    """name -> (filename, bytes) of a multipart/form-data body, parsed by the stdlib."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    fields: dict[str, tuple[str, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if name:
+            data = payload if isinstance(payload, bytes) else b""
+            fields[str(name)] = (part.get_filename() or "", data)
+    return fields
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: the fake is used in tests and dry runs
+
+    def _body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _serve(self) -> None:
+        url = urlsplit(self.path)
+        body = self._body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            status, payload, extra = self.server.api.handle(
+                self.command, url.path.rstrip("/"), parse_qs(url.query), headers, body
+            )
+        except ApiError as exc:
+            status, extra = exc.status, {"retry-after-ms": "20"} if exc.status >= 429 else {}
+            error = {
+                "message": exc.message,
+                "type": "invalid_request_error",
+                "param": exc.param or None,
+                "code": exc.code,
+            }
+            payload = {"error": error}
+        except Exception as exc:  # a bug in the fake: answer 500 rather than hang the client
+            status, extra = 500, {}
+            payload = {
+                "error": {
+                    "message": f"fake server error: {exc!r}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        if payload is DROP:
+            self.close_connection = True
+            return
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        kind = "application/octet-stream" if isinstance(payload, bytes) else "application/json"
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(data)))
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _serve
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    api: FakeOpenAI
+
+
+class FakeOpenAIServer:
+    """Runs a ``FakeOpenAI`` on 127.0.0.1 in a background thread; use as a context manager."""
+
+    def __init__(self, api: FakeOpenAI | None = None, port: int = 0) -> None:
+        self.api = api or FakeOpenAI()
+        self.httpd = _Server(("127.0.0.1", port), _Handler)
+        self.httpd.api = self.api
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeOpenAIServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(argv: list[str]) -> int:
+    """`harness fake-openai`: serves until Ctrl-C, printing a line per job event that matters."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="harness fake-openai",
+        description="A loopback fake of the OpenAI fine-tuning API, for free dry runs: "
+        "harness sweep study=tickets_openai backend.base_url=http://127.0.0.1:PORT/v1",
+    )
+    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--step-seconds", type=float, default=0.05, help="time per training step")
+    parser.add_argument("--queue-seconds", type=float, default=0.5, help="time queued")
+    parser.add_argument("--api-key", default=None, help="accept only this key (default: any)")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share answered 500")
+    parser.add_argument("--rate-limit-rate", type=float, default=0.0, help="share answered 429")
+    parser.add_argument("--job-failure-rate", type=float, default=0.0, help="jobs that fail")
+    parser.add_argument("--drop-creates", type=int, default=0, help="job creates left unanswered")
+    parser.add_argument("--plain-results", action="store_true", help="result CSV not base64")
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(argv)
+    api = FakeOpenAI(
+        Timing(
+            validate_s=options.queue_seconds / 2,
+            queue_s=options.queue_seconds,
+            step_s=options.step_seconds,
+        ),
+        Faults(
+            error_rate=options.error_rate,
+            rate_limit_rate=options.rate_limit_rate,
+            job_failure_rate=options.job_failure_rate,
+            drop_create_responses=options.drop_creates,
+            seed=options.seed,
+        ),
+        api_key=options.api_key,
+        base64_results=not options.plain_results,
+        log=lambda line: print(line, flush=True),
+    )
+    server = FakeOpenAIServer(api, port=options.port).start()
+    print(f"fake OpenAI API on {server.base_url} (Ctrl-C stops it)", flush=True)
+    try:
+        while server.thread.is_alive():
+            server.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        print(f"stopped: {len(api.jobs)} jobs created, {len(api.files)} files", flush=True)
+    return 0
