@@ -49,23 +49,29 @@ class Encoding:
 def install_offline_encodings(cache_dir: Path) -> bool:
     """Writes bpe-openai's cl100k/o200k files where tiktoken looks, if not there yet. Returns
     False when bpe-openai is missing or its data does not match tiktoken's expected hash."""
-    import importlib.resources
+    import importlib.util
 
-    try:
-        data = importlib.resources.files("bpe_openai.data")
-    except ModuleNotFoundError:
-        return False
     expected = {  # the sha256 tiktoken_ext.openai_public checks each file against
         "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
         "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
     }
+    targets = {
+        name: cache_dir / hashlib.sha1(f"{_BLOBS}{name}.tiktoken".encode()).hexdigest()
+        for name in expected
+    }
+    if all(target.exists() for target in targets.values()):
+        return True
+    # located, not imported: importing bpe_openai loads its own tokenizers (~0.3 s)
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, sha256 in expected.items():
-        target = cache_dir / hashlib.sha1(f"{_BLOBS}{name}.tiktoken".encode()).hexdigest()
+    for name, target in targets.items():
         if target.exists():
             continue
-        blob = gzip.decompress(data.joinpath(f"{name}.tiktoken.gz").read_bytes())
-        if hashlib.sha256(blob).hexdigest() != sha256:
+        blob = gzip.decompress((data / f"{name}.tiktoken.gz").read_bytes())
+        if hashlib.sha256(blob).hexdigest() != expected[name]:
             return False
         partial = target.with_suffix(".partial")
         partial.write_bytes(blob)

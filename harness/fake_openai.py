@@ -114,6 +114,12 @@ class Job:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
+    def recipe(self) -> tuple[object, ...]:
+        """What makes a job reproducible: the same data, hyperparameters and seed give the same
+        curve and the same answers, as the seed promises."""
+        return (self.training_file, self.n_epochs, self.batch_size, self.lr_multiplier, self.seed)
+
+    @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.n_epochs
 
@@ -244,6 +250,7 @@ class FakeOpenAI:
         self.ids = itertools.count(1)
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.chat_requests: list[dict[str, Any]] = []
+        self.responses: list[int] = []  # status of every answer sent, in order
 
     def _id(self, prefix: str) -> str:
         salt = hashlib.sha1(str(time.time()).encode()).hexdigest()[:10]
@@ -472,7 +479,7 @@ class FakeOpenAI:
             self._succeed(job)
 
     def _step_event(self, job: Job, step: int) -> None:
-        noise = 0.04 * (_unit(job.id, step) - 0.5) * (8 / job.batch_size) ** 0.5
+        noise = 0.04 * (_unit(job.recipe, step) - 0.5) * (8 / job.batch_size) ** 0.5
         train = train_loss(job, step) + noise
         valid = valid_loss(job, step) + 1.5 * noise
         metrics = {
@@ -551,7 +558,7 @@ class FakeOpenAI:
         if job is None:  # a base model: knows nothing of the data, answers verbosely
             answer = "I am not sure which category this is."
         else:
-            answer = self._answer(job, model, prompt)
+            answer = self._answer(job, prompt)
         prompt_tokens = sum(4 + len(str(m.get("content", "")).split()) for m in messages)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -578,7 +585,7 @@ class FakeOpenAI:
             {},
         )
 
-    def _answer(self, job: Job, model: str, prompt: str) -> str:
+    def _answer(self, job: Job, prompt: str) -> str:
         """The nearest training example's answer, or, as often as the model's loss says it
         should be wrong, another answer from the training file."""
         words = _words(prompt)
@@ -589,10 +596,10 @@ class FakeOpenAI:
 
         nearest = max(job.examples, key=similarity)[1]
         final = job.last_metrics.get("full_valid_loss", valid_loss(job, job.total_steps))
-        if _unit(model, prompt) < skill(final):
+        if _unit(job.recipe, prompt) < skill(final):
             return nearest
         others = sorted({a for _, a in job.examples} - {nearest})
-        return others[int(_unit(model, prompt, "wrong") * len(others))] if others else nearest
+        return others[int(_unit(job.recipe, prompt, "wrong") * len(others))] if others else nearest
 
     routes: ClassVar[list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]]] = [
         (r"/v1/files", "POST", create_file),
@@ -708,6 +715,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.server.api.responses.append(status)
         self.send_response(status)
         kind = "application/octet-stream" if isinstance(payload, bytes) else "application/json"
         self.send_header("content-type", kind)

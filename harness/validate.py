@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from harness.config import load_config
+from harness.config import load_config, with_params
 from harness.data import Dataset, label_balance, load_dataset, resolve_path
 
 
@@ -75,6 +75,8 @@ def validate(arguments: list[str], console: Any) -> int:
         for label in dataset.labels:
             table.add_row(label, *(str(balances[s].get(label, 0)) for s in sizes))
         console.print(table)
+    if hasattr(make_backend(cfg), "estimate_cost_usd"):
+        return hosted_costs(cfg, dataset, console)
     lengths = sorted(token_lengths(cfg, dataset))
     over = sum(1 for n in lengths if n > cfg.train.max_length)
     p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
@@ -88,4 +90,63 @@ def validate(arguments: list[str], console: Any) -> int:
         f"  {over} of {len(lengths)} examples exceed train.max_length="
         f"{cfg.train.max_length} and will be truncated"
     )
+    return 0
+
+
+def make_backend(cfg: Any) -> Any:
+    from harness.study import make_backend as instantiate
+
+    return instantiate(cfg)
+
+
+def epochs_in_space(cfg: Any) -> list[int]:
+    """Every value train.epochs can take in the study's search space (or its fixed value)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from harness.search import fixed_values, to_distributions
+
+    space = dict(cfg.search.space)
+    dist = to_distributions(space).get("train.epochs")
+    if isinstance(dist, IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, CategoricalDistribution):
+        return sorted(int(str(v)) for v in dist.choices)
+    return [int(str(fixed_values(space).get("train.epochs", cfg.train.epochs)))]
+
+
+def hosted_costs(cfg: Any, dataset: Dataset, console: Any) -> int:
+    """The API's data rules, token counts and the cost of every trial shape; spends nothing."""
+    from rich.table import Table
+
+    backend = make_backend(cfg)
+    prepared = backend.describe(cfg, dataset)  # raises DataError where a rule is broken
+    console.print(
+        f"  hosted fine-tuning rules ({backend.model}): OK: {len(dataset.train)} training "
+        "examples, roles valid, an assistant answer in each, every example within the token limit",
+        soft_wrap=True,
+    )
+    exactness = "" if "estimate" not in prepared.tokens_note else " [yellow](estimate)[/yellow]"
+    console.print(
+        f"  training file: {prepared.file_tokens} tokens ({prepared.tokens_note}, plus the chat "
+        f"format's overhead per message: close to, not exactly, what is billed){exactness}; "
+        f"price ${prepared.usd_per_token * 1e6:.2f} per 1M training tokens",
+        soft_wrap=True,
+    )
+    table = Table(title="cost per trial shape (billed tokens ~ n_epochs x file tokens)")
+    for column in ("train.epochs", "training tokens", "cost USD"):
+        table.add_column(column, justify="right")
+    costs = []
+    for epochs in epochs_in_space(cfg):
+        trial_cfg = with_params(cfg, {"train.epochs": epochs})
+        cost = backend.estimate_cost_usd(trial_cfg, prepared)
+        costs.append(cost)
+        table.add_row(str(epochs), str(epochs * prepared.file_tokens), f"{cost:.4f}")
+    console.print(table)
+    n = cfg.sweep.n_trials
+    budget = cfg.sweep.budget_usd
+    console.print(
+        f"  {n} trials: ${n * min(costs):.4f} to ${n * max(costs):.4f} if none is pruned; "
+        + ("no budget set (sweep.budget_usd)" if budget is None else f"budget ${budget:.2f}")
+    )
+    console.print("  test-split scoring (chat completions) is billed apart, at inference prices")
     return 0

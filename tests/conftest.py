@@ -36,3 +36,32 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def fake_openai():
+    """The loopback fake of the OpenAI API on a free port, with fast jobs (a step per ms)."""
+    from harness.fake_openai import FakeOpenAI, FakeOpenAIServer, Timing
+
+    with FakeOpenAIServer(FakeOpenAI(Timing(validate_s=0.01, queue_s=0.01, step_s=0.001))) as srv:
+        yield srv
+
+
+OPENAI_TEST_SETTINGS = (
+    "backend.poll_interval_s=0.01",
+    "backend.max_poll_interval_s=0.05",
+    "backend.request_retries=4",
+)
+
+
+@pytest.fixture
+def openai_cfg(make_cfg, fake_openai):
+    """A hosted study's config pointed at the fake (tickets_openai unless study=... is given)."""
+
+    def make(*overrides: str):
+        study = [o for o in overrides if o.startswith("study=")] or ["study=tickets_openai"]
+        rest = [o for o in overrides if not o.startswith("study=")]
+        base = f"backend.base_url={fake_openai.base_url}"
+        return make_cfg(study[0], base, *OPENAI_TEST_SETTINGS, *rest)
+
+    return make

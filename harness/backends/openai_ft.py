@@ -275,10 +275,10 @@ class OpenAIBackend:
         }
         last_error: Exception | None = None
         for attempt in range(self.create_attempts):
-            for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
-                if job.status not in ("failed", "cancelled"):
-                    return job, True
             try:
+                for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
+                    if job.status not in ("failed", "cancelled"):
+                        return job, True
                 job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
                     model=self.model,
                     training_file=prepared.training_file,

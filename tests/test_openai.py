@@ -1,0 +1,463 @@
+"""The OpenAI backend against the loopback fake, through the real SDK over HTTP: sweeps that prune
+by cancelling jobs, failed jobs, the budget, dropped responses, re-attaching after a crash, and
+the API key kept out of every record. The contract suite (test_backend_contract) runs it too."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.backends.base import TrialSpec
+from harness.backends.openai_ft import (
+    UNPARSED,
+    HostedJobError,
+    MissingApiKeyError,
+    OpenAIBackend,
+    decode_result_file,
+    parse_label,
+)
+from harness.chat_data import check_chats, to_chats
+from harness.config import ConfigError, with_params
+from harness.cost import encoding_for
+from harness.data import DataError, load_dataset
+from harness.study import Sweep, load_study, make_backend, plan_study
+from harness.tracking import tracking_uri
+from tests.conftest import OPENAI_TEST_SETTINGS, write
+from tests.test_backend_contract import RecordingReporter
+
+QUICK = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2")
+
+
+def mlflow_runs(cfg):
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([experiment.experiment_id])
+    return client, {r.info.run_name: r for r in runs}
+
+
+def job_states(fake) -> list[str]:
+    return [job.status for job in fake.api.jobs.values()]
+
+
+class TestSweep:
+    def test_sweep_prunes_by_cancelling_jobs(self, openai_cfg, fake_openai):
+        fake_openai.api.timing.step_s = 0.01  # slow enough to be cancelled mid-job
+        cfg = openai_cfg(
+            "sweep.n_trials=6",
+            "sampler=random",
+            "pruner.n_startup_trials=2",
+            "train.batch_size=16",
+            "train.epochs=range(3,5)",
+        )
+        study = Sweep(cfg, []).run()
+        states = [t.state.name for t in study.trials]
+        assert len(states) == 6 and "COMPLETE" in states and "PRUNED" in states
+        # one job per trial, and the pruned ones cancelled while they ran
+        assert len(fake_openai.api.jobs) == 6
+        assert "cancelled" in job_states(fake_openai)
+        client, runs = mlflow_runs(cfg)
+        for trial in study.trials:
+            run = runs[f"trial-{trial.number:04d}"]
+            job = fake_openai.api.jobs[run.data.tags["openai.job_id"]]
+            assert job.metadata["harness_trial_key"] == trial.user_attrs["harness_trial_key"]
+            assert job.metadata["harness_study"] == cfg.name
+            hp = job.json()["method"]["supervised"]["hyperparameters"]
+            assert hp["n_epochs"] == trial.params["train.epochs"]
+            assert hp["learning_rate_multiplier"] == trial.params["train.learning_rate_multiplier"]
+            if trial.state.name == "PRUNED":
+                assert run.info.status == "KILLED"
+                assert run.data.tags["optuna.trial_state"] == "PRUNED"
+            else:
+                assert run.info.status == "FINISHED" and job.status == "succeeded"
+                assert run.data.tags["openai.fine_tuned_model"] == job.fine_tuned_model
+                assert run.data.metrics["eval/loss"] == pytest.approx(trial.value)
+                # the whole curve is in MLflow at its steps
+                history = client.get_metric_history(run.info.run_id, "train/loss")
+                assert sorted(m.step for m in history) == list(range(1, job.total_steps + 1))
+                assert 0 < run.data.metrics["cost_usd"] < 0.2
+        # the files were uploaded once for the study, not once per trial
+        uploads = [f for f in fake_openai.api.files.values() if f.purpose == "fine-tune"]
+        assert len(uploads) == 2  # train + validation
+
+    def test_completed_trial_records_hosted_model_results_and_scores(self, openai_cfg, fake_openai):
+        cfg = openai_cfg(*QUICK, "sweep.n_trials=1", "train.learning_rate_multiplier=2.0")
+        study = Sweep(cfg, []).run()
+        trial = study.trials[0]
+        client, runs = mlflow_runs(cfg)
+        run = runs["trial-0000"]
+        job = fake_openai.api.jobs[run.data.tags["openai.job_id"]]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"result.csv", "checkpoints.json", "test_predictions.jsonl"} <= artifacts
+        assert "confusion_matrix.png" in artifacts
+        checkpoints = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "checkpoints.json")).read_text()
+        )
+        assert [c["step"] for c in checkpoints] == [job.total_steps, job.steps_per_epoch]
+        # scored on the test split through chat completions at temperature 0
+        n_test = len(load_dataset(cfg.data).test)
+        chats = fake_openai.api.chat_requests
+        assert len(chats) == n_test and {c["temperature"] for c in chats} == {0}
+        assert {c["model"] for c in chats} == {job.fine_tuned_model}
+        assert 0.3 < run.data.metrics["test/accuracy"] <= 1.0  # five queues: chance is 0.2
+        assert run.data.metrics["trained_tokens"] == job.trained_tokens
+        price = 3.0 / 1e6
+        assert run.data.metrics["cost_usd"] == pytest.approx(job.trained_tokens * price)
+        assert trial.user_attrs["cost_usd"] == pytest.approx(job.trained_tokens * price)
+        # an MLflow model entry points at the hosted model, beside local ones
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        experiment = client.get_experiment_by_name(cfg.name)
+        models = mlflow.search_logged_models(
+            experiment_ids=[experiment.experiment_id], output_format="list"
+        )
+        assert [m.tags["hosted.id"] for m in models] == [job.fine_tuned_model]
+        assert models[0].source_run_id == run.info.run_id
+
+    def test_generation_study_scores_exact_match_and_token_f1(self, openai_cfg, fake_openai):
+        cfg = openai_cfg("study=faq_openai", "sweep.n_trials=1", "train.epochs=2")
+        study = Sweep(cfg, []).run()
+        metrics = study.trials[0].user_attrs["metrics"]
+        assert study.trials[0].state.name == "COMPLETE"
+        assert 0.0 <= metrics["test/exact_match"] <= 1.0
+        assert metrics["test/token_f1"] > 0.1  # answers come from the FAQ it was trained on
+
+    def test_failed_job_fails_only_its_trial(self, openai_cfg, fake_openai):
+        fake_openai.api.faults.fail_jobs = frozenset({2})
+        cfg = openai_cfg(*QUICK, "pruner=none")
+        study = Sweep(cfg, []).run()
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+        failed_job = next(j for j in fake_openai.api.jobs.values() if j.number == 2)
+        assert failed_job.status == "failed"
+        reason = study.trials[1].user_attrs["fail_reason"]
+        assert failed_job.id in reason and "server_error" in reason and "injected" in reason
+        _, runs = mlflow_runs(cfg)
+        run = runs["trial-0001"]
+        assert run.info.status == "FAILED"
+        assert "server_error" in run.data.tags["harness.failure_reason"]
+
+    def test_budget_stops_the_study_before_a_trial_would_pass_it(self, openai_cfg, fake_openai):
+        cfg = openai_cfg(*QUICK, "sweep.n_trials=6", "pruner=none")
+        backend = make_backend(cfg)
+        prepared = backend.describe(cfg, load_dataset(cfg.data))
+        per_trial = backend.estimate_cost_usd(cfg, prepared)
+        budget = 2.5 * per_trial  # room for two trials, not three
+        cfg = with_params(cfg, {"sweep.budget_usd": budget})
+        sweep = Sweep(cfg, [])
+        study = sweep.run()
+        states = [t.state.name for t in study.trials]
+        assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+        assert len(fake_openai.api.jobs) == 2  # the third was never launched
+        assert "budget" in sweep.stop_reason and "not launched" in sweep.stop_reason
+        assert "budget" in study.trials[2].user_attrs["fail_reason"]
+        spent = sum(t.user_attrs["cost_usd"] for t in study.trials[:2])
+        assert spent <= budget
+        _, runs = mlflow_runs(cfg)
+        assert "trial-0002" not in runs  # no run for a trial that never started
+        assert "budget" in runs[cfg.name].data.tags["harness.stop_reason"]
+        assert runs[cfg.name].data.metrics["spend_usd"] == pytest.approx(spent)
+
+    def test_transient_http_errors_are_retried(self, openai_cfg, fake_openai):
+        fake_openai.api.faults.error_rate = 0.15
+        fake_openai.api.faults.rate_limit_rate = 0.1
+        cfg = openai_cfg(*QUICK, "pruner=none", "backend.request_retries=6")
+        study = Sweep(cfg, []).run()
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+        assert len(fake_openai.api.jobs) == 3
+        statuses = [status for status in fake_openai.api.responses if status >= 429]
+        assert len(statuses) > 10  # the faults really happened
+
+    def test_untunable_key_is_refused_before_any_job(self, openai_cfg, fake_openai):
+        cfg = openai_cfg("train.dropout=interval(0.0,0.3)")
+        with pytest.raises(ValueError, match=r"cannot tune train\.dropout"):
+            plan_study(cfg)
+        assert fake_openai.api.jobs == {}
+
+    def test_objective_must_be_measured_by_the_job(self, openai_cfg, fake_openai):
+        cfg = openai_cfg("sweep.metric=eval/f1", "sweep.direction=maximize")
+        with pytest.raises(ConfigError, match="eval/loss"):
+            Sweep(cfg, []).run()
+        assert fake_openai.api.jobs == {} and fake_openai.api.files == {}
+
+
+class TestJobSafety:
+    def backend_and_spec(self, openai_cfg, tmp_path, key="trial-key-1", *overrides):
+        cfg = openai_cfg(*QUICK, *overrides)
+        backend = make_backend(cfg)
+        prepared = backend.prepare(cfg, load_dataset(cfg.data))
+        return backend, TrialSpec(0, cfg, prepared, tmp_path, False, key)
+
+    def test_dropped_create_response_makes_no_second_job(self, openai_cfg, fake_openai, tmp_path):
+        fake_openai.api.faults.drop_create_responses = 1
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+        reporter = RecordingReporter("eval/loss")
+        result = backend.run(spec, reporter)
+        assert len(fake_openai.api.jobs) == 1  # created once, found again, not re-created
+        assert fake_openai.api.requests.count(("POST", "/v1/fine_tuning/jobs")) == 1
+        assert reporter.tags["openai.reattached"] == "true"
+        assert result.metrics["eval/loss"] > 0
+
+    def test_same_key_reattaches_to_running_job(self, openai_cfg, fake_openai, tmp_path):
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+        first = backend.run(spec, RecordingReporter("eval/loss"))
+        second = backend.run(spec, RecordingReporter("eval/loss"))
+        assert len(fake_openai.api.jobs) == 1
+        assert first.hosted_model == second.hosted_model
+
+    def test_pruned_job_is_cancelled(self, openai_cfg, fake_openai, tmp_path):
+        fake_openai.api.timing.step_s = 0.02
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+        with pytest.raises(optuna.TrialPruned):
+            backend.run(spec, RecordingReporter("eval/loss", prune_at_eval=1))
+        (job,) = fake_openai.api.jobs.values()
+        assert job.status == "cancelled" and job.steps_done < job.total_steps
+
+    def test_persistent_errors_fail_the_trial(self, openai_cfg, fake_openai, tmp_path):
+        backend, spec = self.backend_and_spec(
+            openai_cfg, tmp_path, "k", "backend.request_retries=1", "backend.poll_failures=3"
+        )
+        fake_openai.api.faults.error_rate = 1.0
+        with pytest.raises(HostedJobError, match="could not create a fine-tuning job"):
+            backend.run(spec, RecordingReporter("eval/loss"))
+        assert fake_openai.api.jobs == {}
+
+        class BreaksTheServer(RecordingReporter):  # the API goes down once the job runs
+            def report(self, step, metrics):
+                fake_openai.api.faults.error_rate = 1.0
+                super().report(step, metrics)
+
+        fake_openai.api.faults.error_rate = 0.0
+        fake_openai.api.timing.step_s = 0.02  # still running when the API goes down
+        with pytest.raises(HostedJobError, match=r"lost contact with fine-tuning job .* 3 polls"):
+            backend.run(spec, BreaksTheServer("eval/loss"))
+        assert len(fake_openai.api.jobs) == 1
+
+    def test_result_file_plain_or_base64(self):
+        text = "step,train_loss\n1,2.5\n2,2.1\n"
+        assert decode_result_file(text.encode()) == text
+        assert decode_result_file(base64.b64encode(text.encode())) == text
+
+    def test_answers_are_parsed_back_to_labels(self):
+        labels = ["billing", "bug_report", "data_recovery"]
+        assert parse_label("billing", labels) == "billing"
+        assert parse_label(" Bug_Report.\n", labels) == "bug_report"
+        assert parse_label("This is about data recovery", labels) == "data_recovery"
+        assert parse_label("billing or bug_report", labels) == UNPARSED
+        assert parse_label("no idea", labels) == UNPARSED
+
+
+class TestDataAndCost:
+    def test_classification_rows_become_chats_naming_the_labels(self, openai_cfg):
+        cfg = openai_cfg()
+        dataset = load_dataset(cfg.data)
+        chats = to_chats(dataset, cfg.backend.system_prompt)
+        first = chats["train"][0]
+        system, user, assistant = first.messages
+        assert system["role"] == "system"
+        assert all(label in system["content"] for label in dataset.labels)
+        assert user == {"role": "user", "content": dataset.train[0].text}
+        assert assistant == {"role": "assistant", "content": dataset.train[0].target}
+        assert first.source.startswith(str(Path("studies/data/tickets.jsonl").resolve()))
+
+    def test_chat_rows_pass_through(self, openai_cfg):
+        cfg = openai_cfg("study=faq_openai")
+        dataset = load_dataset(cfg.data)
+        chat = to_chats(dataset, "unused")["test"][0]
+        assert chat.messages == dataset.test[0].messages
+
+    def test_too_few_examples_names_the_file(self, openai_cfg, tmp_path):
+        rows = [{"text": f"ticket {i}", "label": "ab"[i % 2]} for i in range(12)]
+        path = write(tmp_path / "few.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        cfg = openai_cfg(f"data.path={path}", "data.min_rows=2")
+        with pytest.raises(DataError, match=r"few\.jsonl.*needs at least 10"):
+            make_backend(cfg).describe(cfg, load_dataset(cfg.data))
+
+    def test_example_over_the_token_limit_names_file_and_line(self, openai_cfg, tmp_path):
+        rows = [{"text": f"short ticket number {i}", "label": "ab"[i % 2]} for i in range(40)]
+        rows[7]["text"] = "a very long ticket " * 40
+        path = write(tmp_path / "long.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        cfg = openai_cfg(
+            f"data.path={path}",
+            "data.validation_fraction=0.1",
+            "data.test_fraction=0.1",
+            "+backend.example_token_limits.gpt-4o-mini=100",
+        )
+        with pytest.raises(
+            DataError, match=r"long\.jsonl:8: \d+ tokens .*limit per example is 100"
+        ):
+            make_backend(cfg).describe(cfg, load_dataset(cfg.data))
+
+    def test_empty_message_is_refused_before_upload(self, tmp_path):
+        from harness.chat_data import Chat
+
+        chat = Chat(
+            ({"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}), "x.jsonl:3"
+        )
+        encoding = encoding_for("gpt-4o-mini", str(tmp_path))
+        with pytest.raises(DataError, match=r"x\.jsonl:3: message 1 \(assistant\) is empty"):
+            check_chats([chat], "validation", encoding, 1000)
+
+    def test_tiktoken_counts_offline_from_bundled_files(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+        encoding_for.cache_clear()
+        encoding = encoding_for("gpt-4o-mini-2024-07-18", str(tmp_path))
+        assert encoding.exact and encoding.name == "o200k_base"
+        assert encoding.count("hello world") == 2
+        assert encoding.count_chat([{"role": "user", "content": "hello world"}]) == 2 + 3 + 3
+        assert encoding_for("gpt-3.5-turbo-0125", str(tmp_path)).name == "cl100k_base"
+        guessed = encoding_for("llama-3-8b", str(tmp_path))
+        assert not guessed.exact and "guessed" in guessed.note
+        encoding_for.cache_clear()
+
+    def test_cost_is_epochs_times_file_tokens_times_price(self, openai_cfg):
+        cfg = openai_cfg("train.epochs=4")
+        backend = make_backend(cfg)
+        prepared = backend.describe(cfg, load_dataset(cfg.data))
+        assert prepared.file_tokens > 5000
+        cost = backend.estimate_cost_usd(cfg, prepared)
+        assert cost == pytest.approx(4 * prepared.file_tokens * 3.0 / 1e6)
+
+    def test_model_without_a_price_is_refused(self, openai_cfg):
+        cfg = openai_cfg("backend.model=my-provider-model")
+        with pytest.raises(ConfigError, match="no training price for model 'my-provider-model'"):
+            make_backend(cfg).describe(cfg, load_dataset(cfg.data))
+
+    def test_missing_api_key_says_what_to_do(self, make_cfg, monkeypatch):
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        cfg = make_cfg("study=tickets_openai")
+        with pytest.raises(MissingApiKeyError, match="export OPENAI_API_KEY"):
+            OpenAIBackend(**{k: v for k, v in cfg.backend.items() if k != "_target_"}).api_key()
+
+    def test_api_key_file(self, tmp_path):
+        path = write(tmp_path / "key", "sk-from-file\n")
+        assert OpenAIBackend(api_key_file=str(path)).api_key() == "sk-from-file"
+        with pytest.raises(MissingApiKeyError, match="does not exist"):
+            OpenAIBackend(api_key_file=str(tmp_path / "nope")).api_key()
+
+
+class TestFakeServer:
+    """The fake's curves follow the hyperparameters, so a search over it means something."""
+
+    def final_loss(self, fake, epochs, multiplier, batch=8) -> float:
+        from harness.fake_openai import Job, valid_loss
+
+        job = Job(
+            "ftjob-x",
+            1,
+            0,
+            0.0,
+            "m",
+            "file-x",
+            None,
+            epochs,
+            batch,
+            multiplier,
+            0,
+            None,
+            {},
+            [],
+            0,
+            steps_per_epoch=20,
+        )
+        return valid_loss(job, job.total_steps)
+
+    def test_curves_have_an_optimum_and_punish_extremes(self, fake_openai):
+        best = self.final_loss(fake_openai, 3, 2.0)
+        assert self.final_loss(fake_openai, 3, 0.05) > best + 1.0  # too small: under-fits
+        assert self.final_loss(fake_openai, 3, 9.0) > best + 1.0  # too large: diverges
+        assert self.final_loss(fake_openai, 1, 2.0) > best + 0.1  # too few epochs
+        assert self.final_loss(fake_openai, 8, 2.0) > best + 0.3  # too many: over-fits
+
+
+class TestCrashAndSecrets:
+    def sweep_command(self, fake, runs: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "harness.cli", "sweep", "study=tickets_openai",
+            f"backend.base_url={fake.base_url}", f"paths.runs_dir={runs}",
+            *OPENAI_TEST_SETTINGS, *extra,
+        ]  # fmt: skip
+
+    def test_resumed_study_reattaches_to_its_running_job(self, fake_openai, runs, make_cfg):
+        fake_openai.api.timing.step_s = 0.02  # ~3 s per job: time to kill the sweep mid-job
+        command = self.sweep_command(fake_openai, runs, *QUICK, "sweep.n_trials=2", "pruner=none")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                jobs = list(fake_openai.api.jobs.values())
+                if jobs and jobs[0].steps_done > 5:
+                    break
+                assert process.poll() is None, process.stdout.read().decode()
+                time.sleep(0.05)
+            else:
+                pytest.fail("no job started running")
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+        (crashed_job,) = fake_openai.api.jobs.values()
+        assert crashed_job.status == "running"  # kill -9 cancels nothing: the job runs on
+
+        fake_openai.api.timing.step_s = 0.001
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len(fake_openai.api.jobs) == 2  # the crashed trial's job + the second trial's
+        cfg = make_cfg("study=tickets_openai")
+        study = load_study(cfg)
+        states = [t.state.name for t in study.trials]
+        assert states == ["FAIL", "COMPLETE", "COMPLETE"]
+        retry = study.trials[1]
+        assert retry.user_attrs["harness_retry_of"] == 0
+        assert retry.params == study.trials[0].params
+        assert (
+            retry.user_attrs["harness_trial_key"] == study.trials[0].user_attrs["harness_trial_key"]
+        )
+        _, mlruns = mlflow_runs(cfg)
+        assert mlruns["trial-0000"].info.status == "FAILED"  # never left RUNNING
+        assert mlruns["trial-0001"].data.tags["openai.job_id"] == crashed_job.id
+        assert mlruns["trial-0001"].data.tags["openai.reattached"] == "true"
+        assert crashed_job.status == "succeeded"
+
+    def test_api_key_appears_in_no_record_or_output(self, fake_openai, runs, make_cfg):
+        secret = "sk-test-DoNotLeak-7f3a9c1e5b"
+        fake_openai.api.api_key = secret  # the fake refuses any other key: it was really sent
+        fake_openai.api.faults.fail_jobs = frozenset({2})  # error paths print too
+        env = {
+            **os.environ,
+            "OPENAI_API_KEY": secret,
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        }
+        command = self.sweep_command(fake_openai, runs, *QUICK)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "COMPLETE" in result.stdout and "FAIL" in result.stdout
+        printed = subprocess.run(
+            [*command, "--cfg", "job"], env=env, capture_output=True, text=True, timeout=60
+        )
+        validated = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "validate", "study=tickets_openai",
+             f"paths.runs_dir={runs}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        for output in (result, printed, validated):
+            assert secret not in output.stdout + output.stderr
+        stored = [p for p in runs.rglob("*") if p.is_file()]
+        assert any(p.name == "mlflow.db" for p in stored) and len(stored) > 10
+        for path in stored:  # the MLflow store, its artifacts, the Optuna journal, caches
+            assert secret.encode() not in path.read_bytes(), path
+        cfg = make_cfg("study=tickets_openai")
+        _, mlruns = mlflow_runs(cfg)
+        for run in mlruns.values():
+            values = [*run.data.params.values(), *run.data.tags.values()]
+            assert not any(secret in v for v in values)
