@@ -189,6 +189,35 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+def _knn_answer(examples: list[tuple[str, str]], prompt: str, k: int = 5) -> str:
+    """The answer the k training examples most similar to ``prompt`` vote for, votes weighted
+    by TF-IDF cosine similarity: a stand-in for what fine-tuning on them teaches."""
+    documents = [_words(text) for text, _ in examples]
+    frequency: dict[str, int] = {}
+    for words in documents:
+        for word in words:
+            frequency[word] = frequency.get(word, 0) + 1
+    idf = {w: math.log((1 + len(documents)) / (1 + n)) + 1 for w, n in frequency.items()}
+    asked = _words(prompt)
+
+    def norm(words: set[str]) -> float:
+        return math.sqrt(sum(idf.get(w, 1.0) ** 2 for w in words)) or 1.0
+
+    asked_norm = norm(asked)
+    scored = sorted(
+        (
+            (sum(idf[w] ** 2 for w in asked & words) / (asked_norm * norm(words)), index)
+            for index, words in enumerate(documents)
+        ),
+        reverse=True,
+    )[:k]
+    votes: dict[str, float] = {}
+    for score, index in scored:
+        answer = examples[index][1]
+        votes[answer] = votes.get(answer, 0.0) + score
+    return max(votes, key=lambda answer: votes[answer])
+
+
 def _unit(*parts: object) -> float:
     """A deterministic number in [0, 1) from its inputs."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
@@ -265,12 +294,12 @@ class FakeOpenAI:
         headers: Mapping[str, str],
         body: bytes,
     ) -> tuple[int, Any, dict[str, str]]:
+        # Azure OpenAI's layout: /openai/... and /openai/deployments/NAME/chat/completions
+        path = re.sub(r"^/openai(/deployments/[^/]+)?/", "/v1/", path)
         with self.lock:
             self.requests.append((method, path))
-            auth = headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or (
-                self.api_key is not None and auth != f"Bearer {self.api_key}"
-            ):
+            key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if not key or (self.api_key is not None and key != self.api_key):
                 raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
             draw = self.rng.random()
             if draw < self.faults.rate_limit_rate:
@@ -586,15 +615,10 @@ class FakeOpenAI:
         )
 
     def _answer(self, job: Job, prompt: str) -> str:
-        """The nearest training example's answer, or, as often as the model's loss says it
-        should be wrong, another answer from the training file."""
-        words = _words(prompt)
-
-        def similarity(pair: tuple[str, str]) -> float:
-            other = _words(pair[0])
-            return len(words & other) / math.sqrt(max(1, len(words)) * max(1, len(other)))
-
-        nearest = max(job.examples, key=similarity)[1]
+        """What the training data says (a TF-IDF-weighted vote of the 5 most similar training
+        examples), or, as often as the model's loss says it should be wrong, another answer
+        from the training file."""
+        nearest = _knn_answer(job.examples, prompt)
         final = job.last_metrics.get("full_valid_loss", valid_loss(job, job.total_steps))
         if _unit(job.recipe, prompt) < skill(final):
             return nearest
@@ -804,7 +828,12 @@ def serve_forever(argv: list[str]) -> int:
         log=lambda line: print(line, flush=True),
     )
     server = FakeOpenAIServer(api, port=options.port).start()
-    print(f"fake OpenAI API on {server.base_url} (Ctrl-C stops it)", flush=True)
+    print(
+        f"fake OpenAI API on {server.base_url} (Ctrl-C stops it). A free dry run of a hosted "
+        f"study:\n  harness sweep study=tickets_openai backend.base_url={server.base_url} "
+        "backend.poll_interval_s=0.5",
+        flush=True,
+    )
     try:
         while server.thread.is_alive():
             server.thread.join(timeout=1.0)

@@ -144,6 +144,8 @@ class TestSweep:
         run = runs["trial-0001"]
         assert run.info.status == "FAILED"
         assert "server_error" in run.data.tags["harness.failure_reason"]
+        assert run.data.tags["openai.error_code"] == "server_error"
+        assert "internal error" in run.data.tags["openai.error_message"]
 
     def test_budget_stops_the_study_before_a_trial_would_pass_it(self, openai_cfg, fake_openai):
         cfg = openai_cfg(*QUICK, "sweep.n_trials=6", "pruner=none")
@@ -240,6 +242,39 @@ class TestJobSafety:
         with pytest.raises(HostedJobError, match=r"lost contact with fine-tuning job .* 3 polls"):
             backend.run(spec, BreaksTheServer("eval/loss"))
         assert len(fake_openai.api.jobs) == 1
+
+    def test_azure_openai_client_runs_a_trial(self, openai_cfg, fake_openai, tmp_path, monkeypatch):
+        monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-123")
+        fake_openai.api.api_key = "azure-key-123"
+        endpoint = fake_openai.base_url.removesuffix("/v1")
+        backend, spec = self.backend_and_spec(
+            openai_cfg, tmp_path, "azure-1", "backend.base_url=null",
+            f"backend.azure_endpoint={endpoint}", "backend.api_version=2025-04-01-preview",
+            "backend.api_key_env=AZURE_OPENAI_API_KEY",
+        )  # fmt: skip
+        result = backend.run(spec, RecordingReporter("eval/loss"))
+        assert type(backend.client).__name__ == "AzureOpenAI"
+        assert result.hosted_model["provider"] == "azure-openai"
+        assert ("POST", "/v1/chat/completions") in fake_openai.api.requests
+
+    def test_result_rows_fill_steps_the_events_missed(self, openai_cfg, fake_openai):
+        from harness.backends.openai_ft import _Follower
+
+        cfg = openai_cfg()
+        backend = make_backend(cfg)
+        prepared = backend.describe(cfg, load_dataset(cfg.data))
+        reporter = RecordingReporter("eval/loss")
+        follower = _Follower(backend, "ftjob-x", reporter, cfg, prepared)
+        follower.reported_steps = {1}
+        follower.report_result_rows(
+            "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+            "1,2.0,0.3,2.1,0.3\n2,1.5,0.5,1.6,0.5\n3,1.0,0.7,,\n"
+        )
+        assert reporter.calls == [
+            (2, {"train/loss": 1.5, "train/token_accuracy": 0.5, "valid/batch_loss": 1.6,
+                 "valid/batch_token_accuracy": 0.5}),
+            (3, {"train/loss": 1.0, "train/token_accuracy": 0.7}),
+        ]  # fmt: skip
 
     def test_result_file_plain_or_base64(self):
         text = "step,train_loss\n1,2.5\n2,2.1\n"
@@ -450,6 +485,8 @@ class TestCrashAndSecrets:
              f"paths.runs_dir={runs}"],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+        assert validated.returncode == 0, validated.stderr
+        assert "cost per trial shape" in validated.stdout and "budget $2.00" in validated.stdout
         for output in (result, printed, validated):
             assert secret not in output.stdout + output.stderr
         stored = [p for p in runs.rglob("*") if p.is_file()]

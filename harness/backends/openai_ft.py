@@ -248,6 +248,7 @@ class OpenAIBackend:
             error = job.error
             code = getattr(error, "code", None) or "no code"
             message = getattr(error, "message", None) or "no message"
+            reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
         return self._results(spec, reporter, job, follower)
 
