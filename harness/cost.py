@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -109,16 +109,3 @@ def price_per_token(prices: Mapping[str, float], model: str) -> float:
     if not matches:
         raise KeyError(model)
     return float(prices[max(matches, key=len)]) / 1_000_000
-
-
-@dataclass(frozen=True)
-class CostEstimate:
-    epochs: int
-    training_tokens: int  # billed: epochs x tokens in the training file
-    usd: float
-
-
-def estimate_costs(
-    file_tokens: int, epochs: Sequence[int], usd_per_token: float
-) -> list[CostEstimate]:
-    return [CostEstimate(e, e * file_tokens, e * file_tokens * usd_per_token) for e in epochs]

@@ -270,13 +270,10 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study()
         study.set_user_attr("overrides", self.overrides)
-        if "harness_uid" not in study.user_attrs:  # names this study's hosted jobs, see _key
+        # names this study's trials to hosted providers (see the trial key in _objective)
+        if "harness_uid" not in study.user_attrs:
             study.set_user_attr("harness_uid", uuid.uuid4().hex[:12])
-        self.uid = str(
-            optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs[
-                "harness_uid"
-            ]
-        )
+        self.uid = str(study.user_attrs["harness_uid"])  # read back: another worker may have won
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
         self._fail_stale_trials(study)

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,7 +72,6 @@ class Prepared:
     tokens_note: str  # how they were counted (exact encoding or an estimate)
     usd_per_token: float
     max_answer_tokens: int
-    uploads: dict[str, str] = field(default_factory=dict)  # split -> file id
 
 
 class OpenAIBackend:
@@ -175,12 +174,13 @@ class OpenAIBackend:
             )
         prepared = self.describe(cfg, dataset)
         chats = to_chats(dataset, self.system_prompt)
+        uploaded = {}
         for split in ("train", "validation"):
             content = to_jsonl(chats[split])
             name = f"harness-{cfg.name}-{split}-{_sha(content)[:16]}.jsonl"
-            prepared.uploads[split] = self._upload(name, content)
-        prepared.training_file = prepared.uploads["train"]
-        prepared.validation_file = prepared.uploads["validation"]
+            uploaded[split] = self._upload(name, content)
+        prepared.training_file = uploaded["train"]
+        prepared.validation_file = uploaded["validation"]
         return prepared
 
     def describe(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
@@ -518,8 +518,9 @@ class _Follower:
             "valid_mean_token_accuracy": "valid/batch_token_accuracy",
         }
         metrics = {names[k]: float(v) for k, v in data.items() if k in names and v is not None}
-        metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
         if data.get("full_valid_loss") is not None:  # an epoch end: the whole validation file
+            # the spend so far, once an epoch (not per step: it is stored with the trial)
+            metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
             loss = float(data["full_valid_loss"])
             self.final_eval = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
             accuracy = data.get("full_valid_mean_token_accuracy")
