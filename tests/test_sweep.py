@@ -133,7 +133,8 @@ def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
             except KeyError:
                 continue
             running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if running and running[0].number >= 1:
+            # mid-trial: the second trial has reported an evaluation (so its run exists)
+            if running and running[0].number >= 1 and running[0].intermediate_values:
                 break
         else:
             pytest.fail("the sweep never reached its second trial")
