@@ -55,9 +55,19 @@ def describe_storage(cfg: DictConfig) -> str:
 
 
 def make_backend(cfg: DictConfig) -> Backend:
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    backend: Backend = instantiate(cfg.backend)
+    try:
+        backend: Backend = instantiate(cfg.backend)
+    except InstantiationException as exc:  # e.g. a backend.* key the backend does not take
+        hint = ""
+        if "unexpected keyword argument" in str(exc):
+            hint = (
+                f"\nconf/backend/ lists the keys {cfg.backend._target_} takes. An API key is "
+                "read from the environment (backend.api_key_env), never from the config."
+            )
+        raise ConfigError(f"backend={cfg.backend._target_}: {exc}{hint}") from exc
     return backend
 
 

@@ -184,6 +184,12 @@ class TestSweep:
             plan_study(cfg)
         assert fake_openai.api.jobs == {}
 
+    def test_api_key_in_the_config_is_refused_without_echoing_it(self, openai_cfg):
+        with pytest.raises(ConfigError, match="read from the environment") as error:
+            plan_study(openai_cfg("+backend.api_key=sk-SECRET-42"))
+        assert "unexpected keyword argument 'api_key'" in str(error.value)
+        assert "sk-SECRET-42" not in str(error.value)
+
     def test_objective_must_be_measured_by_the_job(self, openai_cfg, fake_openai):
         cfg = openai_cfg("sweep.metric=eval/f1", "sweep.direction=maximize")
         with pytest.raises(ConfigError, match="eval/loss"):
