@@ -52,6 +52,7 @@ class Faults:
     fail_jobs: frozenset[int] = frozenset()  # creation numbers (1, 2, ...) of jobs that fail
     job_failure_rate: float = 0.0  # chance that any other job fails half-way
     drop_create_responses: int = 0  # the next N job creates: job made, response never sent
+    ignore_metadata_filter: bool = False  # as some API-compatible servers do: list all jobs
     seed: int = 0
 
 
@@ -294,13 +295,18 @@ class FakeOpenAI:
         headers: Mapping[str, str],
         body: bytes,
     ) -> tuple[int, Any, dict[str, str]]:
-        # Azure OpenAI's layout: /openai/... and /openai/deployments/NAME/chat/completions
+        # Azure OpenAI's layout: /openai/... ; /openai/deployments/NAME/... needs a deployment,
+        # which this fake (like Azure, for a model nobody deployed) does not have
+        deployment = re.match(r"^/openai/deployments/([^/]+)/", path)
         path = re.sub(r"^/openai(/deployments/[^/]+)?/", "/v1/", path)
         with self.lock:
             self.requests.append((method, path))
             key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
             if not key or (self.api_key is not None and key != self.api_key):
                 raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
+            if deployment:
+                message = f"The API deployment {deployment.group(1)} does not exist."
+                raise ApiError(404, message, "DeploymentNotFound")
             draw = self.rng.random()
             if draw < self.faults.rate_limit_rate:
                 raise ApiError(429, "Rate limit reached (injected).", "rate_limit_exceeded")
@@ -408,6 +414,8 @@ class FakeOpenAI:
             for key, values in query.items()
             if key.startswith("metadata[") and key.endswith("]")
         }
+        if self.faults.ignore_metadata_filter:
+            wanted = {}
         jobs = []
         for job in reversed(list(self.jobs.values())):  # newest first
             if all(job.metadata.get(k) == v for k, v in wanted.items()):
@@ -765,6 +773,7 @@ class FakeOpenAIServer:
         self.httpd = _Server(("127.0.0.1", port), _Handler)
         self.httpd.api = self.api
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.started = False
 
     @property
     def port(self) -> int:
@@ -776,12 +785,14 @@ class FakeOpenAIServer:
 
     def start(self) -> FakeOpenAIServer:
         self.thread.start()
+        self.started = True
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.started:  # shutdown() waits for serve_forever, which never ran otherwise
+            self.httpd.shutdown()
+            self.thread.join(timeout=5)
         self.httpd.server_close()
-        self.thread.join(timeout=5)
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()

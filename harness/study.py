@@ -215,13 +215,16 @@ def run_trial(
         for artifact in result.artifacts:
             run.log_artifact(artifact)
         if result.hosted_model:
-            tracker.log_hosted_model(run.run_id, run_name, result.hosted_model)
+            try:  # a paid result is not thrown away for want of a model entry
+                tracker.log_hosted_model(run.run_id, run_name, result.hosted_model)
+            except Exception as exc:
+                run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:4000]})
     except optuna.TrialPruned as pruned:
         run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         run.end("KILLED")
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = redact_text(f"{type(exc).__name__}: {exc}")
         run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
         run.log_text(traceback.format_exc(), "error.txt")
         run.end("FAILED")
@@ -280,10 +283,11 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study()
         study.set_user_attr("overrides", self.overrides)
-        # names this study's trials to hosted providers (see the trial key in _objective)
+        # Names this study's trials to hosted providers (see the trial key in _objective). Two
+        # workers starting at once may each store their own: harmless, trial numbers differ.
         if "harness_uid" not in study.user_attrs:
             study.set_user_attr("harness_uid", uuid.uuid4().hex[:12])
-        self.uid = str(study.user_attrs["harness_uid"])  # read back: another worker may have won
+        self.uid = str(study.user_attrs["harness_uid"])
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
         self._fail_stale_trials(study)
@@ -317,21 +321,35 @@ class Sweep:
         return study
 
     def _fail_stale_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a process of this host that is gone (Ctrl-C, crash, kill) are
-        marked FAIL, so they neither block nor count; a trial of a live process, here or on
-        another host, is left alone."""
+        """Trials left RUNNING by a process of this host that is gone (crash, kill -9) are
+        marked FAIL, so they neither block nor count, and retried once with the same params and
+        trial key (a hosted backend re-attaches to the job the dead process started). A retry
+        that dies too is not retried again: a paid backend cancels its work. A trial of a live
+        process, here or on another host, is left alone."""
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker", {})
             if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
                 continue
+            # its hosted work may run on to the end: count it as spent until a retry takes over
+            spent = max(
+                float(trial.user_attrs.get("cost_usd", 0.0)),
+                float(trial.user_attrs.get("cost_estimate_usd", 0.0)),
+            )
+            if spent:  # Optuna has no public setter for another process's trial
+                study._storage.set_trial_user_attr(trial._trial_id, "cost_usd", spent)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             self.tracker.fail_stale_run(trial.number, "the process running this trial ended")
-            if "harness_retry_of" not in trial.user_attrs:  # retried once, with the same key
+            key = trial.user_attrs.get("harness_trial_key", "")
+            if "harness_retry_of" in trial.user_attrs:
+                abandon = getattr(self.plan.backend, "abandon", None)
+                if abandon is not None and key:
+                    abandon(key)
+            else:
                 study.enqueue_trial(
                     trial.params,
                     user_attrs={
                         "harness_retry_of": trial.number,
-                        "harness_trial_key": trial.user_attrs.get("harness_trial_key", ""),
+                        "harness_trial_key": key,
                     },
                 )
 
@@ -364,7 +382,7 @@ class Sweep:
         except optuna.TrialPruned:
             raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            trial.set_user_attr("fail_reason", redact_text(f"{type(exc).__name__}: {exc}")[:2000])
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
@@ -379,8 +397,8 @@ class Sweep:
             return
         estimate = float(estimate_cost(with_params(self.cfg, params), self.plan.prepared))
         trial.set_user_attr("cost_estimate_usd", estimate)
-        if budget is None:
-            return
+        if budget is None or "harness_retry_of" in trial.user_attrs:
+            return  # a retry re-attaches to work the study already counted as spent
         spent = study_spend(trial.study, exclude=trial.number)
         if spent + estimate > budget:
             self.stop_reason = (
@@ -472,10 +490,17 @@ class BudgetExceededError(RuntimeError):
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:
     """USD spent by the study's trials: what finished ones cost, and for running ones (other
-    workers) the larger of their spend so far and their estimate."""
+    workers) the larger of their spend so far and their estimate. A crashed trial whose retry
+    has started is left out: the retry follows the same job and reports its whole cost."""
+    trials = study.get_trials(deepcopy=False)
+    taken_over = {
+        t.user_attrs["harness_retry_of"]
+        for t in trials
+        if "harness_retry_of" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING
+    }
     total = 0.0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number == exclude:
+    for trial in trials:
+        if trial.number == exclude or trial.number in taken_over:
             continue
         spent = float(trial.user_attrs.get("cost_usd", 0.0))
         if trial.state == optuna.trial.TrialState.RUNNING:

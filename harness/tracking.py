@@ -24,13 +24,15 @@ SECRET_KEY = re.compile(
     r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
 )
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
+# API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
+API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
 
 STUDY_TAG = "harness.study"
 ROLE_TAG = "harness.role"
 
 
 def redact_text(text: str) -> str:
-    return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+    return API_KEY.sub("sk-***", URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text))
 
 
 def redact_override(line: str) -> str:

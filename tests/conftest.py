@@ -51,6 +51,7 @@ OPENAI_TEST_SETTINGS = (
     "backend.poll_interval_s=0.01",
     "backend.max_poll_interval_s=0.05",
     "backend.request_retries=4",
+    "backend.create_grace_s=0.05",
 )
 
 

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,49 @@ class TestJobSafety:
         assert reporter.tags["openai.reattached"] == "true"
         assert result.metrics["eval/loss"] > 0
 
+    def test_create_lost_on_the_last_attempt_is_found_not_abandoned(
+        self, openai_cfg, fake_openai, tmp_path
+    ):
+        fake_openai.api.faults.drop_create_responses = 1
+        backend, spec = self.backend_and_spec(
+            openai_cfg, tmp_path, "k", "backend.create_attempts=1"
+        )
+        reporter = RecordingReporter("eval/loss")
+        backend.run(spec, reporter)
+        (job,) = fake_openai.api.jobs.values()
+        assert job.status == "succeeded" and reporter.tags["openai.reattached"] == "true"
+
+    def test_keys_are_checked_even_where_the_server_ignores_the_filter(
+        self, openai_cfg, fake_openai, tmp_path
+    ):
+        fake_openai.api.faults.ignore_metadata_filter = True
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path, "key-a")
+        backend.run(spec, RecordingReporter("eval/loss"))
+        other = TrialSpec(1, spec.config, spec.prepared, tmp_path / "b", False, "key-b")
+        reporter = RecordingReporter("eval/loss")
+        backend.run(other, reporter)
+        assert len(fake_openai.api.jobs) == 2  # key-b did not take key-a's job
+        assert reporter.tags["openai.reattached"] == "false"
+
+    def test_a_retry_that_dies_again_has_its_job_cancelled(self, openai_cfg, fake_openai):
+        from harness.tracking import MLflowTracker
+
+        fake_openai.api.timing.step_s = 1.0  # a long job
+        cfg = openai_cfg(*QUICK)
+        sweep = Sweep(cfg, [])
+        sweep.plan.prepared = sweep.plan.backend.prepare(sweep.cfg, sweep.plan.dataset)
+        job, _ = sweep.plan.backend._find_or_create(sweep.cfg, sweep.plan.prepared, 1, "dead-key")
+        study = sweep.create_study()
+        trial = study.ask()
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": 2**22 + 12345})
+        trial.set_user_attr("harness_retry_of", 0)
+        trial.set_user_attr("harness_trial_key", "dead-key")
+        sweep.tracker = MLflowTracker(sweep.cfg)
+        sweep._fail_stale_trials(study)
+        assert fake_openai.api.jobs[job.id].status == "cancelled"
+        assert study.trials[0].state.name == "FAIL"
+        assert len(study.trials) == 1  # not retried a second time
+
     def test_same_key_reattaches_to_running_job(self, openai_cfg, fake_openai, tmp_path):
         backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
         first = backend.run(spec, RecordingReporter("eval/loss"))
@@ -258,10 +302,17 @@ class TestJobSafety:
             f"backend.azure_endpoint={endpoint}", "backend.api_version=2025-04-01-preview",
             "backend.api_key_env=AZURE_OPENAI_API_KEY",
         )  # fmt: skip
-        result = backend.run(spec, RecordingReporter("eval/loss"))
+        reporter = RecordingReporter("eval/loss")
+        result = backend.run(spec, reporter)
         assert type(backend.client).__name__ == "AzureOpenAI"
         assert result.hosted_model["provider"] == "azure-openai"
-        assert ("POST", "/v1/chat/completions") in fake_openai.api.requests
+        assert ("POST", "/v1/fine_tuning/jobs") in fake_openai.api.requests
+        # a fine-tuned model must be deployed on Azure before it answers: scoring is skipped,
+        # and the run says why, rather than paying for training and then failing
+        assert fake_openai.api.chat_requests == []
+        assert "deployment" in reporter.tags["harness.test_skipped"]
+        assert not any(k.startswith("test/") for k in result.metrics)
+        assert result.metrics["eval/loss"] > 0
 
     def test_result_rows_fill_steps_the_events_missed(self, openai_cfg, fake_openai):
         from harness.backends.openai_ft import _Follower
@@ -385,6 +436,23 @@ class TestDataAndCost:
             OpenAIBackend(api_key_file=str(tmp_path / "nope")).api_key()
 
 
+def test_spend_counts_a_crashed_trial_until_its_retry_takes_over():
+    from harness.study import study_spend
+
+    study = optuna.create_study()
+    crashed = study.ask()
+    crashed.set_user_attr("cost_usd", 1.0)
+    study.tell(crashed, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({}, user_attrs={"harness_retry_of": crashed.number})
+    assert study_spend(study) == 1.0  # the retry waits: the crashed job's cost stands
+    retry = study.ask()
+    retry.set_user_attr("cost_estimate_usd", 1.5)
+    assert study_spend(study) == 1.5  # the retry follows the same job: counted once
+    retry.set_user_attr("cost_usd", 1.4)
+    study.tell(retry, 0.5)
+    assert study_spend(study) == pytest.approx(1.4)
+
+
 class TestFakeServer:
     """The fake's curves follow the hyperparameters, so a search over it means something."""
 
@@ -504,3 +572,11 @@ class TestCrashAndSecrets:
         for run in mlruns.values():
             values = [*run.data.params.values(), *run.data.tags.values()]
             assert not any(secret in v for v in values)
+
+
+def test_keys_quoted_in_provider_errors_are_redacted():
+    from harness.tracking import redact_text
+
+    message = "Incorrect API key provided: sk-proj-****abcd. See docs"
+    assert redact_text(message) == "Incorrect API key provided: sk-***. See docs"
+    assert redact_text("task-sk-free text, disk-full") == "task-sk-free text, disk-full"

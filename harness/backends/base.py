@@ -67,6 +67,9 @@ class PaidBackend(Protocol):
     def estimate_cost_usd(self, cfg: DictConfig, prepared: Any) -> float:
         """What a trial with this config would cost, before it is launched."""
 
+    def abandon(self, key: str) -> None:
+        """Stops paid work started under this trial key that nobody will follow again."""
+
 
 class UntunableKeyError(ValueError):
     pass

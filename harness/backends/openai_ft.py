@@ -48,6 +48,7 @@ from harness.data import Dataset
 TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
 UNPARSED = "<unparsed>"
+MAX_EVENT_PAGES = 1000  # x 100 events: more than any job's steps
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -72,6 +73,7 @@ class Prepared:
     tokens_note: str  # how they were counted (exact encoding or an estimate)
     usd_per_token: float
     max_answer_tokens: int
+    n_train: int  # training examples: steps per epoch = ceil(n_train / batch_size)
 
 
 class OpenAIBackend:
@@ -96,7 +98,7 @@ class OpenAIBackend:
         poll_failures: int = 5,
         eval_concurrency: int = 4,
         eval_max_examples: int | None = None,
-        cancel_on_interrupt: bool = True,
+        create_grace_s: float = 30.0,
         prices_per_1m_training_tokens: Mapping[str, float] | None = None,
         example_token_limits: Mapping[str, int] | None = None,
     ) -> None:
@@ -117,7 +119,7 @@ class OpenAIBackend:
         self.poll_failures = max(1, poll_failures)
         self.eval_concurrency = max(1, eval_concurrency)
         self.eval_max_examples = eval_max_examples
-        self.cancel_on_interrupt = cancel_on_interrupt
+        self.create_grace_s = create_grace_s
         self.prices = _plain(prices_per_1m_training_tokens or {})
         self.token_limits = _plain(example_token_limits or {"default": 65536})
         self._client: Any = None
@@ -209,6 +211,7 @@ class OpenAIBackend:
             tokens_note=encoding.note,
             usd_per_token=usd_per_token,
             max_answer_tokens=max(answers) + 8,
+            n_train=len(chats["train"]),
         )
 
     def _upload(self, name: str, content: bytes) -> str:
@@ -226,22 +229,18 @@ class OpenAIBackend:
         cfg, prepared = spec.config, spec.prepared
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
-        reporter.set_tags(
-            {
-                "openai.job_id": job.id,
-                "openai.base_model": self.model,
-                "openai.trial_key": key,
-                "openai.reattached": str(reattached).lower(),
-            }
-        )
         follower = _Follower(self, job.id, reporter, cfg, prepared)
-        try:
+        try:  # from here on, any way out but success cancels the job: nobody would follow it
+            reporter.set_tags(
+                {
+                    "openai.job_id": job.id,
+                    "openai.base_model": self.model,
+                    "openai.trial_key": key,
+                    "openai.reattached": str(reattached).lower(),
+                }
+            )
             job = follower.follow()
-        except KeyboardInterrupt:
-            if self.cancel_on_interrupt:
-                self._cancel_quietly(job.id)
-            raise
-        except BaseException:  # pruned, or we gave up following: stop paying for it
+        except BaseException:  # pruned, Ctrl-C, lost contact, a tracking error
             self._cancel_quietly(job.id)
             raise
         if job.status != "succeeded":
@@ -249,19 +248,34 @@ class OpenAIBackend:
             code = getattr(error, "code", None) or "no code"
             message = getattr(error, "message", None) or "no message"
             reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
+            if job.trained_tokens:  # what the provider says it billed before the end
+                cost = job.trained_tokens * prepared.usd_per_token
+                reporter.report(follower.last_step, {"cost_usd": cost})
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
         return self._results(spec, reporter, job, follower)
 
+    def _find_job(self, key: str) -> Any:
+        """A job carrying this trial key that is not failed or cancelled, or None. The key is
+        checked on each job too, not only trusted to the server's metadata filter."""
+        for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
+            if (job.metadata or {}).get("harness_trial_key") != key:
+                continue
+            if job.status not in ("failed", "cancelled"):
+                return job
+        return None
+
     def _find_or_create(self, cfg: DictConfig, prepared: Prepared, number: int, key: str):
         """(job, True) when a job with this trial's key already runs or succeeded, else a new
-        job. Our own retry loop, each attempt looking first, replaces the SDK's retries."""
+        job. Our own retry loop, each attempt looking first, replaces the SDK's retries. After a
+        create whose answer was lost (timeout, dropped connection) the server may still be
+        making the job, so the next look waits at least backend.create_grace_s."""
         import openai
 
         transient = (
-            openai.APIConnectionError,
-            openai.APITimeoutError,
+            openai.APIConnectionError,  # includes APITimeoutError
             openai.InternalServerError,
             openai.RateLimitError,
+            openai.ConflictError,
         )
         hyperparameters = {
             "n_epochs": int(cfg.train.epochs),
@@ -275,11 +289,18 @@ class OpenAIBackend:
             "harness_trial_key": key,
         }
         last_error: Exception | None = None
-        for attempt in range(self.create_attempts):
+        for attempt in range(self.create_attempts + 1):
+            if last_error is not None:
+                wait = min(self.max_poll_interval_s, self.poll_interval_s * 2 ** (attempt - 1))
+                if isinstance(last_error, openai.APIConnectionError):
+                    wait = max(wait, self.create_grace_s)
+                time.sleep(wait)
             try:
-                for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
-                    if job.status not in ("failed", "cancelled"):
-                        return job, True
+                job = self._find_job(key)
+                if job is not None:
+                    return job, True
+                if attempt == self.create_attempts:
+                    break  # the last round only looks: a create lost before may show up now
                 job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
                     model=self.model,
                     training_file=prepared.training_file,
@@ -295,11 +316,17 @@ class OpenAIBackend:
                 return job, False
             except transient as exc:
                 last_error = exc
-                time.sleep(min(self.max_poll_interval_s, self.poll_interval_s * 2**attempt))
         raise HostedJobError(
             f"could not create a fine-tuning job after {self.create_attempts} attempts: "
             f"{type(last_error).__name__}: {last_error}"
         )
+
+    def abandon(self, key: str) -> None:
+        """Cancels the job of a trial that will not be followed again (its process died and no
+        retry follows), so it stops costing money."""
+        job = self._find_job(key)
+        if job is not None and job.status not in TERMINAL:
+            self._cancel_quietly(job.id)
 
     def _cancel_quietly(self, job_id: str) -> None:
         # already finished, or the API is down: nothing more to do here
@@ -339,14 +366,24 @@ class OpenAIBackend:
                 "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
             }
         )
-        test, predictions = self._evaluate(job.fine_tuned_model, prepared, spec)
-        path = spec.workdir / "test_predictions.jsonl"
-        path.write_text(
-            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
-            encoding="utf-8",
-        )
-        artifacts.append(path)
-        if prepared.task == "classification":
+        test: dict[str, float] = {}
+        predictions: list[dict[str, Any]] = []
+        if self.azure_endpoint:  # Azure serves a fine-tuned model only once it is deployed
+            reporter.set_tags(
+                {
+                    "harness.test_skipped": "Azure OpenAI needs a deployment of the fine-tuned "
+                    "model before it answers; deploy it and score it with harness train"
+                }
+            )
+        else:
+            test, predictions = self._evaluate(job.fine_tuned_model, prepared, spec)
+            path = spec.workdir / "test_predictions.jsonl"
+            path.write_text(
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+                encoding="utf-8",
+            )
+            artifacts.append(path)
+        if predictions and prepared.task == "classification":
             from harness.metrics import save_confusion_matrix
 
             truth = [p["expected"] for p in predictions]
@@ -434,6 +471,9 @@ class _Follower:
         self.backend, self.job_id, self.reporter = backend, job_id, reporter
         self.prepared = prepared
         self.estimated_tokens = int(cfg.train.epochs) * prepared.file_tokens
+        # until an event says otherwise: what the API's own arithmetic gives
+        batches = -(-prepared.n_train // int(cfg.train.batch_size))
+        self.expected_steps = int(cfg.train.epochs) * batches
         self.seen: set[str] = set()
         self.reported_steps: set[int] = set()
         self.last_step = 0
@@ -488,7 +528,7 @@ class _Follower:
         page at a time: read pages until one holds an event already seen."""
         fresh = []
         page = self.backend.client.fine_tuning.jobs.list_events(self.job_id, limit=100)
-        while True:
+        for _ in range(MAX_EVENT_PAGES):  # bounded, should a server repeat a page
             for event in page.data:
                 if event.id in self.seen:
                     break
@@ -530,9 +570,8 @@ class _Follower:
         self.reporter.report(step, metrics)  # may raise TrialPruned: the caller cancels
 
     def tokens_so_far(self) -> int:
-        if not self.total_steps:
-            return 0
-        return round(self.estimated_tokens * self.last_step / self.total_steps)
+        total = self.total_steps or self.expected_steps
+        return round(self.estimated_tokens * min(1.0, self.last_step / max(1, total)))
 
     def report_result_rows(self, text: str) -> None:
         """The result file's rows for steps no event reported (events can be missed)."""
