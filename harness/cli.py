@@ -89,10 +89,14 @@ def cmd_sweep(overrides: list[str]) -> int:
         )
 
     sweep = Sweep(cfg, overrides, on_trial)
+    if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
+        sweep.run()
+        return 0
+    workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
     console.print(
         f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, "
         f"{cfg.sweep.direction} {cfg.sweep.metric}; sampler {cfg.sampler.name}, "
-        f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}"
+        f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}{workers}"
     )
     console.print(f"optuna storage: {describe_storage(cfg)}")
     console.print(f"mlflow: {redact_text(tracking_uri(cfg))}")

@@ -127,6 +127,7 @@ class SweepConfig:
     metric: str = "eval/f1"
     direction: str = "maximize"
     budget_usd: float | None = None  # hosted backends: no trial starts that would pass this spend
+    n_workers: int = 1  # processes on this host sharing the study (journal or RDB storage)
 
 
 @dataclass

@@ -70,6 +70,15 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs; the line number is where the record starts in the file."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from exc
     fmt = fmt if fmt != "auto" else ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     with path.open(encoding="utf-8-sig", newline="") as handle:
         if fmt == "csv":

@@ -12,7 +12,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -33,6 +36,11 @@ from harness.provenance import provenance
 from harness.tracking import MLflowTracker, TrialRun, redact_override, redact_text
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+RUNNING = optuna.trial.TrialState.RUNNING
+# settings of a sweep that mean nothing to `harness train`
+SWEEP_ONLY_KEYS = {"sweep.n_trials", "sweep.n_workers", "sweep.timeout_s", "sweep.budget_usd"}
+HELPER_ENV = "_HARNESS_HELPER"  # set in processes a sweep starts for sweep.n_workers
+STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
 
 
 def storage_for(cfg: DictConfig) -> Any:
@@ -43,7 +51,22 @@ def storage_for(cfg: DictConfig) -> Any:
 
     url = cfg.storage.url
     if url and not str(url).endswith((".log", ".journal")):
-        return str(url)
+        # Connect now: an unreachable database is one clear error, not a traceback. Workers
+        # starting together on an empty database race to create Optuna's tables: the loser
+        # retries and finds them made.
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(str(url))
+            except Exception as exc:
+                if not isinstance(exc, ImportError) and attempt < STORAGE_ATTEMPTS - 1:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"cannot open the Optuna storage {redact_text(str(url))}: "
+                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check storage.url, "
+                    "that the database server is up and reachable, and its driver is installed."
+                ) from None
     path = Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -105,6 +128,16 @@ def plan_study(cfg: DictConfig) -> Plan:
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
             f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
         )
+    if cfg.sweep.n_trials < 1:
+        raise ConfigError(f"sweep.n_trials must be at least 1, not {cfg.sweep.n_trials}")
+    if cfg.sweep.n_workers < 1:
+        raise ConfigError(f"sweep.n_workers must be at least 1, not {cfg.sweep.n_workers}")
+    if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
+        raise ConfigError(
+            "sweep.n_workers > 1 needs a storage that is safe for parallel workers; SQLite is "
+            'not ("database is locked"). Leave storage.url unset (a journal file) or use '
+            "postgresql://..."
+        )
     if cfg.sweep.direction not in ("maximize", "minimize"):
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
@@ -120,8 +153,8 @@ def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
 
 def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:
     """The `harness train` line that repeats a trial: the sweep's plain overrides + its params."""
-    keys = set(params)
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    dropped = set(params) | SWEEP_ONLY_KEYS
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in dropped]
     words = ["harness", command, *kept, *(f"{k}={_format(v)}" for k, v in params.items())]
     return " ".join(shlex.quote(w) for w in words)
 
@@ -245,6 +278,12 @@ class Sweep:
     ) -> None:
         # kept in Optuna and MLflow and printed: never with a secret in it
         self.overrides = [redact_override(o) for o in overrides]
+        self.raw_overrides = list(overrides)  # only for starting worker processes
+        # A helper process started by a sweep with sweep.n_workers > 1 runs trials and leaves
+        # the summary to the process that started it. HARNESS_WORKER_INDEX offsets the
+        # sampler's seed so that workers started at the same moment do not draw the same params.
+        self.is_helper = os.environ.get(HELPER_ENV) == "1"
+        self.worker_index = int(os.environ.get("HARNESS_WORKER_INDEX", "0") or 0)
         self.on_trial = on_trial
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
@@ -260,8 +299,9 @@ class Sweep:
             done = len(optuna.load_study(study_name=c.name, storage=storage).trials)
         except KeyError:
             done = 0
+        seed = c.seed + done + 1000 * self.worker_index
         sampler = search.make_sampler(
-            c.sampler.name, c.seed + done, c.sampler.n_startup_trials, self.plan.distributions
+            c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
         pruner = search.make_pruner(
             c.pruner.name,
@@ -304,21 +344,54 @@ class Sweep:
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         self.tags = tags
         self.parent_id = parent_id
+        workers: list[subprocess.Popen[bytes]] = []
         try:
-            if missing > 0:
+            if missing > 0 and not self._enough(study):
+                workers = self._start_workers()
                 study.optimize(
                     self._objective,
-                    n_trials=missing,
+                    n_trials=missing,  # a bound: failed trials are replaced, but not forever
                     timeout=self.cfg.sweep.timeout_s,
                     catch=(Exception,),
-                    callbacks=[self._after_trial],
+                    callbacks=[self._after_trial, self._stop_when_enough],
                     gc_after_trial=True,
                 )
-            self._finish(study)
+            _wait_for(workers)
+            if not self.is_helper:
+                self._finish(study)
         except BaseException:
-            tracker.client.set_terminated(parent_id, "KILLED")
+            _stop(workers)
+            if not self.is_helper:
+                tracker.client.set_terminated(parent_id, "KILLED")
             raise
         return study
+
+    def _enough(self, study: optuna.Study) -> bool:
+        """Finished and running trials (of any worker) already make up sweep.n_trials."""
+        trials = study.get_trials(deepcopy=False, states=(*FINISHED_STATES, RUNNING))
+        return len(trials) >= self.cfg.sweep.n_trials
+
+    def _stop_when_enough(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._enough(study):
+            study.stop()
+
+    def _start_workers(self) -> list[subprocess.Popen[bytes]]:
+        """sweep.n_workers - 1 more processes on this study; this one is the first."""
+        extra = self.cfg.sweep.n_workers - 1
+        if extra <= 0 or self.is_helper:
+            return []
+        command = [sys.executable, "-m", "harness.cli", "sweep", *self.raw_overrides]
+        return [
+            subprocess.Popen(
+                [*command, "sweep.n_workers=1"],
+                env={
+                    **os.environ,
+                    HELPER_ENV: "1",
+                    "HARNESS_WORKER_INDEX": str(self.worker_index + index),
+                },
+            )
+            for index in range(1, extra + 1)
+        ]
 
     def _fail_stale_trials(self, study: optuna.Study) -> None:
         """Trials left RUNNING by a process of this host that is gone (crash, kill -9) are
@@ -355,6 +428,17 @@ class Sweep:
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        # Workers check the count before asking for a trial; two asking at the same moment can
+        # both pass. The lower trial numbers win and the surplus one stops here, unrun.
+        earlier = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, RUNNING))
+            if t.number < trial.number
+        ]
+        if len(earlier) >= self.cfg.sweep.n_trials:
+            trial.set_user_attr("fail_reason", "surplus: other workers took the last trials")
+            trial.study.stop()
+            raise SurplusTrialError("sweep.n_trials already reached by other workers")
         trial.set_user_attr("overrides", self.overrides)
         params = search.suggest(trial, self.plan.distributions)
         # A retry of a crashed trial keeps that trial's key: a hosted backend re-attaches to the
@@ -486,6 +570,31 @@ class Sweep:
 
 class BudgetExceededError(RuntimeError):
     pass
+
+
+class SurplusTrialError(RuntimeError):
+    pass
+
+
+def _wait_for(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.wait()  # each ends when the study has its trials (or its own bound)
+    failed = [w.args for w in workers if w.returncode not in (0, None)]
+    if failed:
+        logging.getLogger("harness").warning("%d worker(s) exited with an error", len(failed))
+
+
+def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C or an error here: the workers get an interrupt too, then are killed if they
+    do not stop within 30 s."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGINT)
+    for worker in workers:
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:

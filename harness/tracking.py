@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import runs_dir
+from harness.config import ConfigError, runs_dir
 
 # A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
 # password... but not max_new_tokens or tokenizer_source.
@@ -64,6 +64,33 @@ def tracking_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{runs_dir(cfg) / 'mlflow.db'}"
 
 
+class TrackingServerError(ConfigError):
+    pass
+
+
+def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """An http(s) tracking URI must answer MLflow's /health before a study starts: MLflow's
+    own client would otherwise retry for minutes, then fail in the middle of a trial."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    raise TrackingServerError(
+        f"cannot reach the MLflow tracking server at {redact_text(uri)} ({redact_text(problem)}). "
+        "Start it (`mlflow server --host 127.0.0.1 --port 5000 ...`) or fix tracking.uri."
+    )
+
+
 class MLflowTracker:
     """The study's experiment and parent run; makes a ``TrialRun`` per trial."""
 
@@ -73,6 +100,7 @@ class MLflowTracker:
 
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
+        check_tracking_server(self.uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
@@ -83,18 +111,30 @@ class MLflowTracker:
             artifacts = None
             if self.uri.startswith("sqlite:"):  # else MLflow would use ./mlruns of the cwd
                 artifacts = (runs_dir(cfg) / "mlartifacts" / name).as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    name, artifact_location=artifacts
+                )
+            except Exception:  # another worker created it a moment ago
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                self.experiment_id = experiment.experiment_id
         else:
             self.experiment_id = experiment.experiment_id
 
     def find_parent(self) -> str | None:
+        """The oldest parent run of the study (ties: the smallest run id), so that workers
+        which each created one at the same moment all settle on the same."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and tags.`{ROLE_TAG}` = 'study'",
             order_by=["attributes.start_time ASC"],
-            max_results=1,
+            max_results=20,
         )
-        return runs[0].info.run_id if runs else None
+        if not runs:
+            return None
+        return str(min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id)
 
     def parent_run(self, tags: Mapping[str, str]) -> str:
         """The study's parent run: found again on resume, created the first time."""
@@ -107,6 +147,10 @@ class MLflowTracker:
             )
             run_id = run.info.run_id
             self.log_text(run_id, config_yaml(self.cfg), "config.yaml")
+            oldest = self.find_parent()
+            if oldest is not None and oldest != run_id:  # another worker's came first: use it
+                self.client.delete_run(run_id)
+                run_id = oldest
         else:
             self.client.update_run(run_id, status="RUNNING")
         return run_id

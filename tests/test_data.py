@@ -144,3 +144,10 @@ def test_prompt_completion_rows(tmp_path):
     dataset = load_dataset(data_cfg("data=faq_chat", f"data.path={path}"))
     example = (dataset.train + dataset.validation + dataset.test)[0]
     assert example.text.startswith("Q") and example.target.startswith(" A")
+
+
+def test_wrongly_encoded_file_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\nfine,a\ncaf\u00e9 cr\u00e8me,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv:3: not UTF-8 text \(byte 0xe9"):
+        load_dataset(data_cfg(f"data.path={path}"))

@@ -53,6 +53,7 @@ def test_plain_values_are_fixed_not_searched():
         ("interval(a, b)", "cannot parse"),
         ("glob(*)", "not supported"),
         ("tag(log, range(1, 9, 2))", "log scale needs step 1"),
+        ("choice()", "empty choice"),
     ],
 )
 def test_bad_expressions_name_key_and_expression(expression, message):

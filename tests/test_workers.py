@@ -1,0 +1,74 @@
+"""Many processes on one study: `sweep.n_workers` on one host, with the default journal storage
+and MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.config import ConfigError
+from harness.study import load_study, plan_study
+from harness.tracking import tracking_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
+    overrides = [
+        "backend=fake",
+        "backend.seconds_per_epoch=0.05",
+        "sweep.n_trials=12",
+        "sweep.n_workers=3",
+        "pruner=none",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "database is locked" not in output
+    cfg = make_cfg(*overrides)
+    trials = load_study(cfg).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 12  # exactly n_trials, none extra
+    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert len(pids) == 3  # three processes ran trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 12  # no params drawn twice
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs_ = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs_ if r.data.tags.get("harness.role") == "study"]
+    children = [r for r in runs_ if r.data.tags.get("harness.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 12
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert parents[0].data.metrics["trials_complete"] == 12
+    # each trial number has exactly one run
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sweep.n_trials=0", "sweep.n_trials must be at least 1"),
+        ("sweep.n_workers=0", "sweep.n_workers must be at least 1"),
+    ],
+)
+def test_counts_below_one_are_refused(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_study(make_cfg("backend=fake", override))
+
+
+def test_sqlite_storage_is_refused_for_parallel_workers(make_cfg, tmp_path):
+    cfg = make_cfg("backend=fake", "sweep.n_workers=2", f"storage.url=sqlite:///{tmp_path}/o.db")
+    with pytest.raises(ConfigError, match="SQLite is not"):
+        plan_study(cfg)
