@@ -92,7 +92,7 @@ def test_resume_adds_only_missing_trials_under_the_same_parent(make_cfg):
 
 
 def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
-    cfg = make_cfg(*FAKE, "sweep.n_trials=3")
+    cfg = make_cfg(*FAKE, "sweep.n_trials=4")
     Sweep(make_cfg(*FAKE, "sweep.n_trials=2"), list(FAKE)).run()
     # a process killed mid-trial leaves the trial RUNNING in the storage
     study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
@@ -111,7 +111,10 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
     assert resumed.trials[dead.number].state.name == "FAIL"
     assert resumed.trials[alive.number].state.name == "RUNNING"
     assert states.count("FAIL") == 1
+    # the live worker's running trial counts toward n_trials: 3 finished + 1 running = 4
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+    retry = next(t for t in resumed.trials if "harness_retry_of" in t.user_attrs)
+    assert retry.user_attrs["harness_retry_of"] == dead.number
 
 
 def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
@@ -201,7 +204,8 @@ def test_best_and_reproduce_command(make_cfg):
     study = load_study(cfg)
     command = reproduce_command("train", study.user_attrs["overrides"], study.best_params)
     assert command.startswith("harness train backend=fake")
-    assert "train.max_length=32" in command and "sweep.n_trials=4" in command
+    assert "train.max_length=32" in command
+    assert "sweep.n_trials" not in command  # means nothing to `harness train`
     assert f"train.learning_rate={study.best_params['train.learning_rate']!r}" in command
     with pytest.raises(ConfigError, match="harness sweep study=nothing_here"):
         load_study(make_cfg("backend=fake", "name=nothing_here"))
