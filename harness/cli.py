@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     _quiet_libraries()
+    _exit_on_second_interrupt()
     from harness.backends.base import UntunableKeyError
     from harness.config import ConfigError
     from harness.data import DataError
@@ -225,6 +226,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _exit_on_second_interrupt() -> None:
+    """The first Ctrl-C raises KeyboardInterrupt: the running trial stops, is recorded as
+    failed, its runs are closed. A second one, while that cleanup runs, exits at once."""
+    import signal
+
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:
+            print("\ninterrupted again: exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        else:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
 
 def _print_config(rest: list[str]) -> int:

@@ -7,6 +7,8 @@ fails alone (its run is marked FAILED with the reason) and the study goes on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
@@ -257,9 +259,12 @@ def run_trial(
         run.end("KILLED")
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
-        reason = redact_text(f"{type(exc).__name__}: {exc}")
-        run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
-        run.log_text(traceback.format_exc(), "error.txt")
+        reason = describe_failure(exc)
+        # best effort: the store itself may be what failed (a full disk, a server gone)
+        with contextlib.suppress(Exception):
+            run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
+        with contextlib.suppress(Exception):
+            run.log_text(traceback.format_exc(), "error.txt")
         run.end("FAILED")
         raise
     run.set_tags({"optuna.trial_state": "COMPLETE"})
@@ -466,7 +471,7 @@ class Sweep:
         except optuna.TrialPruned:
             raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", redact_text(f"{type(exc).__name__}: {exc}")[:2000])
+            trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
@@ -566,6 +571,14 @@ class Sweep:
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
         self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a trial failed, fit to print and store: secrets redacted, a full disk named."""
+    reason = redact_text(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        reason += " (the disk is full: free space where runs/ and the MLflow artifacts live)"
+    return reason
 
 
 class BudgetExceededError(RuntimeError):

@@ -32,3 +32,40 @@ def test_unreachable_tracking_server_is_one_clear_error(make_cfg, runs):
     with pytest.raises(ConfigError, match="cannot reach the MLflow tracking server") as error:
         Sweep(cfg, []).run()
     assert "mlflow server" in str(error.value)
+
+
+def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monkeypatch):
+    """A full disk (simulated: the artifact write raises ENOSPC) fails the trial with a clear
+    reason; the study goes on and both stores stay readable."""
+    import errno
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.study import load_study
+    from harness.tracking import TrialRun, tracking_uri
+
+    real_log_artifact = TrialRun.log_artifact
+
+    def log_artifact(self, path, folder=None):
+        if path.read_text() == "trial 1\n":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_log_artifact(self, path, folder)
+
+    monkeypatch.setattr(TrialRun, "log_artifact", log_artifact)
+    overrides = [
+        "backend=fake",
+        "backend._target_=tests.artifact_backend.ArtifactBackend",
+        "sweep.n_trials=3",
+        "pruner=none",
+    ]
+    cfg = make_cfg(*overrides)
+    Sweep(cfg, overrides).run()
+    study = load_study(cfg)  # readable
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "the disk is full" in study.trials[1].user_attrs["fail_reason"]
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert runs["trial-0001"].info.status == "FAILED"
+    assert "No space left on device" in runs["trial-0001"].data.tags["harness.failure_reason"]
+    assert runs["trial-0002"].info.status == "FINISHED"

@@ -92,3 +92,75 @@ def test_default_sweep_runs_offline_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "best trial" in done.stdout and (tmp_path / "mlflow.db").exists()
     assert (tmp_path / "optuna" / "sentiment_tiny.log").exists()
+
+
+def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
+    """SIGINT mid-trial: the trial is recorded as failed, its run FAILED, the parent KILLED,
+    and the process exits with 130 and a hint to resume."""
+    import signal
+    import time
+
+    import optuna
+
+    from harness.config import load_config
+    from harness.study import storage_for
+
+    overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=3"]
+    cfg = load_config([*overrides, f"paths.runs_dir={runs}"])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+        except KeyError:
+            continue
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        if running and running[0].intermediate_values:
+            break
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "run the same command again to resume" in output
+    study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+    assert study.trials[-1].state.name == "FAIL"
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    found = client.search_runs([experiment.experiment_id])
+    statuses = {r.info.run_name: r.info.status for r in found}
+    assert statuses[f"trial-{study.trials[-1].number:04d}"] == "FAILED"
+    assert statuses[cfg.name] == "KILLED"
+    assert "RUNNING" not in statuses.values()
+
+
+def test_a_second_ctrl_c_exits_at_once(monkeypatch):
+    import os
+    import signal
+
+    from harness import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        cli._exit_on_second_interrupt()
+        handler = signal.getsignal(signal.SIGINT)
+        first = None
+        try:
+            handler(signal.SIGINT, None)  # the first: a KeyboardInterrupt to clean up with
+        except KeyboardInterrupt as exc:
+            first = exc
+        assert isinstance(first, KeyboardInterrupt) and exits == []
+        handler(signal.SIGINT, None)  # the second, during the cleanup: exit now
+        assert exits == [130]
+    finally:
+        signal.signal(signal.SIGINT, previous)
