@@ -109,7 +109,7 @@ class PrunerConfig:
 class TrackingConfig:
     uri: str | None = None  # null: sqlite file under paths.runs_dir
     experiment: str | None = None  # null: the study name
-    log_every_steps: int = 20  # train/loss is buffered and sent in batches of this many steps
+    flush_every_s: float = 5.0  # a trial's metrics are sent in batches, at least this often
     log_best_model: bool = True
     register_best_model: bool = True
     registered_model_name: str | None = None  # null: <study>-best
@@ -118,6 +118,8 @@ class TrackingConfig:
 @dataclass
 class StorageConfig:
     url: str | None = None  # null: an Optuna journal file under paths.runs_dir
+    heartbeat_s: int = 60  # RDB storages: running trials beat this often; 0 turns it off
+    grace_s: int = 180  # a trial whose heartbeat is older than this is failed (and retried)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +46,10 @@ HELPER_ENV = "_HARNESS_HELPER"  # set in processes a sweep starts for sweep.n_wo
 STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
 
 
-def storage_for(cfg: DictConfig) -> Any:
+def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) -> Any:
     """Optuna storage: the configured URL, else a journal file under runs/ (safe for several
-    processes on one host, unlike SQLite)."""
+    processes on one host, unlike SQLite). An RDB storage sends heartbeats from running trials
+    (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial whose stopped."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -58,7 +60,15 @@ def storage_for(cfg: DictConfig) -> Any:
         # retries and finds them made.
         for attempt in range(STORAGE_ATTEMPTS):
             try:
-                return optuna.storages.RDBStorage(str(url))
+                heartbeat = int(cfg.storage.heartbeat_s) or None
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        str(url),
+                        heartbeat_interval=heartbeat,
+                        grace_period=int(cfg.storage.grace_s) if heartbeat else None,
+                        heartbeat_stale_trial_callback=on_stale if heartbeat else None,
+                    )
             except Exception as exc:
                 if not isinstance(exc, ImportError) and attempt < STORAGE_ATTEMPTS - 1:
                     time.sleep(0.5 * 2**attempt)
@@ -185,7 +195,7 @@ class TrialReporter:
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
         is_eval = self.metric in metrics
-        self.run.log_metrics(step, metrics, buffered=not is_eval)
+        self.run.log_metrics(step, metrics, buffered=True)  # Optuna hears at once, MLflow soon
         cost = metrics.get("cost_usd")
         if cost is not None and cost != self.cost_usd:
             self.cost_usd = float(cost)
@@ -244,7 +254,7 @@ def run_trial(
         # values again at the last step would put a second point there. test/* and the
         # objective (the kept model's validation metric) are final values.
         final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
-        run.log_metrics(result.steps, {**final, "objective": objective})
+        run.log_metrics(result.steps, {**final, "objective": objective}, buffered=True)
         if "cost_usd" in result.metrics and on_cost is not None:
             on_cost(float(result.metrics["cost_usd"]))
         for artifact in result.artifacts:
@@ -255,8 +265,7 @@ def run_trial(
             except Exception as exc:
                 run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:4000]})
     except optuna.TrialPruned as pruned:
-        run.set_tags({"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
-        run.end("KILLED")
+        run.end("KILLED", {"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
         reason = describe_failure(exc)
@@ -267,8 +276,7 @@ def run_trial(
             run.log_text(traceback.format_exc(), "error.txt")
         run.end("FAILED")
         raise
-    run.set_tags({"optuna.trial_state": "COMPLETE"})
-    run.end("FINISHED")
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
     return result, run
 
 
@@ -297,7 +305,7 @@ class Sweep:
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
-        storage = storage_for(c)
+        storage = storage_for(c, on_stale=self._on_stale_heartbeat)
         # A resumed sweep seeds its sampler past the trials already there: the same seed again
         # would re-draw the first trials' parameters. A fresh sweep is seeded with c.seed.
         try:
@@ -359,7 +367,8 @@ class Sweep:
                     timeout=self.cfg.sweep.timeout_s,
                     catch=(Exception,),
                     callbacks=[self._after_trial, self._stop_when_enough],
-                    gc_after_trial=True,
+                    # no gc_after_trial: ~200 ms a trial with torch loaded; the local backend
+                    # collects after its own trials, which are the ones holding big objects
                 )
             _wait_for(workers)
             if not self.is_helper:
@@ -399,12 +408,14 @@ class Sweep:
         ]
 
     def _fail_stale_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a process of this host that is gone (crash, kill -9) are
+        """Trials left RUNNING by a process that is gone (crash, kill -9, a lost host) are
         marked FAIL, so they neither block nor count, and retried once with the same params and
         trial key (a hosted backend re-attaches to the job the dead process started). A retry
-        that dies too is not retried again: a paid backend cancels its work. A trial of a live
-        process, here or on another host, is left alone."""
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        that dies too is not retried again: a paid backend cancels its work. On this host a
+        process is gone when its pid is; on an RDB storage, any host's trial is gone when its
+        heartbeat stops (Optuna then calls ``_on_stale_heartbeat``)."""
+        optuna.storages.fail_stale_trials(study)  # heartbeats; a no-op on the journal file
+        for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
             worker = trial.user_attrs.get("worker", {})
             if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
                 continue
@@ -416,20 +427,25 @@ class Sweep:
             if spent:  # Optuna has no public setter for another process's trial
                 study._storage.set_trial_user_attr(trial._trial_id, "cost_usd", spent)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            self.tracker.fail_stale_run(trial.number, "the process running this trial ended")
-            key = trial.user_attrs.get("harness_trial_key", "")
-            if "harness_retry_of" in trial.user_attrs:
-                abandon = getattr(self.plan.backend, "abandon", None)
-                if abandon is not None and key:
-                    abandon(key)
-            else:
-                study.enqueue_trial(
-                    trial.params,
-                    user_attrs={
-                        "harness_retry_of": trial.number,
-                        "harness_trial_key": key,
-                    },
-                )
+            self._retry_or_abandon(study, trial, "the process running this trial ended")
+
+    def _on_stale_heartbeat(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._retry_or_abandon(study, trial, "its worker stopped sending heartbeats")
+
+    def _retry_or_abandon(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
+    ) -> None:
+        self.tracker.fail_stale_run(trial.number, reason)
+        key = trial.user_attrs.get("harness_trial_key", "")
+        if "harness_retry_of" in trial.user_attrs:
+            abandon = getattr(self.plan.backend, "abandon", None)
+            if abandon is not None and key:
+                abandon(key)
+        else:
+            study.enqueue_trial(
+                trial.params,
+                user_attrs={"harness_retry_of": trial.number, "harness_trial_key": key},
+            )
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})

@@ -1,9 +1,10 @@
 """MLflow records: one experiment per study, a parent run per study, a child run per trial.
 
 Written through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it works
-the same from any thread or process. ``train/loss`` is buffered and sent in batches; evaluation
-metrics go out at once. Secrets never reach MLflow: config values under secret-looking keys and
-passwords in URLs are redacted before the config is logged.
+the same from any thread or process. A trial's metrics are buffered and sent in batches, at least
+every ``tracking.flush_every_s`` seconds and when the run ends. Secrets never reach MLflow:
+config values under secret-looking keys and passwords in URLs are redacted before the config is
+logged.
 """
 
 from __future__ import annotations
@@ -55,7 +56,19 @@ def redact(value: Any, key: str = "") -> Any:
 
 
 def config_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
+    """The resolved config as YAML, secrets redacted (written once per trial: libyaml's C
+    emitter where there is one, ~1 ms instead of OmegaConf's ~5)."""
+    import yaml
+
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return str(
+        yaml.dump(
+            redact(OmegaConf.to_container(cfg, resolve=True)),
+            Dumper=dumper,
+            sort_keys=False,
+            allow_unicode=True,
+        )
+    )
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -182,7 +195,7 @@ class MLflowTracker:
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.log_every_steps)
+        trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.flush_every_s)
         trial_run.log_params(params)
         self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
         return trial_run
@@ -211,9 +224,10 @@ class MLflowTracker:
 class TrialRun:
     """One run's metrics (batched), artifacts and end state."""
 
-    def __init__(self, client: Any, run_id: str, flush_every: int = 20) -> None:
-        self.client, self.run_id, self.flush_every = client, run_id, max(1, flush_every)
+    def __init__(self, client: Any, run_id: str, flush_every_s: float = 5.0) -> None:
+        self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
         self.pending: list[Any] = []
+        self.flushed_at = time.monotonic()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -226,13 +240,15 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if not buffered or len(self.pending) >= self.flush_every:
+        due = time.monotonic() - self.flushed_at >= self.flush_every_s
+        if not buffered or due or len(self.pending) >= 1000:
             self.flush()
 
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # log_batch takes <= 1000 metrics
             self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
         self.pending = []
+        self.flushed_at = time.monotonic()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -245,8 +261,15 @@ class TrialRun:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def end(self, status: str) -> None:
-        """status: FINISHED, KILLED (pruned) or FAILED."""
+    def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
+        """status: FINISHED, KILLED (pruned) or FAILED; the last metrics and ``tags`` go in
+        the same request."""
+        from mlflow.entities import RunTag
+
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if run_tags or self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
+            self.pending = self.pending[1000:]
         self.flush()
         self.client.set_terminated(self.run_id, status)
 

@@ -85,3 +85,70 @@ def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
         assert {r.info.status for r in children} == {"FINISHED"}
     finally:
         optuna.delete_study(study_name=name, storage=postgres)
+
+
+def test_worker_killed_mid_trial_is_found_by_its_stopped_heartbeat(postgres, tmp_path):
+    """kill -9 of a worker on an RDB storage: once its heartbeat is older than the grace
+    period, the next worker fails the trial, closes its MLflow run as FAILED, and retries it
+    once with the same params; the study still ends with n_trials finished trials."""
+    import signal
+    import time
+
+    from harness.config import load_config
+    from harness.tracking import tracking_uri
+
+    name = f"heartbeat_{uuid.uuid4().hex[:8]}"
+    overrides = [
+        "backend=fake",
+        "backend.seconds_per_epoch=1",
+        "train.epochs=3",
+        f"name={name}",
+        "sweep.n_trials=2",
+        "pruner=none",
+        f"storage.url={postgres}",
+        "storage.heartbeat_s=1",
+        "storage.grace_s=2",
+        f"paths.runs_dir={tmp_path}",
+    ]
+    command = [sys.executable, "-m", "harness.cli", "sweep", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                study = optuna.load_study(study_name=name, storage=postgres)
+            except KeyError:
+                continue
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if running and running[0].intermediate_values:
+                break
+        else:
+            pytest.fail("the worker never got into a trial")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        # another host: the pid means nothing there, only the heartbeat tells
+        time.sleep(3)
+        result = subprocess.run(
+            command, env={**env, "HARNESS_WORKER_INDEX": "1"}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        study = optuna.load_study(study_name=name, storage=postgres)
+        dead = study.trials[0]
+        assert dead.state.name == "FAIL"
+        retry = next(t for t in study.trials if t.user_attrs.get("harness_retry_of") == 0)
+        assert retry.params == dead.params and retry.state.name == "COMPLETE"
+        assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+        cfg = load_config(overrides)
+        client = MlflowClient(tracking_uri(cfg))
+        experiment = client.get_experiment_by_name(name)
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        assert runs["trial-0000"].info.status == "FAILED"
+        assert "heartbeat" in runs["trial-0000"].data.tags["harness.failure_reason"]
+        assert "RUNNING" not in {r.info.status for r in runs.values()}
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        optuna.delete_study(study_name=name, storage=postgres)
