@@ -414,7 +414,9 @@ class Sweep:
         that dies too is not retried again: a paid backend cancels its work. On this host a
         process is gone when its pid is; on an RDB storage, any host's trial is gone when its
         heartbeat stops (Optuna then calls ``_on_stale_heartbeat``)."""
-        optuna.storages.fail_stale_trials(study)  # heartbeats; a no-op on the journal file
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
         for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
             worker = trial.user_attrs.get("worker", {})
             if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
