@@ -21,6 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
 import optuna
 from mlflow.tracking import MlflowClient
 
@@ -39,8 +42,11 @@ def run(workers: int, trials: int, seconds_per_epoch: float, storage: str, runs:
         f"paths.runs_dir={runs}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    # the study, experiment and parent run exist before the workers race for them
+    # the study and the MLflow store exist before the workers start, as a tracking server's
+    # would: processes that each create a new SQLite store at once race on its schema
     optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    runs.mkdir(parents=True, exist_ok=True)
+    MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").search_experiments()
     start = time.perf_counter()
     processes = [
         subprocess.Popen(
@@ -77,6 +83,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--storage", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(
         f"{args.trials} trials of the fake backend ({args.seconds_per_epoch} s per epoch), "
         f"PostgreSQL storage, {os.cpu_count()} CPUs"

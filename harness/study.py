@@ -373,10 +373,20 @@ class Sweep:
             _wait_for(workers)
             if not self.is_helper:
                 self._finish(study)
-        except BaseException:
+        except BaseException as exc:
             _stop(workers)
             if not self.is_helper:
-                tracker.client.set_terminated(parent_id, "KILLED")
+                with contextlib.suppress(Exception):  # the tracking store may be down too
+                    tracker.client.set_terminated(parent_id, "KILLED")
+            cause = _storage_error(exc)
+            if cause is not None:
+                first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise StorageGoneError(
+                    f"the Optuna storage {describe_storage(self.cfg)} failed during the study: "
+                    f"{type(cause).__name__}: {redact_text(first_line)[:300]}. The study stopped; "
+                    "finished trials are kept. Run the same command again when the storage is "
+                    "back: it resumes."
+                ) from exc
             raise
         return study
 
@@ -597,6 +607,26 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         reason += " (the disk is full: free space where runs/ and the MLflow artifacts live)"
     return reason
+
+
+class StorageGoneError(ConfigError):
+    """The study's Optuna storage stopped answering (a database down, a disk gone)."""
+
+
+def _storage_error(exc: BaseException) -> BaseException | None:
+    """The database or file error raised inside Optuna's storage code that ``exc`` is, or
+    arose from (Optuna may re-raise its own error on top), if any. Errors of a trial's own code
+    never get here: Optuna catches them per trial."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a bounded walk down the chain
+        if seen is None:
+            return None
+        kind = type(seen).__module__.startswith("sqlalchemy") or isinstance(seen, OSError)
+        frames = traceback.extract_tb(seen.__traceback__)
+        if kind and any("optuna/storages" in f.filename.replace("\\", "/") for f in frames):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class BudgetExceededError(RuntimeError):

@@ -119,7 +119,14 @@ class MLflowTracker:
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
         self.client = MlflowClient(self.uri)
         name = cfg.tracking.experiment or cfg.name
-        experiment = self.client.get_experiment_by_name(name)
+        for attempt in range(3):
+            try:  # the first use of a new SQLite store migrates its schema
+                experiment = self.client.get_experiment_by_name(name)
+                break
+            except Exception:  # two processes migrating a new store at once: one loses
+                if attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
         if experiment is None:
             artifacts = None
             if self.uri.startswith("sqlite:"):  # else MLflow would use ./mlruns of the cwd

@@ -69,3 +69,29 @@ def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monk
     assert runs["trial-0001"].info.status == "FAILED"
     assert "No space left on device" in runs["trial-0001"].data.tags["harness.failure_reason"]
     assert runs["trial-0002"].info.status == "FINISHED"
+
+
+def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypatch):
+    """The Optuna storage failing between trials (simulated: its journal file can no longer be
+    written) stops the study with one message saying how to resume; finished trials stay."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from harness.study import StorageGoneError, load_study
+
+    real_append = JournalFileBackend.append_logs
+    calls = {"n": 0}
+
+    def append_logs(self, logs):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(5, "Input/output error")
+        return real_append(self, logs)
+
+    overrides = ["backend=fake", "sweep.n_trials=10", "pruner=none"]
+    cfg = make_cfg(*overrides)
+    monkeypatch.setattr(JournalFileBackend, "append_logs", append_logs)
+    with pytest.raises(StorageGoneError, match=r"failed during the study.*Run the same command"):
+        Sweep(cfg, overrides).run()
+    monkeypatch.setattr(JournalFileBackend, "append_logs", real_append)
+    finished = [t for t in load_study(cfg).trials if t.state.name == "COMPLETE"]
+    assert 0 < len(finished) < 10  # kept; the rest is for the resumed run

@@ -151,3 +151,8 @@ def test_wrongly_encoded_file_names_file_and_line(tmp_path):
     path.write_bytes("text,label\nfine,a\ncaf\u00e9 cr\u00e8me,b\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.csv:3: not UTF-8 text \(byte 0xe9"):
         load_dataset(data_cfg(f"data.path={path}"))
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere\.jsonl: file not found"):
+        load_dataset(data_cfg(f"data.path={tmp_path / 'nowhere.jsonl'}"))

@@ -37,12 +37,15 @@ def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
     postgres, mlflow_server, tmp_path
 ):
     name = f"many_hosts_{uuid.uuid4().hex[:8]}"
+    # a password in the storage URL (trust auth ignores it) must be redacted everywhere
+    password = "s3cret-pw-9471"
+    with_password = postgres.replace("postgres@", f"postgres:{password}@")
     overrides = [
         "backend=fake",
         f"name={name}",
         "sweep.n_trials=60",
         "pruner=none",
-        f"storage.url={postgres}",
+        f"storage.url={with_password}",
         f"tracking.uri={mlflow_server}",
     ]
     workers = [
@@ -83,6 +86,16 @@ def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
         assert numbers == sorted(t.number for t in finished)
         assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
         assert {r.info.status for r in children} == {"FINISHED"}
+        # the password is in no output, param, tag, config artifact or Optuna attribute
+        assert not any(password in output for output in outputs)
+        for run in [*parents, *children[:5]]:
+            values = [*run.data.params.values(), *run.data.tags.values()]
+            assert not any(password in value for value in values)
+            config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+            assert password not in config.read_text()
+            assert "postgres:***@127.0.0.1" in config.read_text()
+        attrs = [study.user_attrs, *(t.user_attrs for t in study.trials)]
+        assert password not in repr(attrs)
     finally:
         optuna.delete_study(study_name=name, storage=postgres)
 

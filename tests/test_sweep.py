@@ -150,6 +150,8 @@ def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
     assert states.count("FAIL") == 1
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
     killed = next(t.number for t in resumed.trials if t.state.name == "FAIL")
+    retry = next(t for t in resumed.trials if t.user_attrs.get("harness_retry_of") == killed)
+    assert retry.params == resumed.trials[killed].params  # retried once, same params
     _, parents, trials = children(cfg)
     assert len(parents) == 1
     killed_run = next(r for r in trials if r.data.tags["optuna.trial_number"] == str(killed))
