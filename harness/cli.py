@@ -76,6 +76,8 @@ def cmd_sweep(overrides: list[str]) -> int:
     cfg = load_config(overrides)
 
     def on_trial(outcome: TrialOutcome) -> None:
+        if outcome.reason.startswith("surplus"):
+            return  # a trial another worker made unnecessary: never run
         value = "" if outcome.value is None else f"objective={outcome.value:.4f}"
         params = " ".join(
             f"{k.split('.')[-1]}={_format_value(v)}" for k, v in outcome.params.items()
@@ -245,6 +247,7 @@ def _exit_on_second_interrupt() -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)  # SLURM and Kubernetes stop jobs with it
 
 
 def _print_config(rest: list[str]) -> int:

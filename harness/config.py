@@ -109,7 +109,7 @@ class PrunerConfig:
 class TrackingConfig:
     uri: str | None = None  # null: sqlite file under paths.runs_dir
     experiment: str | None = None  # null: the study name
-    flush_every_s: float = 5.0  # a trial's metrics are sent in batches, at least this often
+    flush_every_s: float = 5.0  # a trial's metrics are sent in batches, about this often
     log_best_model: bool = True
     register_best_model: bool = True
     registered_model_name: str | None = None  # null: <study>-best

@@ -43,6 +43,7 @@ RUNNING = optuna.trial.TrialState.RUNNING
 # settings of a sweep that mean nothing to `harness train`
 SWEEP_ONLY_KEYS = {"sweep.n_trials", "sweep.n_workers", "sweep.timeout_s", "sweep.budget_usd"}
 HELPER_ENV = "_HARNESS_HELPER"  # set in processes a sweep starts for sweep.n_workers
+PARENT_ENV = "_HARNESS_PARENT_RUN"  # ... with the MLflow parent run they record under
 STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
 
 
@@ -65,6 +66,8 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(
                         str(url),
+                        # a connection dropped by a database restart is replaced, not used
+                        engine_kwargs={"pool_pre_ping": True},
                         heartbeat_interval=heartbeat,
                         grace_period=int(cfg.storage.grace_s) if heartbeat else None,
                         heartbeat_stale_trial_callback=on_stale if heartbeat else None,
@@ -274,7 +277,8 @@ def run_trial(
             run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
         with contextlib.suppress(Exception):
             run.log_text(traceback.format_exc(), "error.txt")
-        run.end("FAILED")
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            run.end("FAILED")
         raise
     run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
     return result, run
@@ -296,7 +300,9 @@ class Sweep:
         # the summary to the process that started it. HARNESS_WORKER_INDEX offsets the
         # sampler's seed so that workers started at the same moment do not draw the same params.
         self.is_helper = os.environ.get(HELPER_ENV) == "1"
-        self.worker_index = int(os.environ.get("HARNESS_WORKER_INDEX", "0") or 0)
+        index = int(os.environ.get("HARNESS_WORKER_INDEX", "0") or 0)
+        # host k with n workers seeds k*n, k*n+1, ...: apart from every other host's workers
+        self.seed_index = index if self.is_helper else index * max(1, cfg.sweep.n_workers)
         self.on_trial = on_trial
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
@@ -312,7 +318,7 @@ class Sweep:
             done = len(optuna.load_study(study_name=c.name, storage=storage).trials)
         except KeyError:
             done = 0
-        seed = c.seed + done + 1000 * self.worker_index
+        seed = c.seed + done + 1000 * self.seed_index
         sampler = search.make_sampler(
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
@@ -333,7 +339,8 @@ class Sweep:
         )
 
     def run(self) -> optuna.Study:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Optuna's own "trial failed" warnings would print errors unredacted; ours are redacted
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = self.create_study()
         study.set_user_attr("overrides", self.overrides)
         # Names this study's trials to hosted providers (see the trial key in _objective). Two
@@ -353,7 +360,7 @@ class Sweep:
             "optuna.storage": describe_storage(self.cfg),
             **provenance(self.plan.dataset.file_hashes, self.cfg.seed),
         }
-        parent_id = tracker.parent_run(tags)
+        parent_id = os.environ.get(PARENT_ENV) or tracker.parent_run(tags)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         self.tags = tags
         self.parent_id = parent_id
@@ -371,11 +378,20 @@ class Sweep:
                     # collects after its own trials, which are the ones holding big objects
                 )
             _wait_for(workers)
+            if workers:  # a helper that died left its trial RUNNING: fail it and run the retry
+                self._fail_stale_trials(study)
+                if not self._enough(study):
+                    study.optimize(
+                        self._objective,
+                        n_trials=missing,
+                        catch=(Exception,),
+                        callbacks=[self._after_trial, self._stop_when_enough],
+                    )
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
             _stop(workers)
-            if not self.is_helper:
+            if not self.is_helper and not self._others_running(study):
                 with contextlib.suppress(Exception):  # the tracking store may be down too
                     tracker.client.set_terminated(parent_id, "KILLED")
             cause = _storage_error(exc)
@@ -390,12 +406,21 @@ class Sweep:
             raise
         return study
 
+    def _others_running(self, study: optuna.Study) -> bool:
+        """Trials of other processes (other hosts) still running: the parent run stays open."""
+        pid, host = os.getpid(), socket.gethostname()
+        return any(
+            t.user_attrs.get("worker", {}) != {"host": host, "pid": pid}
+            for t in study.get_trials(deepcopy=False, states=(RUNNING,))
+        )
+
     def _enough(self, study: optuna.Study) -> bool:
         """Finished and running trials (of any worker) already make up sweep.n_trials."""
         trials = study.get_trials(deepcopy=False, states=(*FINISHED_STATES, RUNNING))
         return len(trials) >= self.cfg.sweep.n_trials
 
     def _stop_when_enough(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._fail_stale_trials(study)  # a worker that died must not count as running
         if self._enough(study):
             study.stop()
 
@@ -411,8 +436,11 @@ class Sweep:
                 env={
                     **os.environ,
                     HELPER_ENV: "1",
-                    "HARNESS_WORKER_INDEX": str(self.worker_index + index),
+                    # seeds apart from this host's other workers and from other hosts'
+                    "HARNESS_WORKER_INDEX": str(self.seed_index + index),
+                    PARENT_ENV: self.parent_id,
                 },
+                start_new_session=True,  # Ctrl-C is forwarded once, by _stop
             )
             for index in range(1, extra + 1)
         ]
@@ -436,9 +464,12 @@ class Sweep:
                 float(trial.user_attrs.get("cost_usd", 0.0)),
                 float(trial.user_attrs.get("cost_estimate_usd", 0.0)),
             )
-            if spent:  # Optuna has no public setter for another process's trial
-                study._storage.set_trial_user_attr(trial._trial_id, "cost_usd", spent)
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            try:  # another worker of this host may be failing it at this very moment
+                if spent:  # Optuna has no public setter for another process's trial
+                    study._storage.set_trial_user_attr(trial._trial_id, "cost_usd", spent)
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except (RuntimeError, ValueError):
+                continue  # it did: the retry is its to make
             self._retry_or_abandon(study, trial, "the process running this trial ended")
 
     def _on_stale_heartbeat(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -447,17 +478,24 @@ class Sweep:
     def _retry_or_abandon(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
     ) -> None:
-        self.tracker.fail_stale_run(trial.number, reason)
         key = trial.user_attrs.get("harness_trial_key", "")
-        if "harness_retry_of" in trial.user_attrs:
-            abandon = getattr(self.plan.backend, "abandon", None)
-            if abandon is not None and key:
-                abandon(key)
-        else:
+        log = logging.getLogger("harness")
+        if "harness_retry_of" not in trial.user_attrs:  # first, so nothing below can lose it
             study.enqueue_trial(
                 trial.params,
                 user_attrs={"harness_retry_of": trial.number, "harness_trial_key": key},
             )
+        else:
+            abandon = getattr(self.plan.backend, "abandon", None)
+            if abandon is not None and key:
+                try:
+                    abandon(key)
+                except Exception as exc:
+                    log.warning("trial %d: could not cancel its work: %s", trial.number, exc)
+        try:
+            self.tracker.fail_stale_run(trial.number, reason)
+        except Exception as exc:  # the run stays as it is; the study goes on
+            log.warning("trial %d: could not close its MLflow run: %s", trial.number, exc)
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -535,9 +573,19 @@ class Sweep:
             study.best_trial.number == trial.number
         )
         if is_best and (workdir / "model").exists():
-            shutil.rmtree(best, ignore_errors=True)
-            (workdir / "model").rename(best)
-            (best / "TRIAL").write_text(str(trial.number))
+            try:
+                with _locked(self.checkpoints / "best.lock"):  # workers of this host
+                    # still the best? another worker may have kept a better one meanwhile
+                    kept = best / "TRIAL"
+                    other = int(kept.read_text()) if kept.exists() else None
+                    if other is None or study.best_trial.number == trial.number:
+                        shutil.rmtree(best, ignore_errors=True)
+                        (workdir / "model").rename(best)
+                        (best / "TRIAL").write_text(str(trial.number))
+            except OSError as exc:
+                logging.getLogger("harness").warning(
+                    "could not keep trial %d's model: %s", trial.number, exc
+                )
         shutil.rmtree(workdir, ignore_errors=True)
         reason = ""
         if trial.state == optuna.trial.TrialState.FAIL:
@@ -573,7 +621,8 @@ class Sweep:
             metrics["best_objective"] = float(best.value)  # type: ignore[arg-type]
             self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
-        self.tracker.finish_parent(self.parent_id, metrics)
+        # the last worker to finish closes the parent run; others leave it RUNNING for it
+        self.tracker.finish_parent(self.parent_id, metrics, close=not self._others_running(study))
 
     def _log_best_model(self, study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
         best_dir = self.checkpoints / "best"
@@ -637,6 +686,20 @@ class SurplusTrialError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Any:
+    """An exclusive lock on ``path`` for processes of this host."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _wait_for(workers: list[subprocess.Popen[bytes]]) -> None:
     for worker in workers:
         worker.wait()  # each ends when the study has its trials (or its own bound)
@@ -646,16 +709,19 @@ def _wait_for(workers: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
-    """Ctrl-C or an error here: the workers get an interrupt too, then are killed if they
-    do not stop within 30 s."""
+    """Ctrl-C or an error here: each worker gets one interrupt (they run in their own session,
+    so a terminal's Ctrl-C reaches only this process) and 30 s in all to close its trial, then
+    is killed."""
     for worker in workers:
         if worker.poll() is None:
             worker.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
     for worker in workers:
         try:
-            worker.wait(timeout=30)
+            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             worker.kill()
+            worker.wait()
 
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:

@@ -1,14 +1,16 @@
 """MLflow records: one experiment per study, a parent run per study, a child run per trial.
 
 Written through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it works
-the same from any thread or process. A trial's metrics are buffered and sent in batches, at least
-every ``tracking.flush_every_s`` seconds and when the run ends. Secrets never reach MLflow:
+the same from any thread or process. A trial's metrics are buffered and sent in batches: with the
+first metric logged ``tracking.flush_every_s`` seconds after the last batch, and when the run
+ends. Secrets never reach MLflow:
 config values under secret-looking keys and passwords in URLs are redacted before the config is
 logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from harness.config import ConfigError, runs_dir
 SECRET_KEY = re.compile(
     r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
 )
+QUERY_PASSWORD = re.compile(r"\b(password|passwd|pwd)=[^&\s]+", re.I)  # ?password=... in DSNs
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
 # API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
 API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
@@ -33,7 +36,8 @@ ROLE_TAG = "harness.role"
 
 
 def redact_text(text: str) -> str:
-    return API_KEY.sub("sk-***", URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text))
+    text = URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+    return API_KEY.sub("sk-***", QUERY_PASSWORD.sub(r"\1=***", text))
 
 
 def redact_override(line: str) -> str:
@@ -87,6 +91,7 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     try:
@@ -96,8 +101,12 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         problem = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a refused connection, a bad URL (http.client.InvalidURL)...
         problem = f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
+        password = urllib.parse.urlsplit(uri).password
+        if password:
+            problem = problem.replace(password, "***")
     raise TrackingServerError(
         f"cannot reach the MLflow tracking server at {redact_text(uri)} ({redact_text(problem)}). "
         "Start it (`mlflow server --host 127.0.0.1 --port 5000 ...`) or fix tracking.uri."
@@ -223,9 +232,10 @@ class MLflowTracker:
         self.client.set_tag(run_id, "harness.hosted_model", details.get("id", ""))
         self.client.set_tag(run_id, "harness.logged_model_id", model.model_id)
 
-    def finish_parent(self, run_id: str, metrics: Mapping[str, float]) -> None:
+    def finish_parent(self, run_id: str, metrics: Mapping[str, float], close: bool = True) -> None:
         TrialRun(self.client, run_id).log_metrics(0, metrics)
-        self.client.set_terminated(run_id, "FINISHED")
+        if close:
+            self.client.set_terminated(run_id, "FINISHED")
 
 
 class TrialRun:
@@ -274,11 +284,13 @@ class TrialRun:
         from mlflow.entities import RunTag
 
         run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        if run_tags or self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
-            self.pending = self.pending[1000:]
-        self.flush()
-        self.client.set_terminated(self.run_id, status)
+        try:
+            if run_tags or self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
+                self.pending = self.pending[1000:]
+            self.flush()
+        finally:  # whatever happened to the last metrics, the run does not stay RUNNING
+            self.client.set_terminated(self.run_id, status)
 
 
 def log_transformers_model(

@@ -95,3 +95,23 @@ def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypa
     monkeypatch.setattr(JournalFileBackend, "append_logs", real_append)
     finished = [t for t in load_study(cfg).trials if t.state.name == "COMPLETE"]
     assert 0 < len(finished) < 10  # kept; the rest is for the resumed run
+
+
+def test_passwords_in_urls_and_query_strings_are_redacted():
+    from harness.tracking import redact_text
+
+    assert redact_text("postgresql://u:pw1@db/x") == "postgresql://u:***@db/x"
+    assert redact_text("host=db dbname=x password=pw2 sslmode=require") == (
+        "host=db dbname=x password=*** sslmode=require"
+    )
+    assert (
+        redact_text("postgresql://db/x?user=u&password=pw3")
+        == "postgresql://db/x?user=u&password=***"
+    )
+
+
+def test_a_malformed_tracking_url_is_a_clear_error_without_its_password(make_cfg):
+    cfg = make_cfg("backend=fake", "tracking.uri=http://user:pw-77@bad host:5000")
+    with pytest.raises(ConfigError, match="cannot reach the MLflow tracking server") as error:
+        Sweep(cfg, []).run()
+    assert "pw-77" not in str(error.value)

@@ -72,3 +72,51 @@ def test_sqlite_storage_is_refused_for_parallel_workers(make_cfg, tmp_path):
     cfg = make_cfg("backend=fake", "sweep.n_workers=2", f"storage.url=sqlite:///{tmp_path}/o.db")
     with pytest.raises(ConfigError, match="SQLite is not"):
         plan_study(cfg)
+
+
+def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
+    """SIGINT to the sweep: its helpers get one interrupt each, every trial ends FAIL or
+    finished, no MLflow run stays RUNNING, and no helper outlives the sweep."""
+    import signal
+    import time
+
+    import optuna
+
+    from harness.study import storage_for
+
+    overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=8",
+                 "sweep.n_workers=2", "pruner=none"]  # fmt: skip
+    cfg = make_cfg(*overrides)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+        except KeyError:
+            continue
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        if len({t.user_attrs.get("worker", {}).get("pid") for t in running}) == 2:
+            break  # both processes are inside a trial
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=90)
+    assert process.returncode == 130, output
+    study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
+    for pid in pids:  # every process that ran a trial is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker {pid} outlived the sweep")
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
+    assert "RUNNING" not in statuses
