@@ -368,25 +368,12 @@ class Sweep:
         try:
             if missing > 0 and not self._enough(study):
                 workers = self._start_workers()
-                study.optimize(
-                    self._objective,
-                    n_trials=missing,  # a bound: failed trials are replaced, but not forever
-                    timeout=self.cfg.sweep.timeout_s,
-                    catch=(Exception,),
-                    callbacks=[self._after_trial, self._stop_when_enough],
-                    # no gc_after_trial: ~200 ms a trial with torch loaded; the local backend
-                    # collects after its own trials, which are the ones holding big objects
-                )
+                self._optimize(study, missing)
             _wait_for(workers)
             if workers:  # a helper that died left its trial RUNNING: fail it and run the retry
                 self._fail_stale_trials(study)
                 if not self._enough(study):
-                    study.optimize(
-                        self._objective,
-                        n_trials=missing,
-                        catch=(Exception,),
-                        callbacks=[self._after_trial, self._stop_when_enough],
-                    )
+                    self._optimize(study, missing)
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
@@ -405,6 +392,52 @@ class Sweep:
                 ) from exc
             raise
         return study
+
+    def _optimize(self, study: optuna.Study, n_trials: int) -> None:
+        """study.optimize, riding out storage errors: a database that drops out for a moment
+        (a restart, a network blip) costs a wait with backoff, not the study. The trial in
+        flight is failed and retried once with its params; a storage still failing after the
+        last wait stops the study (see run)."""
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                study.optimize(
+                    self._objective,
+                    n_trials=n_trials,  # a bound: failed trials are replaced, but not forever
+                    timeout=self.cfg.sweep.timeout_s,
+                    catch=(Exception,),
+                    callbacks=[self._after_trial, self._stop_when_enough],
+                    # no gc_after_trial: ~200 ms a trial with torch loaded; the local backend
+                    # collects after its own trials, which are the ones holding big objects
+                )
+                return
+            except Exception as exc:
+                cause = _storage_error(exc)
+                if cause is None or attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                wait = 2.0 * 2**attempt
+                logging.getLogger("harness").warning(
+                    "the Optuna storage failed (%s: %s); retrying in %.0f s",
+                    type(cause).__name__,
+                    redact_text(str(cause).strip().splitlines()[0] if str(cause).strip() else ""),
+                    wait,
+                )
+                time.sleep(wait)
+                try:
+                    self._fail_own_running(study)
+                except Exception as again:
+                    if _storage_error(again) is None or attempt == STORAGE_ATTEMPTS - 2:
+                        raise
+            if self._enough(study):
+                return
+
+    def _fail_own_running(self, study: optuna.Study) -> None:
+        """After a storage error: this process's trial that could not be told is failed and
+        retried once, like a trial whose process died."""
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+            if trial.user_attrs.get("worker") == me:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                self._retry_or_abandon(study, trial, "the storage failed during this trial")
 
     def _others_running(self, study: optuna.Study) -> bool:
         """Trials of other processes (other hosts) still running: the parent run stays open."""

@@ -71,6 +71,31 @@ def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monk
     assert runs["trial-0002"].info.status == "FINISHED"
 
 
+def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
+    """The storage failing for a moment (simulated: a few journal writes fail) costs a wait
+    and a retried trial, not the study: it still ends with n_trials finished trials."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from harness.study import load_study
+
+    real_append = JournalFileBackend.append_logs
+    calls = {"n": 0}
+
+    def append_logs(self, logs):
+        calls["n"] += 1
+        if 40 < calls["n"] <= 42:
+            raise OSError(5, "Input/output error")
+        return real_append(self, logs)
+
+    overrides = ["backend=fake", "sweep.n_trials=6", "pruner=none"]
+    cfg = make_cfg(*overrides)
+    monkeypatch.setattr(JournalFileBackend, "append_logs", append_logs)
+    Sweep(cfg, overrides).run()
+    states = [t.state.name for t in load_study(cfg).trials]
+    assert calls["n"] > 42  # the failures happened
+    assert states.count("COMPLETE") == 6
+
+
 def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypatch):
     """The Optuna storage failing between trials (simulated: its journal file can no longer be
     written) stops the study with one message saying how to resume; finished trials stay."""
