@@ -36,7 +36,14 @@ from harness.config import ConfigError, runs_dir, with_params
 from harness.data import Dataset, load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
-from harness.tracking import MLflowTracker, TrialRun, redact_override, redact_text
+from harness.tracking import (
+    MLflowTracker,
+    TrackingServerError,
+    TrialRun,
+    redact_override,
+    redact_text,
+    tracking_uri,
+)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -308,6 +315,7 @@ class Sweep:
         self.cfg = self.plan.cfg
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
+        self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
@@ -374,6 +382,13 @@ class Sweep:
                 self._fail_stale_trials(study)
                 if not self._enough(study):
                     self._optimize(study, missing)
+            if self.tracking_gone:
+                raise TrackingServerError(
+                    f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
+                    f"answering ({self.tracking_gone[:300]}); the trial it was recording failed "
+                    "and the study stopped. Trials are kept in the Optuna storage: run the same "
+                    "command again when the server is back, it resumes."
+                )
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
@@ -571,6 +586,9 @@ class Sweep:
             raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
+            if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
+                self.tracking_gone = describe_failure(exc)
+                trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
@@ -689,6 +707,15 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         reason += " (the disk is full: free space where runs/ and the MLflow artifacts live)"
     return reason
+
+
+def _tracking_unreachable(exc: BaseException) -> bool:
+    """MLflow's client gave up on a tracking server that does not answer (after its own
+    retries with backoff)."""
+    text = str(exc)
+    return type(exc).__name__ == "MlflowException" and (
+        "API request to" in text and "failed with exception" in text
+    )
 
 
 class StorageGoneError(ConfigError):

@@ -73,6 +73,15 @@ def openai_cfg(make_cfg, fake_openai):
     return make
 
 
+class ServerURL(str):
+    """The server's URL, with its process (a test may stop the server mid-study)."""
+
+    def __new__(cls, url: str, process: subprocess.Popen) -> ServerURL:
+        value = super().__new__(cls, url)
+        value.process = process
+        return value
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,7 +126,7 @@ def mlflow_server(tmp_path):
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
             time.sleep(0.5)
-        yield url
+        yield ServerURL(url, server)
     finally:
         server.terminate()
         try:

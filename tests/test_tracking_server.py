@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.study import Sweep
@@ -23,3 +24,28 @@ def test_sweep_records_to_a_tracking_server(mlflow_server, make_cfg, runs):
     config_path = client.download_artifacts(trials[0].info.run_id, "config.yaml")
     assert "name: sentiment_tiny" in Path(config_path).read_text()
     assert not (runs / "mlflow.db").exists()  # nothing went to the local default store
+
+
+def test_tracking_server_gone_mid_study_stops_it_with_a_clear_message(
+    mlflow_server, make_cfg, monkeypatch
+):
+    """The server stops answering after trial 1: the next trial fails (after MLflow's own
+    retries, cut short here), and the study stops at once with one message, rather than
+    failing every remaining trial slowly. The Optuna storage keeps what finished."""
+    from harness.study import TrialOutcome, load_study
+    from harness.tracking import TrackingServerError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    overrides = ["backend=fake", "sweep.n_trials=6", "pruner=none", f"tracking.uri={mlflow_server}"]
+    cfg = make_cfg(*overrides)
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        if outcome.number == 1:
+            mlflow_server.process.terminate()
+            mlflow_server.process.wait(timeout=20)
+
+    with pytest.raises(TrackingServerError, match=r"stopped answering.*run the same command"):
+        Sweep(cfg, overrides, on_trial).run()
+    states = [t.state.name for t in load_study(cfg).trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
