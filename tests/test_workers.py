@@ -120,3 +120,15 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
     experiment = client.get_experiment_by_name(cfg.name)
     statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
     assert "RUNNING" not in statuses
+
+
+def test_one_worker_with_a_fixed_seed_draws_the_same_trials(tmp_path):
+    from harness.config import load_config
+    from harness.study import Sweep
+
+    def params(folder: str) -> list[dict]:
+        overrides = ["backend=fake", "sweep.n_trials=6", f"paths.runs_dir={tmp_path / folder}"]
+        study = Sweep(load_config(overrides), overrides).run()
+        return [t.params for t in study.trials]
+
+    assert params("a") == params("b")
