@@ -14,7 +14,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,13 @@ from harness.config import ConfigError, runs_dir, with_params
 from harness.data import Dataset, load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
+from harness.storage import (
+    STORAGE_ATTEMPTS,
+    StorageGoneError,
+    describe_storage,
+    storage_error,
+    storage_for,
+)
 from harness.tracking import (
     MLflowTracker,
     TrackingServerError,
@@ -44,59 +50,12 @@ from harness.tracking import (
     redact_text,
     tracking_uri,
 )
+from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_for
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 # settings of a sweep that mean nothing to `harness train`
 SWEEP_ONLY_KEYS = {"sweep.n_trials", "sweep.n_workers", "sweep.timeout_s", "sweep.budget_usd"}
-HELPER_ENV = "_HARNESS_HELPER"  # set in processes a sweep starts for sweep.n_workers
-PARENT_ENV = "_HARNESS_PARENT_RUN"  # ... with the MLflow parent run they record under
-STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
-
-
-def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) -> Any:
-    """Optuna storage: the configured URL, else a journal file under runs/ (safe for several
-    processes on one host, unlike SQLite). An RDB storage sends heartbeats from running trials
-    (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial whose stopped."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    url = cfg.storage.url
-    if url and not str(url).endswith((".log", ".journal")):
-        # Connect now: an unreachable database is one clear error, not a traceback. Workers
-        # starting together on an empty database race to create Optuna's tables: the loser
-        # retries and finds them made.
-        for attempt in range(STORAGE_ATTEMPTS):
-            try:
-                heartbeat = int(cfg.storage.heartbeat_s) or None
-                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        str(url),
-                        # a connection dropped by a database restart is replaced, not used
-                        engine_kwargs={"pool_pre_ping": True},
-                        heartbeat_interval=heartbeat,
-                        grace_period=int(cfg.storage.grace_s) if heartbeat else None,
-                        heartbeat_stale_trial_callback=on_stale if heartbeat else None,
-                    )
-            except Exception as exc:
-                if not isinstance(exc, ImportError) and attempt < STORAGE_ATTEMPTS - 1:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(
-                    f"cannot open the Optuna storage {redact_text(str(url))}: "
-                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check storage.url, "
-                    "that the database server is up and reachable, and its driver is installed."
-                ) from None
-    path = Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def describe_storage(cfg: DictConfig) -> str:
-    url = cfg.storage.url or str(runs_dir(cfg) / "optuna" / f"{cfg.name}.log")
-    return redact_text(str(url))
 
 
 def make_backend(cfg: DictConfig) -> Backend:
@@ -377,7 +336,7 @@ class Sweep:
             if missing > 0 and not self._enough(study):
                 workers = self._start_workers()
                 self._optimize(study, missing)
-            _wait_for(workers)
+            wait_for(workers)
             if workers:  # a helper that died left its trial RUNNING: fail it and run the retry
                 self._fail_stale_trials(study)
                 if not self._enough(study):
@@ -392,11 +351,11 @@ class Sweep:
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
-            _stop(workers)
+            stop(workers)
             if not self.is_helper and not self._others_running(study):
                 with contextlib.suppress(Exception):  # the tracking store may be down too
                     tracker.client.set_terminated(parent_id, "KILLED")
-            cause = _storage_error(exc)
+            cause = storage_error(exc)
             if cause is not None:
                 first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
                 raise StorageGoneError(
@@ -426,7 +385,7 @@ class Sweep:
                 )
                 return
             except Exception as exc:
-                cause = _storage_error(exc)
+                cause = storage_error(exc)
                 if cause is None or attempt == STORAGE_ATTEMPTS - 1:
                     raise
                 wait = 2.0 * 2**attempt
@@ -440,7 +399,7 @@ class Sweep:
                 try:
                     self._fail_own_running(study)
                 except Exception as again:
-                    if _storage_error(again) is None or attempt == STORAGE_ATTEMPTS - 2:
+                    if storage_error(again) is None or attempt == STORAGE_ATTEMPTS - 2:
                         raise
             if self._enough(study):
                 return
@@ -488,7 +447,7 @@ class Sweep:
                     "HARNESS_WORKER_INDEX": str(self.seed_index + index),
                     PARENT_ENV: self.parent_id,
                 },
-                start_new_session=True,  # Ctrl-C is forwarded once, by _stop
+                start_new_session=True,  # Ctrl-C is forwarded once, by workers.stop
             )
             for index in range(1, extra + 1)
         ]
@@ -505,7 +464,7 @@ class Sweep:
             optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
         for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
             worker = trial.user_attrs.get("worker", {})
-            if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
+            if worker.get("host") != socket.gethostname() or alive(int(worker.get("pid", 0))):
                 continue
             # its hosted work may run on to the end: count it as spent until a retry takes over
             spent = max(
@@ -625,7 +584,7 @@ class Sweep:
         )
         if is_best and (workdir / "model").exists():
             try:
-                with _locked(self.checkpoints / "best.lock"):  # workers of this host
+                with locked(self.checkpoints / "best.lock"):  # workers of this host
                     # still the best? another worker may have kept a better one meanwhile
                     kept = best / "TRIAL"
                     other = int(kept.read_text()) if kept.exists() else None
@@ -718,70 +677,12 @@ def _tracking_unreachable(exc: BaseException) -> bool:
     )
 
 
-class StorageGoneError(ConfigError):
-    """The study's Optuna storage stopped answering (a database down, a disk gone)."""
-
-
-def _storage_error(exc: BaseException) -> BaseException | None:
-    """The database or file error raised inside Optuna's storage code that ``exc`` is, or
-    arose from (Optuna may re-raise its own error on top), if any. Errors of a trial's own code
-    never get here: Optuna catches them per trial."""
-    seen: BaseException | None = exc
-    for _ in range(10):  # a bounded walk down the chain
-        if seen is None:
-            return None
-        kind = type(seen).__module__.startswith("sqlalchemy") or isinstance(seen, OSError)
-        frames = traceback.extract_tb(seen.__traceback__)
-        if kind and any("optuna/storages" in f.filename.replace("\\", "/") for f in frames):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 class BudgetExceededError(RuntimeError):
     pass
 
 
 class SurplusTrialError(RuntimeError):
     pass
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Any:
-    """An exclusive lock on ``path`` for processes of this host."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _wait_for(workers: list[subprocess.Popen[bytes]]) -> None:
-    for worker in workers:
-        worker.wait()  # each ends when the study has its trials (or its own bound)
-    failed = [w.args for w in workers if w.returncode not in (0, None)]
-    if failed:
-        logging.getLogger("harness").warning("%d worker(s) exited with an error", len(failed))
-
-
-def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
-    """Ctrl-C or an error here: each worker gets one interrupt (they run in their own session,
-    so a terminal's Ctrl-C reaches only this process) and 30 s in all to close its trial, then
-    is killed."""
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + 30
-    for worker in workers:
-        try:
-            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
 
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:
@@ -803,18 +704,6 @@ def study_spend(study: optuna.Study, exclude: int = -1) -> float:
             spent = max(spent, float(trial.user_attrs.get("cost_estimate_usd", 0.0)))
         total += spent
     return total
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def train_once(cfg: DictConfig, overrides: list[str]) -> tuple[TrialResult, str]:

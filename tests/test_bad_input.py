@@ -101,7 +101,8 @@ def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypa
     written) stops the study with one message saying how to resume; finished trials stay."""
     from optuna.storages.journal import JournalFileBackend
 
-    from harness.study import StorageGoneError, load_study
+    from harness.storage import StorageGoneError
+    from harness.study import load_study
 
     real_append = JournalFileBackend.append_logs
     calls = {"n": 0}

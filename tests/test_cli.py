@@ -103,7 +103,7 @@ def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
     import optuna
 
     from harness.config import load_config
-    from harness.study import storage_for
+    from harness.storage import storage_for
 
     overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=3"]
     cfg = load_config([*overrides, f"paths.runs_dir={runs}"])

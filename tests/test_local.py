@@ -14,7 +14,8 @@ from harness.backends.base import TrialSpec
 from harness.backends.local import LocalBackend
 from harness.config import with_params
 from harness.data import load_dataset
-from harness.study import Sweep, storage_for, train_once
+from harness.storage import storage_for
+from harness.study import Sweep, train_once
 from harness.tracking import tracking_uri
 from tests.conftest import write
 from tests.test_backend_contract import RecordingReporter

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from harness.backends.base import UntunableKeyError
 from harness.config import ConfigError
 from harness.search import SearchSpaceError
-from harness.study import Sweep, load_study, reproduce_command, storage_for
+from harness.storage import storage_for
+from harness.study import Sweep, load_study, reproduce_command
 from harness.tracking import tracking_uri
 
 FAKE = (

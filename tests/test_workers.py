@@ -82,7 +82,7 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
 
     import optuna
 
-    from harness.study import storage_for
+    from harness.storage import storage_for
 
     overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=8",
                  "sweep.n_workers=2", "pruner=none"]  # fmt: skip

@@ -1,0 +1,88 @@
+"""Optuna storages: which one a study uses, opening it, and recognising its failures.
+
+The default is a journal file under runs/ (safe for several processes on one host, unlike
+SQLite); ``storage.url`` names any RDB storage, such as PostgreSQL shared by many hosts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+
+from harness.config import ConfigError, runs_dir
+from harness.tracking import redact_text
+
+STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
+
+
+def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) -> Any:
+    """Optuna storage: the configured URL, else a journal file under runs/ (safe for several
+    processes on one host, unlike SQLite). An RDB storage sends heartbeats from running trials
+    (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial whose heartbeat
+    stopped."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    url = cfg.storage.url
+    if url and not str(url).endswith((".log", ".journal")):
+        # Connect now: an unreachable database is one clear error, not a traceback. Workers
+        # starting together on an empty database race to create Optuna's tables: the loser
+        # retries and finds them made.
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                heartbeat = int(cfg.storage.heartbeat_s) or None
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        str(url),
+                        # a connection dropped by a database restart is replaced, not used
+                        engine_kwargs={"pool_pre_ping": True},
+                        heartbeat_interval=heartbeat,
+                        grace_period=int(cfg.storage.grace_s) if heartbeat else None,
+                        heartbeat_stale_trial_callback=on_stale if heartbeat else None,
+                    )
+            except Exception as exc:
+                if not isinstance(exc, ImportError) and attempt < STORAGE_ATTEMPTS - 1:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"cannot open the Optuna storage {redact_text(str(url))}: "
+                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check storage.url, "
+                    "that the database server is up and reachable, and its driver is installed."
+                ) from None
+    path = Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def describe_storage(cfg: DictConfig) -> str:
+    url = cfg.storage.url or str(runs_dir(cfg) / "optuna" / f"{cfg.name}.log")
+    return redact_text(str(url))
+
+
+class StorageGoneError(ConfigError):
+    """The study's Optuna storage stopped answering (a database down, a disk gone)."""
+
+
+def storage_error(exc: BaseException) -> BaseException | None:
+    """The database or file error raised inside Optuna's storage code that ``exc`` is, or
+    arose from (Optuna may re-raise its own error on top), if any. Errors of a trial's own code
+    never get here: Optuna catches them per trial."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a bounded walk down the chain
+        if seen is None:
+            return None
+        kind = type(seen).__module__.startswith("sqlalchemy") or isinstance(seen, OSError)
+        frames = traceback.extract_tb(seen.__traceback__)
+        if kind and any("optuna/storages" in f.filename.replace("\\", "/") for f in frames):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
