@@ -135,3 +135,25 @@ def mlflow_server(tmp_path):
             server.kill()
             server.wait(timeout=10)
         log.close()
+
+
+def wait_for_running(study_name: str, storage, ready, what: str, timeout: float = 120.0) -> None:
+    """Polls a study another process runs until ``ready(running_trials)``; fails the test with
+    ``what`` if that does not happen within ``timeout`` seconds."""
+    import optuna
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:  # not created yet
+            continue
+        if ready(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))):
+            return
+    pytest.fail(f"timed out waiting until {what}")
+
+
+def reported(running) -> bool:
+    """A running trial has reported an evaluation: mid-trial, its MLflow run exists."""
+    return bool(running) and bool(running[0].intermediate_values)

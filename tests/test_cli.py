@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import write
+from tests.conftest import reported, wait_for_running, write
 
 
 def harness(*args: str, runs=None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -98,7 +98,6 @@ def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
     """SIGINT mid-trial: the trial is recorded as failed, its run FAILED, the parent KILLED,
     and the process exits with 130 and a hint to resume."""
     import signal
-    import time
 
     import optuna
 
@@ -113,16 +112,7 @@ def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        try:
-            study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-        except KeyError:
-            continue
-        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        if running and running[0].intermediate_values:
-            break
+    wait_for_running(cfg.name, storage_for(cfg), reported, "a trial has reported")
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output

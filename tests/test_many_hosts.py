@@ -15,6 +15,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import reported, wait_for_running
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -127,18 +129,7 @@ def test_worker_killed_mid_trial_is_found_by_its_stopped_heartbeat(postgres, tmp
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            try:
-                study = optuna.load_study(study_name=name, storage=postgres)
-            except KeyError:
-                continue
-            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if running and running[0].intermediate_values:
-                break
-        else:
-            pytest.fail("the worker never got into a trial")
+        wait_for_running(name, postgres, reported, "the worker has reported in a trial")
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         # another host: the pid means nothing there, only the heartbeat tells

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -18,6 +17,7 @@ from harness.search import SearchSpaceError
 from harness.storage import storage_for
 from harness.study import Sweep, load_study, reproduce_command
 from harness.tracking import tracking_uri
+from tests.conftest import reported, wait_for_running
 
 FAKE = (
     "backend=fake",
@@ -129,19 +129,12 @@ def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            try:
-                study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-            except KeyError:
-                continue
-            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            # mid-trial: the second trial has reported an evaluation (so its run exists)
-            if running and running[0].number >= 1 and running[0].intermediate_values:
-                break
-        else:
-            pytest.fail("the sweep never reached its second trial")
+        wait_for_running(
+            cfg.name,
+            storage_for(cfg),
+            lambda running: reported(running) and running[0].number >= 1,
+            "the second trial has reported an evaluation",
+        )
     finally:
         process.kill()
         process.wait(timeout=30)

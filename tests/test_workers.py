@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import ConfigError
 from harness.study import load_study, plan_study
 from harness.tracking import tracking_uri
+from tests.conftest import wait_for_running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,6 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
     """SIGINT to the sweep: its helpers get one interrupt each, every trial ends FAIL or
     finished, no MLflow run stays RUNNING, and no helper outlives the sweep."""
     import signal
-    import time
 
     import optuna
 
@@ -94,16 +94,12 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        try:
-            study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-        except KeyError:
-            continue
-        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        if len({t.user_attrs.get("worker", {}).get("pid") for t in running}) == 2:
-            break  # both processes are inside a trial
+    wait_for_running(
+        cfg.name,
+        storage_for(cfg),
+        lambda running: len({t.user_attrs.get("worker", {}).get("pid") for t in running}) == 2,
+        "both processes are inside a trial",
+    )
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=90)
     assert process.returncode == 130, output
