@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -49,7 +50,27 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
 UNPARSED = "<unparsed>"
 MAX_EVENT_PAGES = 1000  # x 100 events: more than any job's steps
+# a job's per-step metrics (events' data, or the result CSV's columns) -> our metric names
+STEP_METRICS = {
+    "train_loss": "train/loss",
+    "train_mean_token_accuracy": "train/token_accuracy",
+    "train_accuracy": "train/token_accuracy",  # the result CSV's name for it
+    "valid_loss": "valid/batch_loss",
+    "valid_mean_token_accuracy": "valid/batch_token_accuracy",
+}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """Errors worth retrying: the connection (timeouts too), the server, rate limits, conflicts."""
+    import openai
+
+    return (
+        openai.APIConnectionError,  # includes APITimeoutError
+        openai.InternalServerError,
+        openai.RateLimitError,
+        openai.ConflictError,
+    )
 
 
 class HostedJobError(RuntimeError):
@@ -179,7 +200,7 @@ class OpenAIBackend:
         uploaded = {}
         for split in ("train", "validation"):
             content = to_jsonl(chats[split])
-            name = f"harness-{cfg.name}-{split}-{_sha(content)[:16]}.jsonl"
+            name = f"harness-{cfg.name}-{split}-{hashlib.sha256(content).hexdigest()[:16]}.jsonl"
             uploaded[split] = self._upload(name, content)
         prepared.training_file = uploaded["train"]
         prepared.validation_file = uploaded["validation"]
@@ -271,12 +292,7 @@ class OpenAIBackend:
         making the job, so the next look waits at least backend.create_grace_s."""
         import openai
 
-        transient = (
-            openai.APIConnectionError,  # includes APITimeoutError
-            openai.InternalServerError,
-            openai.RateLimitError,
-            openai.ConflictError,
-        )
+        transient = transient_errors()
         hyperparameters = {
             "n_epochs": int(cfg.train.epochs),
             "batch_size": int(cfg.train.batch_size),
@@ -481,14 +497,8 @@ class _Follower:
         self.final_eval: dict[str, float] = {}
 
     def follow(self) -> Any:
-        import openai
 
-        transient = (
-            openai.APIConnectionError,
-            openai.APITimeoutError,
-            openai.InternalServerError,
-            openai.RateLimitError,
-        )
+        transient = transient_errors()
         backend = self.backend
         delay = backend.poll_interval_s
         deadline = time.monotonic() + backend.max_job_s
@@ -551,13 +561,8 @@ class _Follower:
         self.total_steps = int(data.get("total_steps") or self.total_steps)
         self.last_step = max(self.last_step, step)
         self.reported_steps.add(step)
-        names = {
-            "train_loss": "train/loss",
-            "train_mean_token_accuracy": "train/token_accuracy",
-            "valid_loss": "valid/batch_loss",
-            "valid_mean_token_accuracy": "valid/batch_token_accuracy",
-        }
-        metrics = {names[k]: float(v) for k, v in data.items() if k in names and v is not None}
+        known = {k: v for k, v in data.items() if k in STEP_METRICS and v is not None}
+        metrics = {STEP_METRICS[k]: float(v) for k, v in known.items()}
         if data.get("full_valid_loss") is not None:  # an epoch end: the whole validation file
             # the spend so far, once an epoch (not per step: it is stored with the trial)
             metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
@@ -575,12 +580,6 @@ class _Follower:
 
     def report_result_rows(self, text: str) -> None:
         """The result file's rows for steps no event reported (events can be missed)."""
-        names = {
-            "train_loss": "train/loss",
-            "train_accuracy": "train/token_accuracy",
-            "valid_loss": "valid/batch_loss",
-            "valid_mean_token_accuracy": "valid/batch_token_accuracy",
-        }
         for row in csv.DictReader(io.StringIO(text)):
             try:
                 step = int(float(row["step"]))
@@ -589,7 +588,7 @@ class _Follower:
             if step in self.reported_steps:
                 continue
             metrics = {}
-            for column, name in names.items():
+            for column, name in STEP_METRICS.items():
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     metrics[name] = float(row[column])
             if metrics:
@@ -622,12 +621,6 @@ def parse_label(answer: str, labels: list[str]) -> str:
         return by_norm[said]
     mentioned = [label for n, label in by_norm.items() if re.search(rf"\b{re.escape(n)}\b", said)]
     return mentioned[0] if len(mentioned) == 1 else UNPARSED
-
-
-def _sha(content: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(content).hexdigest()
 
 
 def _plain(mapping: Any) -> dict[str, Any]:
