@@ -38,6 +38,9 @@ class PruningReporter:
     def __init__(self, trial: optuna.Trial, metric: str) -> None:
         self.trial, self.metric, self.evaluations = trial, metric, 0
 
+    def set_total_steps(self, total: int) -> None:
+        pass
+
     def report(self, step: int, metrics: dict[str, float]) -> None:
         if self.metric in metrics:
             self.evaluations += 1

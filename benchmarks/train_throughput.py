@@ -84,6 +84,9 @@ class StepClock:
 
 
 class SilentReporter:
+    def set_total_steps(self, total: int) -> None:
+        pass
+
     def report(self, step: int, metrics: Any) -> None:
         pass
 

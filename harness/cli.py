@@ -16,8 +16,12 @@ Hyperparameter search for fine-tuning language models (Hydra configs, Optuna, ML
 
 commands:
   sweep      run the study, or resume it up to sweep.n_trials finished trials
+             (--quiet: the final summary only)
   train      one run with fixed hyperparameters (e.g. the overrides `harness best` prints)
   best       print the best trial and the command that reproduces it
+  report     plots and summary.md of a study in runs/reports/NAME/, also logged to MLflow
+  ui         the MLflow UI on the study's store (--port 5000); --optuna: optuna-dashboard
+             on its Optuna storage (--port 8080); both on 127.0.0.1
   validate   check a dataset (data=NAME, or a file path): size, labels, token statistics;
              for a hosted backend also the API's rules and tokens and cost per trial shape
   fake-openai  serve a loopback fake of the OpenAI fine-tuning API, for free dry runs
@@ -37,7 +41,8 @@ examples:
   harness best study=spam_tiny
   harness fake-openai --port 8787 &
   harness sweep study=tickets_openai backend.base_url=http://127.0.0.1:8787/v1
-  mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db
+  harness report study=spam_tiny
+  harness ui
 """
 
 
@@ -61,48 +66,48 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def cmd_sweep(overrides: list[str]) -> int:
+def cmd_sweep(args: list[str]) -> int:
     from harness.config import load_config
-    from harness.study import Sweep, TrialOutcome, describe_storage
+    from harness.display import SweepDisplay, print_summary
+    from harness.study import FINISHED_STATES, Sweep, describe_storage, load_study, objectives
     from harness.tracking import redact_text, tracking_uri
 
+    quiet = "--quiet" in args
+    overrides = [a for a in args if a != "--quiet"]
     console = _console()
     cfg = load_config(overrides)
-
-    def on_trial(outcome: TrialOutcome) -> None:
-        if outcome.reason.startswith("surplus"):
-            return  # a trial another worker made unnecessary: never run
-        value = "" if outcome.value is None else f"objective={outcome.value:.4f}"
-        params = " ".join(
-            f"{k.split('.')[-1]}={_format_value(v)}" for k, v in outcome.params.items()
-        )
-        style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(outcome.state, "")
-        cost = "" if outcome.cost_usd is None else f" ${outcome.cost_usd:.4f}"
-        console.print(
-            f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
-            f"{value:18s} {outcome.seconds:6.1f}s{cost}  {params} {outcome.reason}",
-            soft_wrap=True,  # one line per trial, also in log files
-        )
-
-    sweep = Sweep(cfg, overrides, on_trial)
+    display = SweepDisplay(
+        console,
+        cfg.sweep.metric,
+        cfg.sweep.n_trials,
+        done=_finished_before(cfg, FINISHED_STATES, load_study),
+        quiet=quiet,
+        study_bar=cfg.sweep.n_workers == 1,  # other processes' trials are not seen here
+    )
+    sweep = Sweep(cfg, overrides, display.on_trial, display.on_progress)
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
+        display.live = False  # its output shares the starter's terminal: no bars of its own
         sweep.run()
         return 0
+    say = (lambda *a, **k: None) if quiet else console.print
     workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
-    console.print(
-        f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, "
-        f"{cfg.sweep.direction} {cfg.sweep.metric}; sampler {cfg.sampler.name}, "
-        f"pruner {cfg.pruner.name}, backend {cfg.backend._target_.rsplit('.', 1)[-1]}{workers}"
+    goals = objectives(cfg)
+    target = ", ".join(f"{d} {m}" for m, d in goals)
+    pruner = "none (several objectives)" if len(goals) > 1 else cfg.pruner.name
+    say(
+        f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, {target}; "
+        f"sampler {cfg.sampler.name}, pruner {pruner}, "
+        f"backend {cfg.backend._target_.rsplit('.', 1)[-1]}{workers}"
     )
-    console.print(f"optuna storage: {describe_storage(cfg)}")
-    console.print(f"mlflow: {redact_text(tracking_uri(cfg))}")
-    study = sweep.run()
+    say(f"optuna storage: {describe_storage(cfg)}")
+    say(f"mlflow: {redact_text(tracking_uri(cfg))}")
+    said = len(sweep.plan.notices)
+    for notice in sweep.plan.notices:
+        say(f"[yellow]note[/yellow]: {notice}", soft_wrap=True)
+    with display:
+        study = sweep.run()
+    for notice in sweep.plan.notices[said:]:  # found while it ran (a warm start's source)
+        say(f"[yellow]note[/yellow]: {notice}", soft_wrap=True)
     if any("cost_usd" in t.user_attrs for t in study.trials):
         from harness.study import study_spend
 
@@ -111,52 +116,37 @@ def cmd_sweep(overrides: list[str]) -> int:
         console.print(f"spent ${study_spend(study):.4f} ({limit})")
     if sweep.stop_reason:
         console.print(f"[yellow]stopped[/yellow]: {sweep.stop_reason}", soft_wrap=True)
-    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if not completed:
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
         console.print("[red]no trial completed[/red]: see the FAIL reasons above")
         return 1
-    _print_best(console, study, cfg.sweep.metric)
+    print_summary(console, study, goals)
+    from harness.study import reproduce_command
+
+    say(f"plots and summary.md: {reproduce_command('report', overrides, {})}", soft_wrap=True)
     return 0
 
 
-def _print_best(console: Any, study: Any, metric: str) -> None:
-    from rich.table import Table
-
-    from harness.study import reproduce_command
-
-    best = study.best_trial
-    states = [t.state.name for t in study.trials]
-    console.print(
-        f"\n{len(states)} trials: {states.count('COMPLETE')} complete, "
-        f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed"
-    )
-    table = Table(title=f"best trial: {best.number}  ({metric} = {best.value:.4f})")
-    table.add_column("key")
-    table.add_column("value", justify="right")
-    for key, value in best.params.items():
-        table.add_row(key, _format_value(value))
-    metrics = best.user_attrs.get("metrics", {})
-    for key in sorted(metrics, key=lambda k: (not k.startswith("eval/"), k)):
-        table.add_row(key, f"{metrics[key]:.4f}")
-    console.print(table)
-    # the overrides of the invocation that ran the best trial (a resume may have had others)
-    overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
-    console.print("reproduce with:")
-    console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
-    if "best_model_uri" in study.user_attrs:
-        console.print(f"best model: {study.user_attrs['best_model_uri']}")
+def _finished_before(cfg: Any, states: Any, load_study: Any) -> int:
+    """Trials a resumed study already has: where the study's progress bar starts."""
+    try:
+        return sum(1 for t in load_study(cfg).get_trials(deepcopy=False) if t.state in states)
+    except Exception:  # a new study; or a storage problem, which the sweep itself reports
+        return 0
 
 
 def cmd_best(overrides: list[str]) -> int:
     from harness.config import load_config
-    from harness.study import load_study
+    from harness.display import print_summary
+    from harness.study import load_study, objectives
 
     cfg = load_config(overrides)
     study = load_study(cfg)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         print(f"study {cfg.name!r} has no completed trial yet", file=sys.stderr)
         return 1
-    _print_best(_console(), study, cfg.sweep.metric)
+    stored = study.user_attrs.get("objectives")
+    goals = [tuple(goal) for goal in stored] if stored else objectives(cfg)
+    print_summary(_console(), study, goals)
     return 0
 
 
@@ -178,6 +168,32 @@ def cmd_train(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_report(overrides: list[str]) -> int:
+    from harness.config import load_config
+    from harness.report import write_report
+
+    write_report(load_config(overrides), _console())
+    return 0
+
+
+def cmd_ui(args: list[str]) -> int:
+    from harness.config import ConfigError, load_config
+    from harness.ui import serve
+
+    optuna = "--optuna" in args
+    overrides = [a for a in args if a != "--optuna"]
+    port = 8080 if optuna else 5000
+    if "--port" in overrides:
+        index = overrides.index("--port")
+        try:
+            port = int(overrides[index + 1])
+        except (IndexError, ValueError) as exc:
+            raise ConfigError("--port takes a number: harness ui --port 5001") from exc
+        del overrides[index : index + 2]
+    console = _console()
+    return serve(load_config(overrides), port, optuna, lambda text: console.print(text))
+
+
 def cmd_validate(overrides: list[str]) -> int:
     from harness.validate import validate
 
@@ -194,6 +210,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": cmd_sweep,
     "train": cmd_train,
     "best": cmd_best,
+    "report": cmd_report,
+    "ui": cmd_ui,
     "validate": cmd_validate,
     "fake-openai": cmd_fake_openai,
 }

@@ -130,6 +130,12 @@ class SweepConfig:
     direction: str = "maximize"
     budget_usd: float | None = None  # hosted backends: no trial starts that would pass this spend
     n_workers: int = 1  # processes on this host sharing the study (journal or RDB storage)
+    # Multi-objective: metric -> direction, e.g. {eval/f1: maximize, train/seconds: minimize}.
+    # Empty: one objective, `metric` in `direction`. Pruning is off for several objectives.
+    objectives: dict[str, str] = field(default_factory=dict)
+    # Warm start: param sets tried first ({train.learning_rate: 1e-3, ...}), and/or the string
+    # {from_study: OTHER, top: 3}: the best trials of another study in the same storage.
+    enqueue: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -167,12 +173,18 @@ def _register() -> None:
         store.store(group="study", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
+# Dict-valued keys that an override replaces: Hydra would merge a dict into the composed one,
+# and refuses new keys there in struct mode ("Key 'eval/f1' is not in struct").
+REPLACED_KEYS = ("sweep.objectives",)
+
+
 @dataclass
 class Overrides:
     plain: list[str]  # ordinary config overrides, passed to Hydra
     # (key, value, is_sweep) in command-line order, so the last word on a key wins: a sweep
     # expression searches the key, a plain value fixes it and takes it out of the search
     search: list[tuple[str, str, bool]]
+    replaced: dict[str, Any] = field(default_factory=dict)  # REPLACED_KEYS, applied after Hydra
 
     @property
     def sweeps(self) -> dict[str, str]:
@@ -184,6 +196,7 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
     parser = OverridesParser.create()
     plain: list[str] = []
     search: list[tuple[str, str, bool]] = []
+    replaced: dict[str, Any] = {}
     for line in overrides:
         try:
             override = parser.parse_override(line)
@@ -191,13 +204,15 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
             raise ConfigError(f"bad override {line!r}: {exc}") from exc
         key = override.get_key_element()
         value = line.split("=", 1)[1].strip() if "=" in line else ""
-        if override.is_sweep_override():
+        if key.lstrip("+~") in REPLACED_KEYS and not override.is_sweep_override():
+            replaced[key.lstrip("+~")] = override.value()
+        elif override.is_sweep_override():
             search.append((key, value, True))
         else:
             plain.append(line)
             if override.package is None and not override.is_delete():
                 search.append((key.lstrip("+~"), value, False))
-    return Overrides(plain=plain, search=search)
+    return Overrides(plain=plain, search=search, replaced=replaced)
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -215,6 +230,11 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(message) from exc
     finally:
         GlobalHydra.instance().clear()
+    for key, value in split.replaced.items():
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except Exception as exc:  # a type the schema refuses
+            raise ConfigError(f"bad override {key}={value!r}: {exc}") from exc
     _apply_search_overrides(cfg, split)
     return cfg
 

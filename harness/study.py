@@ -55,7 +55,13 @@ from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_fo
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 # settings of a sweep that mean nothing to `harness train`
-SWEEP_ONLY_KEYS = {"sweep.n_trials", "sweep.n_workers", "sweep.timeout_s", "sweep.budget_usd"}
+SWEEP_ONLY_KEYS = {
+    "sweep.n_trials",
+    "sweep.n_workers",
+    "sweep.timeout_s",
+    "sweep.budget_usd",
+    "sweep.enqueue",
+}
 
 
 def make_backend(cfg: DictConfig) -> Backend:
@@ -85,6 +91,7 @@ class Plan:
     backend: Backend
     dataset: Dataset
     prepared: Any = None
+    notices: list[str] = field(default_factory=list)  # said once before the first trial
 
 
 def plan_study(cfg: DictConfig) -> Plan:
@@ -103,6 +110,7 @@ def plan_study(cfg: DictConfig) -> Plan:
                 raise ConfigError(
                     f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
                 ) from exc
+    notices = _check_objectives(cfg)
     metrics = EVAL_METRICS.get(cfg.data.task, ())
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
@@ -123,7 +131,94 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    return Plan(cfg, distributions, fixed, backend, load_dataset(cfg.data))
+    enqueued = [dict(item) for item in cfg.sweep.enqueue if "from_study" not in item]
+    check_param_sets(enqueued, distributions, "sweep.enqueue")
+    return Plan(cfg, distributions, fixed, backend, load_dataset(cfg.data), notices=notices)
+
+
+# Final metrics every trial has besides its task's: what a multi-objective study may trade
+# against quality (money, time, compute).
+COST_METRICS = ("cost_usd", "train/seconds", "train/steps")
+
+
+def objectives(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(metric, direction) of each objective: sweep.objectives, else sweep.metric alone."""
+    if cfg.sweep.objectives:
+        return [(str(k), str(v)) for k, v in cfg.sweep.objectives.items()]
+    return [(str(cfg.sweep.metric), str(cfg.sweep.direction))]
+
+
+def _check_objectives(cfg: DictConfig) -> list[str]:
+    """Refuses objectives no trial reports; says that several objectives turn pruning off."""
+    chosen = objectives(cfg)
+    task_metrics = EVAL_METRICS.get(cfg.data.task, ())
+    for metric, direction in chosen:
+        if direction not in ("maximize", "minimize"):
+            raise ConfigError(
+                f"sweep.objectives: {metric}: direction must be maximize or minimize, "
+                f"not {direction!r}"
+            )
+        if not (metric in task_metrics or metric in COST_METRICS or metric.startswith("test/")):
+            raise ConfigError(
+                f"sweep.objectives: {metric!r} is not a metric trials report; choose from "
+                f"{', '.join((*task_metrics, *COST_METRICS))} or a test/* metric"
+            )
+    if len(chosen) == 1:
+        return []
+    if cfg.sampler.name == "cmaes":
+        raise ConfigError(
+            "sweep.objectives: sampler=cmaes optimizes one objective; use tpe, random, grid or gp"
+        )
+    notices = [
+        f"{len(chosen)} objectives ({', '.join(f'{m} {d}' for m, d in chosen)}): the study "
+        "looks for the Pareto front; the report plots it."
+    ]
+    if cfg.pruner.name != "none":
+        notices.append(
+            f"pruning is off (pruner={cfg.pruner.name} ignored): Optuna cannot prune trials of "
+            "a multi-objective study, so every trial runs to the end."
+        )
+    return notices
+
+
+def is_multi_objective(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial on the first objective: the study's best trial, and in a
+    multi-objective study (which has a Pareto front, no single best) the front's end that is
+    best on the objective listed first. None before any trial completes."""
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        return None
+    if not is_multi_objective(study):
+        return study.best_trial
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return max(completed, key=lambda t: (sign * t.values[0], -t.number))
+
+
+def check_param_sets(
+    sets: list[dict[str, Any]],
+    distributions: Mapping[str, optuna.distributions.BaseDistribution],
+    where: str,
+) -> None:
+    """Param sets to enqueue must name searched keys with values their ranges hold: a warm
+    start that Optuna would quietly resample is refused before any trial, naming the value."""
+    for params in sets:
+        for key, value in params.items():
+            dist = distributions.get(key)
+            if dist is None:
+                raise ConfigError(
+                    f"{where}: {key} is not a searched key (searched: "
+                    f"{', '.join(distributions) or 'none'})"
+                )
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise ConfigError(f"{where}: {key}={value!r} is outside its range {dist}")
 
 
 def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
@@ -144,9 +239,13 @@ def _format(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+# (trial number, step, total steps or 0 if unknown, the metrics of this step): live progress
+ProgressCallback = Callable[[int, int, int, Mapping[str, float]], None]
+
+
 class TrialReporter:
     """Sends metrics to MLflow and the objective metric to Optuna, which may prune; passes the
-    trial's spend (``cost_usd``) on to ``on_cost``."""
+    trial's spend (``cost_usd``) on to ``on_cost`` and each step to ``on_progress``."""
 
     def __init__(
         self,
@@ -154,28 +253,44 @@ class TrialReporter:
         metric: str,
         trial: optuna.Trial | None = None,
         on_cost: Callable[[float], None] | None = None,
+        prune: bool = True,
+        on_progress: ProgressCallback | None = None,
+        number: int = -1,
     ) -> None:
         self.run, self.metric, self.trial, self.on_cost = run, metric, trial, on_cost
+        self.prune = prune  # False in multi-objective studies: Optuna cannot prune them
+        self.on_progress, self.number = on_progress, number
         self.evaluations = 0
+        self.step = 0  # the last step reported: a pruned trial's compute
+        self.total_steps = 0
         self.cost_usd: float | None = None
+
+    def set_total_steps(self, total: int) -> None:
+        self.total_steps = int(total)
+        if self.on_progress is not None:
+            self.on_progress(self.number, self.step, self.total_steps, {})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.run.set_tags(tags)
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
         is_eval = self.metric in metrics
+        self.step = max(self.step, step)
         self.run.log_metrics(step, metrics, buffered=True)  # Optuna hears at once, MLflow soon
+        if self.on_progress is not None:
+            self.on_progress(self.number, step, self.total_steps, metrics)
         cost = metrics.get("cost_usd")
         if cost is not None and cost != self.cost_usd:
             self.cost_usd = float(cost)
             if self.on_cost is not None:
                 self.on_cost(self.cost_usd)
-        if is_eval and self.trial is not None:
+        if is_eval and self.trial is not None and self.prune:
             # Optuna's step is the evaluation index, so trials with different batch sizes
             # (different step counts per epoch) are compared at the same point.
             self.evaluations += 1
             self.trial.report(float(metrics[self.metric]), self.evaluations)
             if self.trial.should_prune():
+                self.trial.set_user_attr("steps", self.step)  # what it cost: the report sums it
                 raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {step})")
 
 
@@ -184,11 +299,12 @@ class TrialOutcome:
     number: int
     state: str
     params: dict[str, Any]
-    value: float | None
+    value: float | None  # the (first) objective
     seconds: float
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     cost_usd: float | None = None  # where money is spent
+    values: list[float] | None = None  # every objective of a multi-objective study
 
 
 def run_trial(
@@ -204,21 +320,31 @@ def run_trial(
     save_model: bool = True,
     key: str = "",
     on_cost: Callable[[float], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[TrialResult, TrialRun]:
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
     the run is closed with the right state."""
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
     run = tracker.start_run(run_name, params, tags, cfg, parent_id)
-    reporter = TrialReporter(run, cfg.sweep.metric, trial, on_cost)
+    goals = objectives(cfg)
+    reporter = TrialReporter(
+        run, cfg.sweep.metric, trial, on_cost, len(goals) == 1, on_progress, number
+    )
     spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model, key)
+    started = time.monotonic()
     try:
         result = plan.backend.run(spec, reporter)
-        objective = result.metrics.get(cfg.sweep.metric, math.nan)
-        if not math.isfinite(objective):
-            raise RuntimeError(
-                f"objective {cfg.sweep.metric} is {objective} (metrics: {sorted(result.metrics)})"
-            )
+        # what every trial costs in time and compute, whatever the backend: objectives to trade
+        result.metrics.setdefault("train/seconds", time.monotonic() - started)
+        result.metrics.setdefault("train/steps", float(result.steps))
+        for metric, _ in goals:
+            value = result.metrics.get(metric, math.nan)
+            if not math.isfinite(value):
+                raise RuntimeError(
+                    f"objective {metric} is {value} (metrics: {sorted(result.metrics)})"
+                )
+        objective = result.metrics[goals[0][0]]
         # eval/* already has its history (reported per evaluation); logging the kept model's
         # values again at the last step would put a second point there. test/* and the
         # objective (the kept model's validation metric) are final values.
@@ -258,6 +384,7 @@ class Sweep:
         cfg: DictConfig,
         overrides: list[str],
         on_trial: Callable[[TrialOutcome], None] = lambda outcome: None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         # kept in Optuna and MLflow and printed: never with a secret in it
         self.overrides = [redact_override(o) for o in overrides]
@@ -269,7 +396,7 @@ class Sweep:
         index = int(os.environ.get("HARNESS_WORKER_INDEX", "0") or 0)
         # host k with n workers seeds k*n, k*n+1, ...: apart from every other host's workers
         self.seed_index = index if self.is_helper else index * max(1, cfg.sweep.n_workers)
-        self.on_trial = on_trial
+        self.on_trial, self.on_progress = on_trial, on_progress
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
@@ -289,8 +416,9 @@ class Sweep:
         sampler = search.make_sampler(
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
+        goals = objectives(c)
         pruner = search.make_pruner(
-            c.pruner.name,
+            "none" if len(goals) > 1 else c.pruner.name,
             c.pruner.n_startup_trials,
             c.pruner.n_warmup_steps,
             c.pruner.min_resource,
@@ -301,7 +429,7 @@ class Sweep:
             storage=storage,
             sampler=sampler,
             pruner=pruner,
-            direction=c.sweep.direction,
+            directions=[optuna.study.StudyDirection[d.upper()] for _, d in goals],
             load_if_exists=True,
         )
 
@@ -309,7 +437,15 @@ class Sweep:
         # Optuna's own "trial failed" warnings would print errors unredacted; ours are redacted
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = self.create_study()
+        goals = objectives(self.cfg)
+        if len(study.directions) != len(goals):
+            raise ConfigError(
+                f"study {self.cfg.name!r} exists with {len(study.directions)} objective(s); "
+                f"this command has {len(goals)} (sweep.objectives). Give the new study its own "
+                "name: name=..."
+            )
         study.set_user_attr("overrides", self.overrides)
+        study.set_user_attr("objectives", [list(goal) for goal in goals])  # for report and best
         # Names this study's trials to hosted providers (see the trial key in _objective). Two
         # workers starting at once may each store their own: harmless, trial numbers differ.
         if "harness_uid" not in study.user_attrs:
@@ -332,6 +468,8 @@ class Sweep:
         self.tags = tags
         self.parent_id = parent_id
         workers: list[subprocess.Popen[bytes]] = []
+        if missing > 0 and not self.is_helper:
+            self._warm_start(study)
         try:
             if missing > 0 and not self._enough(study):
                 workers = self._start_workers()
@@ -366,6 +504,51 @@ class Sweep:
                 ) from exc
             raise
         return study
+
+    def _warm_start(self, study: optuna.Study) -> None:
+        """sweep.enqueue: param sets to try before the sampler's own, once per study (a resume
+        does not enqueue them again). ``{from_study: OTHER, top: N}`` takes OTHER's N best
+        trials, keeping the keys this study searches and the values its ranges hold."""
+        if not self.cfg.sweep.enqueue or study.user_attrs.get("harness_warm_started"):
+            return
+        sets: list[dict[str, Any]] = []
+        for item in self.cfg.sweep.enqueue:
+            item = dict(item)
+            if "from_study" not in item:
+                sets.append(item)
+                continue
+            other = str(item["from_study"])
+            taken = self._best_params_of(other, int(item.get("top", 3)))
+            sets += taken
+            self.plan.notices.append(
+                f"warm start: {len(taken)} param set(s) from study {other!r} tried first"
+            )
+        for params in sets:
+            study.enqueue_trial(params, skip_if_exists=True)
+        study.set_user_attr("harness_warm_started", True)
+
+    def _best_params_of(self, name: str, top: int) -> list[dict[str, Any]]:
+        other_cfg = self.cfg.copy()
+        other_cfg.name = name
+        try:
+            other = optuna.load_study(study_name=name, storage=storage_for(other_cfg))
+        except KeyError as exc:
+            raise ConfigError(
+                f"sweep.enqueue: no study named {name!r} in {describe_storage(other_cfg)}"
+            ) from exc
+        ranked = [t for t in other.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        sign = 1.0 if other.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        ranked.sort(key=lambda t: -sign * t.values[0])
+        sets = []
+        for trial in ranked[:top]:
+            params = {}
+            for key, value in trial.params.items():
+                dist = self.plan.distributions.get(key)
+                if dist is not None and dist._contains(dist.to_internal_repr(value)):
+                    params[key] = value
+            if params:
+                sets.append(params)
+        return sets
 
     def _optimize(self, study: optuna.Study, n_trials: int) -> None:
         """study.optimize, riding out storage errors: a database that drops out for a moment
@@ -504,7 +687,7 @@ class Sweep:
         except Exception as exc:  # the run stays as it is; the study goes on
             log.warning("trial %d: could not close its MLflow run: %s", trial.number, exc)
 
-    def _objective(self, trial: optuna.Trial) -> float:
+    def _objective(self, trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         # Workers check the count before asking for a trial; two asking at the same moment can
         # both pass. The lower trial numbers win and the surplus one stops here, unrun.
@@ -540,6 +723,7 @@ class Sweep:
                 save_model=self.cfg.tracking.log_best_model,
                 key=key,
                 on_cost=lambda usd: trial.set_user_attr("cost_usd", usd),
+                on_progress=self.on_progress,
             )
         except optuna.TrialPruned:
             raise
@@ -551,7 +735,9 @@ class Sweep:
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
-        return float(result.metrics[self.cfg.sweep.metric])
+        trial.set_user_attr("steps", result.steps)
+        values = [float(result.metrics[metric]) for metric, _ in objectives(self.cfg)]
+        return values[0] if len(values) == 1 else values
 
     def _check_budget(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
         """Does not launch a trial whose estimated cost would take the study's spend past
@@ -579,16 +765,16 @@ class Sweep:
         """Keeps the model of the best trial so far and deletes the others' scratch folders."""
         workdir = self.checkpoints / f"trial-{trial.number:04d}"
         best = self.checkpoints / "best"
-        is_best = trial.state == optuna.trial.TrialState.COMPLETE and (
-            study.best_trial.number == trial.number
-        )
+        best_now = best_trial(study)
+        is_best = best_now is not None and best_now.number == trial.number
         if is_best and (workdir / "model").exists():
             try:
                 with locked(self.checkpoints / "best.lock"):  # workers of this host
                     # still the best? another worker may have kept a better one meanwhile
                     kept = best / "TRIAL"
                     other = int(kept.read_text()) if kept.exists() else None
-                    if other is None or study.best_trial.number == trial.number:
+                    best_now = best_trial(study)
+                    if other is None or (best_now is not None and best_now.number == trial.number):
                         shutil.rmtree(best, ignore_errors=True)
                         (workdir / "model").rename(best)
                         (best / "TRIAL").write_text(str(trial.number))
@@ -605,13 +791,14 @@ class Sweep:
                 trial.number,
                 trial.state.name,
                 dict(trial.params),
-                trial.value,
+                trial.values[0] if trial.values else None,
                 (trial.datetime_complete - trial.datetime_start).total_seconds()
                 if trial.datetime_complete and trial.datetime_start
                 else 0.0,
                 reason,
                 dict(trial.user_attrs.get("metrics", {})),
                 trial.user_attrs.get("cost_usd"),
+                list(trial.values) if trial.values and len(trial.values) > 1 else None,
             )
         )
 
@@ -625,10 +812,11 @@ class Sweep:
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
             self.tracker.client.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
-        completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if completed:
-            best = study.best_trial
-            metrics["best_objective"] = float(best.value)  # type: ignore[arg-type]
+        best = best_trial(study)
+        if best is not None:
+            metrics["best_objective"] = float(best.values[0])
+            if is_multi_objective(study):
+                metrics["pareto_front_size"] = float(len(study.best_trials))
             self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
         # the last worker to finish closes the parent run; others leave it RUNNING for it

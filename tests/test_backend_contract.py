@@ -27,9 +27,13 @@ class RecordingReporter:
         self.metric, self.prune_at_eval = metric, prune_at_eval
         self.calls: list[tuple[int, dict[str, float]]] = []
         self.tags: dict[str, str] = {}
+        self.totals: list[int] = []  # what the backend said the trial's length would be
 
     def set_tags(self, tags):
         self.tags.update(tags)
+
+    def set_total_steps(self, total):
+        self.totals.append(total)
 
     def report(self, step, metrics):
         self.calls.append((step, dict(metrics)))
@@ -100,6 +104,8 @@ class TestBackendContract:
         assert len(evals) == 2  # epochs=2, eval every epoch, no early stop in 2 evals
         for key in EVAL_KEYS[setup.name]:
             assert key in evals[-1]
+        # the backend gave the progress bar its length, and it was the real one
+        assert reporter.totals and reporter.totals[-1] == result.steps == steps[-1]
 
     def test_result_has_objective_validation_and_test_metrics(self, setup, tmp_path):
         backend, cfg, prepared = setup

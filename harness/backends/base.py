@@ -24,6 +24,10 @@ class Reporter(Protocol):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Labels the trial's run as soon as something is known (a hosted job's id, say)."""
 
+    def set_total_steps(self, total: int) -> None:
+        """The steps the trial will take if nothing stops it early, as soon as it is known
+        (again if the estimate changes): the length of the trial's progress bar."""
+
 
 @dataclass(frozen=True)
 class TrialSpec:

@@ -41,6 +41,7 @@ class FakeBackend:
         final = quality(train)
         steps_per_epoch = max(1, math.ceil(spec.prepared["n_train"] / train.batch_size))
         generation = spec.prepared["task"] == "generation"
+        reporter.set_total_steps(steps_per_epoch * train.epochs)
         step = 0
         metrics: dict[str, float] = {}
         for epoch in range(1, train.epochs + 1):

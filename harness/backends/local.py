@@ -262,6 +262,7 @@ class _Training:
         if t.max_steps > 0:
             total = min(total, t.max_steps)
         scheduler = warmup_then_linear_decay(self.optimizer, total, t.warmup_ratio)
+        self.reporter.set_total_steps(total)
         eval_every = t.eval_every_steps or steps_per_epoch
         sign = 1.0 if self.cfg.sweep.direction == "maximize" else -1.0
         best_score, best_metrics, best_state, stale, step = -math.inf, {}, None, 0, 0

@@ -490,6 +490,7 @@ class _Follower:
         # until an event says otherwise: what the API's own arithmetic gives
         batches = -(-prepared.n_train // int(cfg.train.batch_size))
         self.expected_steps = int(cfg.train.epochs) * batches
+        reporter.set_total_steps(self.expected_steps)
         self.seen: set[str] = set()
         self.reported_steps: set[int] = set()
         self.last_step = 0
@@ -558,7 +559,10 @@ class _Follower:
 
     def _report(self, data: Mapping[str, Any]) -> None:
         step = int(data["step"])
-        self.total_steps = int(data.get("total_steps") or self.total_steps)
+        total = int(data.get("total_steps") or self.total_steps)
+        if total and total != (self.total_steps or self.expected_steps):
+            self.reporter.set_total_steps(total)  # the job's own count replaces our estimate
+        self.total_steps = total
         self.last_step = max(self.last_step, step)
         self.reported_steps.add(step)
         known = {k: v for k, v in data.items() if k in STEP_METRICS and v is not None}
