@@ -17,7 +17,9 @@ Hyperparameter search for fine-tuning language models (Hydra configs, Optuna, ML
 commands:
   sweep      run the study, or resume it up to sweep.n_trials finished trials
              (--quiet: the final summary only)
-  train      one run with fixed hyperparameters (e.g. the overrides `harness best` prints)
+  train      one run with fixed hyperparameters (e.g. the overrides `harness best` prints);
+             +from_best=true: retrain the study's best and register it as NAME@champion
+             (+with_validation=true: on train + validation)
   best       print the best trial and the command that reproduces it
   report     plots and summary.md of a study in runs/reports/NAME/, also logged to MLflow
   ui         the MLflow UI on the study's store (--port 5000); --optuna: optuna-dashboard
@@ -151,6 +153,9 @@ def cmd_best(overrides: list[str]) -> int:
 
 
 def cmd_train(overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from harness.champion import train_champion, wants_champion
     from harness.config import ConfigError, load_config, split_overrides
     from harness.study import train_once
 
@@ -159,12 +164,16 @@ def cmd_train(overrides: list[str]) -> int:
             "`harness train` takes fixed values; sweep expressions are for `harness sweep`"
         )
     cfg = load_config(overrides)
-    result, run_id = train_once(cfg, overrides)
     console = _console()
-    for key in sorted(result.metrics):
-        console.print(f"{key:24s} {result.metrics[key]:.6f}")
-    console.print(f"objective ({cfg.sweep.metric}) = {result.metrics[cfg.sweep.metric]:.8f}")
-    console.print(f"mlflow run: {run_id}")
+    if wants_champion(cfg):
+        return train_champion(overrides, lambda text: console.print(text, markup=False))
+    with_validation = bool(OmegaConf.select(cfg, "with_validation", default=False))
+    trained = train_once(cfg, overrides, with_validation=with_validation)
+    metrics = trained.result.metrics
+    for key in sorted(metrics):
+        console.print(f"{key:24s} {metrics[key]:.6f}")
+    console.print(f"objective ({cfg.sweep.metric}) = {metrics[cfg.sweep.metric]:.8f}")
+    console.print(f"mlflow run: {trained.run_id}")
     return 0
 
 

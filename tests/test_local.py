@@ -154,7 +154,7 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg,
     # `harness train` with the best trial's params reproduces its objective
     best = resumed.best_trial
     train_cfg = make_cfg(*overrides, *(f"{k}={v!r}" for k, v in best.params.items()))
-    result, _ = train_once(train_cfg, [])
+    result = train_once(train_cfg, []).result
     assert result.metrics["eval/f1"] == pytest.approx(best.value, abs=1e-6)
 
 

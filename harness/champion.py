@@ -1,0 +1,156 @@
+"""The champion: `harness train study=NAME +from_best=true` retrains with the study's best params
+and registers the model in the MLflow model registry as NAME, alias ``champion``.
+
+The best trial's own command-line overrides (its backend, data, fixed values) are applied again,
+then its params, then this command's overrides, so any value can still be changed here.
+``+with_validation=true`` trains on train + validation: the final fit once the search is over.
+A hosted backend's champion is the best trial's fine-tuned model: it is registered as it is, and
+nothing is paid again, unless ``+with_validation=true`` asks for a new job on more data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import ConfigError, load_config, split_overrides
+from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, train_once
+from harness.tracking import tracking_uri
+
+ALIAS = "champion"
+# switches of this command, not config values: never passed on to the config of the run
+SWITCHES = ("from_best", "with_validation")
+
+
+def wants_champion(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "from_best", default=False))
+
+
+def champion_overrides(overrides: list[str], best: optuna.trial.FrozenTrial) -> list[str]:
+    """The best trial's plain overrides, then its params, then this command's overrides."""
+    recorded = list(best.user_attrs.get("overrides", []))
+    kept = [
+        line
+        for line in split_overrides(recorded).plain
+        if _key(line) not in SWEEP_ONLY_KEYS | set(best.params) | set(SWITCHES)
+        and "***" not in line  # a redacted secret: the real one comes from the environment
+    ]
+    params = [f"{key}={value!r}" for key, value in best.params.items()]
+    return [*kept, *params, *overrides]
+
+
+def _key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
+
+
+def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
+    first = load_config(overrides)
+    study = load_study(first)
+    best = best_trial(study)
+    if best is None:
+        raise ConfigError(f"study {first.name!r} has no completed trial: nothing to retrain")
+    with_validation = bool(OmegaConf.select(first, "with_validation", default=False))
+    name = str(first.name)
+    cfg = load_config(champion_overrides(overrides, best))
+    uri = tracking_uri(cfg)
+    objective = f"{best.values[0]:.4f}"
+    say(f"champion of study {name}: trial {best.number}'s params ({objective})")
+
+    hosted = _hosted_model_of(uri, best)
+    if hosted is not None and not with_validation:
+        version = _register_hosted(uri, name, hosted, best)
+        say(
+            f"champion: {hosted['id']} (the fine-tuned model of trial {best.number}; "
+            f"no new job)\nregistered: models:/{name}@{ALIAS} (version {version})\n"
+            "use it:\n  from openai import OpenAI\n"
+            f"  OpenAI().chat.completions.create(model={hosted['id']!r}, messages=[...])"
+        )
+        return 0
+
+    tags = {"harness.champion_of": name, "harness.from_trial": str(best.number)}
+    trained = train_once(
+        cfg, overrides, "champion", tags, with_validation, register_as=None if hosted else name
+    )
+    for key in sorted(trained.result.metrics):
+        say(f"{key:24s} {trained.result.metrics[key]:.6f}")
+    if hosted is not None or trained.result.hosted_model:
+        model_id = (trained.result.hosted_model or {}).get("id", "")
+        version = _register_hosted(uri, name, {"run": trained.run_id, "id": model_id}, None)
+        say(f"champion: {model_id}\nregistered: models:/{name}@{ALIAS} (version {version})")
+        return 0
+    if trained.model_uri is None:
+        say(
+            f"backend {cfg.backend._target_.rsplit('.', 1)[-1]} saves no model: nothing to "
+            f"register (run {trained.run_id})"
+        )
+        return 1
+    version = trained.model_uri.rsplit("/", 1)[-1]
+    _set_alias(uri, name, version, best)
+    say(
+        f"champion: models:/{name}@{ALIAS} (version {version}, run {trained.run_id})\n"
+        "load it:\n  import mlflow\n"
+        f"  mlflow.set_tracking_uri({uri!r})\n"
+        f'  model = mlflow.transformers.load_model("models:/{name}@{ALIAS}")\n'
+        '  model("a text to classify or complete")'
+    )
+    return 0
+
+
+def _hosted_model_of(uri: str, best: optuna.trial.FrozenTrial) -> dict[str, str] | None:
+    """The best trial's fine-tuned model, if a hosted backend made one: its id and the MLflow
+    entry (an external model) the sweep recorded for it."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return None
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    if not tags.get("harness.hosted_model"):
+        return None
+    return {
+        "id": tags["harness.hosted_model"],
+        "run": run_id,
+        "logged_model_id": tags.get("harness.logged_model_id", ""),
+    }
+
+
+def _register_hosted(
+    uri: str, name: str, hosted: dict[str, str], best: optuna.trial.FrozenTrial | None
+) -> str:
+    """A registry version for a model that lives with a provider: the external model entry
+    where there is one, else the run; the fine-tuned model id as a version tag."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    model_id = hosted.get("logged_model_id")
+    if not model_id:  # the new job's run: find the entry run_trial recorded
+        from mlflow.tracking import MlflowClient
+
+        tags = MlflowClient(uri).get_run(hosted["run"]).data.tags
+        model_id = tags.get("harness.logged_model_id", "")
+    if not model_id:
+        raise ConfigError(f"run {hosted['run']} has no model entry for {hosted['id']!r}")
+    version = str(mlflow.register_model(f"models:/{model_id}", name).version)
+    _set_alias(uri, name, version, best, {"hosted_model": hosted["id"]})
+    return version
+
+
+def _set_alias(
+    uri: str,
+    name: str,
+    version: str,
+    best: optuna.trial.FrozenTrial | None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(name, ALIAS, version)
+    tags = {**(extra or {})}
+    if best is not None:
+        tags |= {"from_trial": best.number, "objective": best.values[0]}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
