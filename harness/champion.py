@@ -17,8 +17,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, load_config, split_overrides
-from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, train_once
-from harness.tracking import tracking_uri
+from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, override_value, train_once
+from harness.tracking import redact_text, tracking_uri
 
 ALIAS = "champion"
 # switches of this command, not config values: never passed on to the config of the run
@@ -38,7 +38,7 @@ def champion_overrides(overrides: list[str], best: optuna.trial.FrozenTrial) -> 
         if _key(line) not in SWEEP_ONLY_KEYS | set(best.params) | set(SWITCHES)
         and "***" not in line  # a redacted secret: the real one comes from the environment
     ]
-    params = [f"{key}={value!r}" for key, value in best.params.items()]
+    params = [f"{key}={override_value(value)}" for key, value in best.params.items()]
     return [*kept, *params, *overrides]
 
 
@@ -76,9 +76,11 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
     )
     for key in sorted(trained.result.metrics):
         say(f"{key:24s} {trained.result.metrics[key]:.6f}")
+    if with_validation:
+        say("(eval/* were measured on validation data this run trained on; test/* are held out)")
     if hosted is not None or trained.result.hosted_model:
         model_id = (trained.result.hosted_model or {}).get("id", "")
-        version = _register_hosted(uri, name, {"run": trained.run_id, "id": model_id}, None)
+        version = _register_hosted(uri, name, {"run": trained.run_id, "id": model_id}, best)
         say(f"champion: {model_id}\nregistered: models:/{name}@{ALIAS} (version {version})")
         return 0
     if trained.model_uri is None:
@@ -92,7 +94,7 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
     say(
         f"champion: models:/{name}@{ALIAS} (version {version}, run {trained.run_id})\n"
         "load it:\n  import mlflow\n"
-        f"  mlflow.set_tracking_uri({uri!r})\n"
+        f"  mlflow.set_tracking_uri({redact_text(uri)!r})\n"
         f'  model = mlflow.transformers.load_model("models:/{name}@{ALIAS}")\n'
         '  model("a text to classify or complete")'
     )

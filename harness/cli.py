@@ -74,7 +74,10 @@ def cmd_sweep(args: list[str]) -> int:
     from harness.study import FINISHED_STATES, Sweep, describe_storage, load_study, objectives
     from harness.tracking import redact_text, tracking_uri
 
-    quiet = "--quiet" in args
+    # workers started by this sweep inherit the environment: quiet too
+    quiet = "--quiet" in args or os.environ.get("HARNESS_QUIET") == "1"
+    if quiet:
+        os.environ["HARNESS_QUIET"] = "1"
     overrides = [a for a in args if a != "--quiet"]
     console = _console()
     cfg = load_config(overrides)
@@ -84,11 +87,12 @@ def cmd_sweep(args: list[str]) -> int:
         cfg.sweep.n_trials,
         done=_finished_before(cfg, FINISHED_STATES, load_study),
         quiet=quiet,
-        study_bar=cfg.sweep.n_workers == 1,  # other processes' trials are not seen here
+        # Bars are redrawn in place; lines that worker processes print to the same terminal
+        # would tear them. With workers, every process prints plain lines.
+        bars=cfg.sweep.n_workers == 1,
     )
     sweep = Sweep(cfg, overrides, display.on_trial, display.on_progress)
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
-        display.live = False  # its output shares the starter's terminal: no bars of its own
         sweep.run()
         return 0
     say = (lambda *a, **k: None) if quiet else console.print
@@ -119,12 +123,15 @@ def cmd_sweep(args: list[str]) -> int:
     if sweep.stop_reason:
         console.print(f"[yellow]stopped[/yellow]: {sweep.stop_reason}", soft_wrap=True)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
-        console.print("[red]no trial completed[/red]: see the FAIL reasons above")
+        reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
+        last = next((r for r in reversed(reasons) if r), "no reason recorded")
+        console.print(f"[red]no trial completed[/red]; the last failure: {last}", markup=False)
         return 1
     print_summary(console, study, goals)
     from harness.study import reproduce_command
 
-    say(f"plots and summary.md: {reproduce_command('report', overrides, {})}", soft_wrap=True)
+    report = reproduce_command("report", sweep.overrides, {})  # redacted: no secret printed
+    say(f"plots and summary.md: {report}", soft_wrap=True)
     return 0
 
 
@@ -139,16 +146,14 @@ def _finished_before(cfg: Any, states: Any, load_study: Any) -> int:
 def cmd_best(overrides: list[str]) -> int:
     from harness.config import load_config
     from harness.display import print_summary
-    from harness.study import load_study, objectives
+    from harness.study import load_study, stored_objectives
 
     cfg = load_config(overrides)
     study = load_study(cfg)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         print(f"study {cfg.name!r} has no completed trial yet", file=sys.stderr)
         return 1
-    stored = study.user_attrs.get("objectives")
-    goals = [tuple(goal) for goal in stored] if stored else objectives(cfg)
-    print_summary(_console(), study, goals)
+    print_summary(_console(), study, stored_objectives(study, cfg))
     return 0
 
 

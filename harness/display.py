@@ -43,11 +43,11 @@ class SweepDisplay:
     """Live progress of one sweep process; a context manager around the sweep."""
 
     def __init__(
-        self, console: Any, metric: str, n_trials: int, done: int, quiet: bool, study_bar: bool
+        self, console: Any, metric: str, n_trials: int, done: int, quiet: bool, bars: bool
     ) -> None:
         self.console, self.metric, self.quiet = console, metric, quiet
-        self.n_trials, self.done, self.study_bar = n_trials, done, study_bar
-        self.live = bool(console.is_terminal) and not quiet  # no bars in log files
+        self.n_trials, self.done = n_trials, done
+        self.live = bars and bool(console.is_terminal) and not quiet  # no bars in log files
         self.progress: Any = None
         self.tasks: dict[int, Any] = {}  # trial number -> its bar
         self.last: dict[int, dict[str, float]] = {}  # trial -> its last loss and evaluation
@@ -73,10 +73,9 @@ class SweepDisplay:
                 refresh_per_second=4,
             )
             self.progress.start()
-            if self.study_bar:
-                self.study = self.progress.add_task(
-                    "trials", total=self.n_trials, completed=self.done, status=""
-                )
+            self.study = self.progress.add_task(
+                "trials", total=self.n_trials, completed=self.done, status=""
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,7 +107,7 @@ class SweepDisplay:
             task = self.tasks.pop(outcome.number, None)
             if task is not None:
                 self.progress.remove_task(task)
-            if self.study_bar:
+            if outcome.state in ("COMPLETE", "PRUNED"):  # a failed trial is run again
                 self.progress.advance(self.study)
         if not self.quiet:
             self.console.print(trial_line(outcome), soft_wrap=True)  # one line, also in logs
@@ -119,7 +118,7 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     the best trial's metrics, and the command that reproduces it."""
     from rich.table import Table
 
-    from harness.study import best_trial, is_multi_objective, reproduce_command
+    from harness.study import best_trial, is_multi_objective, ranked_trials, reproduce_command
 
     best = best_trial(study)
     states = [t.state.name for t in study.trials]
@@ -136,7 +135,7 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
         ranked = sorted(study.best_trials, key=lambda t: -sign * t.values[0])
         title = f"Pareto front: {len(ranked)} trials no other beats on every objective"
     else:
-        ranked = sorted(completed, key=lambda t: -sign * t.values[0])[:5]
+        ranked = ranked_trials(study)[:5]
         title = f"best {len(ranked)} of {len(completed)} completed trials"
     paid = any("cost_usd" in t.user_attrs for t in study.trials)
     table = Table(title=title)

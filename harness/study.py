@@ -131,9 +131,9 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    enqueued = [dict(item) for item in cfg.sweep.enqueue if "from_study" not in item]
-    check_param_sets(enqueued, distributions, "sweep.enqueue")
-    return Plan(cfg, distributions, fixed, backend, load_dataset(cfg.data), notices=notices)
+    dataset = load_dataset(cfg.data)
+    _check_reported(cfg, backend, dataset)
+    return Plan(cfg, distributions, fixed, backend, dataset, notices=notices)
 
 
 # Final metrics every trial has besides its task's: what a multi-objective study may trade
@@ -151,6 +151,13 @@ def objectives(cfg: DictConfig) -> list[tuple[str, str]]:
 def _check_objectives(cfg: DictConfig) -> list[str]:
     """Refuses objectives no trial reports; says that several objectives turn pruning off."""
     chosen = objectives(cfg)
+    if len(cfg.sweep.objectives) == 1:
+        metric, direction = chosen[0]
+        raise ConfigError(
+            "sweep.objectives names one objective; for one, use "
+            f"sweep.metric={metric} sweep.direction={direction} (pruning and early stopping "
+            "follow them)"
+        )
     task_metrics = EVAL_METRICS.get(cfg.data.task, ())
     for metric, direction in chosen:
         if direction not in ("maximize", "minimize"):
@@ -171,7 +178,8 @@ def _check_objectives(cfg: DictConfig) -> list[str]:
         )
     notices = [
         f"{len(chosen)} objectives ({', '.join(f'{m} {d}' for m, d in chosen)}): the study "
-        "looks for the Pareto front; the report plots it."
+        "looks for the Pareto front; the report plots it. Within a trial, early stopping and "
+        f"the kept checkpoint follow sweep.metric ({cfg.sweep.direction} {cfg.sweep.metric})."
     ]
     if cfg.pruner.name != "none":
         notices.append(
@@ -179,6 +187,25 @@ def _check_objectives(cfg: DictConfig) -> list[str]:
             "a multi-objective study, so every trial runs to the end."
         )
     return notices
+
+
+def _check_reported(cfg: DictConfig, backend: Backend, dataset: Dataset) -> None:
+    """Objectives this backend and data cannot measure would fail every trial at its end."""
+    for metric, _ in objectives(cfg):
+        if metric == "cost_usd" and not hasattr(backend, "estimate_cost_usd"):
+            raise ConfigError(
+                f"sweep.objectives: cost_usd is only reported by a backend that spends money; "
+                f"backend {cfg.backend._target_.rsplit('.', 1)[-1]} does not (train/seconds "
+                "measures the time a trial takes)"
+            )
+        if metric.startswith("test/") and not dataset.test:
+            raise ConfigError(f"sweep.objectives: {metric} needs a test split; the data has none")
+
+
+def stored_objectives(study: optuna.Study, cfg: DictConfig) -> list[tuple[str, str]]:
+    """The objectives a study was created with (older studies: the config's)."""
+    stored = study.user_attrs.get("objectives")
+    return [(str(m), str(d)) for m, d in stored] if stored else objectives(cfg)
 
 
 def is_multi_objective(study: optuna.Study) -> bool:
@@ -189,36 +216,48 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best COMPLETE trial on the first objective: the study's best trial, and in a
     multi-objective study (which has a Pareto front, no single best) the front's end that is
     best on the objective listed first. None before any trial completes."""
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
+
+
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """COMPLETE trials, best first on the first objective (ties: the earlier trial)."""
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not completed:
-        return None
-    if not is_multi_objective(study):
-        return study.best_trial
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    return max(completed, key=lambda t: (sign * t.values[0], -t.number))
+    return sorted(completed, key=lambda t: (-sign * t.values[0], t.number))
 
 
-def check_param_sets(
-    sets: list[dict[str, Any]],
-    distributions: Mapping[str, optuna.distributions.BaseDistribution],
-    where: str,
-) -> None:
+def holds(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether a value lies in a distribution (a choice among its choices)."""
+    try:
+        return bool(dist._contains(dist.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
+def checked_param_sets(plan: Plan, sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Param sets to enqueue must name searched keys with values their ranges hold: a warm
-    start that Optuna would quietly resample is refused before any trial, naming the value."""
+    start that Optuna would quietly resample is refused before any trial, naming the value.
+    A key the command line fixed is dropped from the sets, with a notice."""
+    kept = []
     for params in sets:
+        for key in [k for k in params if k in plan.fixed]:
+            plan.notices.append(
+                f"sweep.enqueue: {key}={params.pop(key)!r} dropped: an override fixes it to "
+                f"{plan.fixed[key]!r}"
+            )
         for key, value in params.items():
-            dist = distributions.get(key)
+            dist = plan.distributions.get(key)
             if dist is None:
                 raise ConfigError(
-                    f"{where}: {key} is not a searched key (searched: "
-                    f"{', '.join(distributions) or 'none'})"
+                    f"sweep.enqueue: {key} is not a searched key (searched: "
+                    f"{', '.join(plan.distributions) or 'none'})"
                 )
-            try:
-                inside = dist._contains(dist.to_internal_repr(value))
-            except (ValueError, TypeError):
-                inside = False
-            if not inside:
-                raise ConfigError(f"{where}: {key}={value!r} is outside its range {dist}")
+            if not holds(dist, value):
+                raise ConfigError(f"sweep.enqueue: {key}={value!r} is outside its range {dist}")
+        if params:
+            kept.append(params)
+    return kept
 
 
 def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
@@ -231,11 +270,12 @@ def reproduce_command(command: str, overrides: list[str], params: Mapping[str, A
     """The `harness train` line that repeats a trial: the sweep's plain overrides + its params."""
     dropped = set(params) | SWEEP_ONLY_KEYS
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in dropped]
-    words = ["harness", command, *kept, *(f"{k}={_format(v)}" for k, v in params.items())]
+    words = ["harness", command, *kept, *(f"{k}={override_value(v)}" for k, v in params.items())]
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _format(value: Any) -> str:
+def override_value(value: Any) -> str:
+    """A param value as an override: floats in full (repr), so a trial repeats exactly."""
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -399,6 +439,8 @@ class Sweep:
         self.on_trial, self.on_progress = on_trial, on_progress
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
+        # warm-start param sets, found before anything is written (another study may be missing)
+        self.warm_sets = [] if self.is_helper else self._warm_sets()
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
@@ -438,11 +480,15 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = self.create_study()
         goals = objectives(self.cfg)
-        if len(study.directions) != len(goals):
+        before = stored_objectives(study, self.cfg)
+        directions = [d.name.lower() for d in study.directions]
+        if before != goals or directions != [d for _, d in goals]:
+            had = ", ".join(f"{d} {m}" for m, d in before)
             raise ConfigError(
-                f"study {self.cfg.name!r} exists with {len(study.directions)} objective(s); "
-                f"this command has {len(goals)} (sweep.objectives). Give the new study its own "
-                "name: name=..."
+                f"study {self.cfg.name!r} exists with the objective(s) {had}; this command has "
+                f"{', '.join(f'{d} {m}' for m, d in goals)}. Resume with the same sweep.metric, "
+                "sweep.direction and sweep.objectives, or give the new study its own name: "
+                "name=..."
             )
         study.set_user_attr("overrides", self.overrides)
         study.set_user_attr("objectives", [list(goal) for goal in goals])  # for report and best
@@ -468,9 +514,9 @@ class Sweep:
         self.tags = tags
         self.parent_id = parent_id
         workers: list[subprocess.Popen[bytes]] = []
-        if missing > 0 and not self.is_helper:
-            self._warm_start(study)
         try:
+            if missing > 0 and not self.is_helper:
+                self._warm_start(study)
             if missing > 0 and not self._enough(study):
                 workers = self._start_workers()
                 self._optimize(study, missing)
@@ -505,12 +551,10 @@ class Sweep:
             raise
         return study
 
-    def _warm_start(self, study: optuna.Study) -> None:
-        """sweep.enqueue: param sets to try before the sampler's own, once per study (a resume
-        does not enqueue them again). ``{from_study: OTHER, top: N}`` takes OTHER's N best
-        trials, keeping the keys this study searches and the values its ranges hold."""
-        if not self.cfg.sweep.enqueue or study.user_attrs.get("harness_warm_started"):
-            return
+    def _warm_sets(self) -> list[dict[str, Any]]:
+        """sweep.enqueue: param sets to try before the sampler's own. ``{from_study: OTHER,
+        top: N}`` takes OTHER's N best trials, keeping the keys this study searches and the
+        values its ranges hold."""
         sets: list[dict[str, Any]] = []
         for item in self.cfg.sweep.enqueue:
             item = dict(item)
@@ -523,7 +567,14 @@ class Sweep:
             self.plan.notices.append(
                 f"warm start: {len(taken)} param set(s) from study {other!r} tried first"
             )
-        for params in sets:
+        return checked_param_sets(self.plan, sets)
+
+    def _warm_start(self, study: optuna.Study) -> None:
+        """Enqueues the warm-start sets once per study: a resume does not enqueue them again
+        (the flag; skip_if_exists alone would re-enqueue a set whose trial failed)."""
+        if not self.warm_sets or study.user_attrs.get("harness_warm_started"):
+            return
+        for params in self.warm_sets:
             study.enqueue_trial(params, skip_if_exists=True)
         study.set_user_attr("harness_warm_started", True)
 
@@ -536,15 +587,13 @@ class Sweep:
             raise ConfigError(
                 f"sweep.enqueue: no study named {name!r} in {describe_storage(other_cfg)}"
             ) from exc
-        ranked = [t for t in other.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        sign = 1.0 if other.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        ranked.sort(key=lambda t: -sign * t.values[0])
+        ranked = ranked_trials(other)
         sets = []
         for trial in ranked[:top]:
             params = {}
             for key, value in trial.params.items():
                 dist = self.plan.distributions.get(key)
-                if dist is not None and dist._contains(dist.to_internal_repr(value)):
+                if dist is not None and holds(dist, value):
                     params[key] = value
             if params:
                 sets.append(params)

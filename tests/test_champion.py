@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.champion import champion_overrides, train_champion
 from harness.config import ConfigError, load_config
+from harness.storage import storage_for
 from harness.study import Sweep, best_trial, load_study
 from harness.tracking import tracking_uri
 from tests.conftest import OPENAI_TEST_SETTINGS
@@ -31,8 +33,15 @@ def test_champion_overrides_replay_the_best_trials_command_then_this_ones(make_c
 
 
 def test_a_study_without_a_completed_trial_has_no_champion(runs):
+    overrides = ["backend=fake", f"paths.runs_dir={runs}"]
     with pytest.raises(ConfigError, match="no study named"):
-        train_champion(["backend=fake", f"paths.runs_dir={runs}", "+from_best=true"], print)
+        train_champion([*overrides, "+from_best=true"], print)
+    study = optuna.create_study(
+        study_name="sentiment_tiny", storage=storage_for(load_config(overrides))
+    )
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    with pytest.raises(ConfigError, match="has no completed trial: nothing to retrain"):
+        train_champion([*overrides, "+from_best=true"], print)
 
 
 def test_hosted_champion_is_the_best_fine_tuned_model_and_costs_nothing(fake_openai, runs):

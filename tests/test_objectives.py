@@ -12,6 +12,7 @@ from harness.study import Sweep, load_study
 from tests.test_cli import harness
 
 FAST = ("backend=fake", "tracking.log_best_model=false")
+WAITING = optuna.trial.TrialState.WAITING
 TWO = "sweep.objectives={eval/f1: maximize, train/steps: minimize}"
 
 
@@ -53,6 +54,8 @@ def test_the_cli_says_pruning_is_off_and_prints_the_front(tmp_path):
     [
         ("sweep.objectives={eval/f1: maximize, eval/speed: minimize}", "'eval/speed' is not a"),
         ("sweep.objectives={eval/f1: maximize, cost_usd: lower}", "must be maximize or minimize"),
+        ("sweep.objectives={eval/f1: maximize, cost_usd: minimize}", "backend FakeBackend does"),
+        ("sweep.objectives={eval/loss: minimize}", "use sweep.metric=eval/loss sweep.direction"),
     ],
 )
 def test_bad_objectives_are_refused_before_any_trial(make_cfg, override, message):
@@ -64,8 +67,12 @@ def test_cmaes_and_a_changed_number_of_objectives_are_refused(make_cfg):
     with pytest.raises(ConfigError, match="sampler=cmaes optimizes one objective"):
         Sweep(make_cfg(*FAST, TWO, "sampler=cmaes"), [])
     Sweep(make_cfg(*FAST, "sweep.n_trials=1"), []).run()
-    with pytest.raises(ConfigError, match="exists with 1 objective"):
+    with pytest.raises(ConfigError, match=r"exists with the objective\(s\) maximize eval/f1; this"):
         Sweep(make_cfg(*FAST, TWO, "sweep.n_trials=2"), []).run()
+    # the same number of objectives, another metric or direction: refused too, not mixed
+    flipped = ("sweep.metric=eval/loss", "sweep.direction=minimize", "sweep.n_trials=2")
+    with pytest.raises(ConfigError, match="this command has minimize eval/loss"):
+        Sweep(make_cfg(*FAST, *flipped), []).run()
 
 
 WARM = "sweep.enqueue=[{train.learning_rate: 0.001, train.batch_size: 16}, {train.epochs: 6}]"
@@ -76,9 +83,18 @@ def test_enqueued_param_sets_run_first_and_once(make_cfg):
     first, second = study.trials[0].params, study.trials[1].params
     assert first["train.learning_rate"] == 0.001 and first["train.batch_size"] == 16
     assert second["train.epochs"] == 6
+    assert study.user_attrs["harness_warm_started"] is True  # a resume enqueues nothing more
     resumed = Sweep(make_cfg(*FAST, WARM, "sweep.n_trials=6"), [WARM]).run()
-    lrs = [t.params["train.learning_rate"] for t in resumed.trials]
-    assert lrs.count(0.001) == 1  # a resume does not enqueue them again
+    assert len(resumed.trials) == 6 and not resumed.get_trials(states=(WAITING,))
+
+
+def test_a_key_the_command_line_fixes_is_dropped_from_the_warm_start(make_cfg):
+    sweep = Sweep(make_cfg(*FAST, WARM, "train.epochs=3", "sweep.n_trials=2"), [WARM])
+    assert "train.epochs=6 dropped: an override fixes it to 3" in " ".join(sweep.plan.notices)
+    assert sweep.warm_sets == [{"train.learning_rate": 0.001, "train.batch_size": 16}]
+    study = sweep.run()
+    assert study.trials[0].params["train.learning_rate"] == 0.001
+    assert "train.epochs" not in study.trials[0].params  # fixed: not searched, not a param
 
 
 @pytest.mark.parametrize(
@@ -105,6 +121,12 @@ def test_warm_start_from_another_study_takes_its_best(make_cfg):
     second = sweep.run()
     assert [t.params for t in second.trials[:2]] == [ranked[0].params, ranked[1].params]
     assert "2 param set(s) from study 'first'" in " ".join(sweep.plan.notices)
+    # values this study's choices do not hold are left to the sampler, not a crash
+    narrow = ("train.batch_size=choice(4, 64)", "train.epochs=choice(7)")
+    third = Sweep(make_cfg(*FAST, "name=third", warm, *narrow, "sweep.n_trials=1"), [warm]).run()
+    taken = third.trials[0].params
+    assert taken["train.learning_rate"] == ranked[0].params["train.learning_rate"]
+    assert taken["train.batch_size"] in (4, 64) and taken["train.epochs"] == 7
     missing = "sweep.enqueue=[{from_study: nowhere}]"
     with pytest.raises(ConfigError, match="no study named 'nowhere'"):
-        Sweep(make_cfg(*FAST, "name=third", missing, "sweep.n_trials=1"), []).run()
+        Sweep(make_cfg(*FAST, "name=fourth", missing, "sweep.n_trials=1"), [])

@@ -1,0 +1,146 @@
+"""`harness ui`: the MLflow UI on the study's tracking store, or `--optuna`, optuna-dashboard on
+its Optuna storage. Both are served on 127.0.0.1 only: the stores may hold more than a user
+would publish, and MLflow's server refuses foreign Host headers anyway."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from harness.config import ConfigError, runs_dir
+from harness.tracking import redact_text, tracking_uri
+
+HOST = "127.0.0.1"
+
+
+def mlflow_command(cfg: DictConfig, port: int) -> list[str] | None:
+    """The `mlflow server` line for the configured store; None when tracking.uri is already a
+    server (there is nothing to start: its URL is the UI)."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return None
+    if uri.startswith("sqlite:///"):
+        # `mlflow server` would create an empty store and show no runs: say where they are not
+        store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if not store.exists():
+            raise ConfigError(
+                f"no MLflow store at {store}: run `harness sweep` first "
+                "(or set paths.runs_dir / tracking.uri to where it is)"
+            )
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        uri,
+        "--workers",
+        "1",
+    ]
+
+
+def dashboard_command(cfg: DictConfig, port: int) -> list[str]:
+    """optuna-dashboard on the study's storage: the journal file, or the storage URL."""
+    url = cfg.storage.url
+    if url:
+        target = str(url)
+    else:
+        journal = runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+        if not journal.exists():
+            raise ConfigError(
+                f"no Optuna journal at {journal}: run `harness sweep study={cfg.name}` first"
+            )
+        target = str(journal)
+    # the dashboard module runs with this interpreter: the one harness (and optuna) live in
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
+        target,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
+
+
+def check_port(port: int) -> None:
+    """Refuses a port something already listens on: the server would fail to bind, but the
+    other program might answer the health check first, and the URL printed would be wrong."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"port {port} on {HOST} is in use ({exc.strerror}): pick another with --port N"
+            ) from exc
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> bool:
+    """Polls ``url`` until it answers 200; False if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def serve(cfg: DictConfig, port: int, optuna: bool, say: Callable[[str], None]) -> int:
+    """Starts the server, says where it is once it answers, and runs until it stops or the
+    user presses Ctrl-C (which stops it too)."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    if optuna:
+        command: list[str] | None = dashboard_command(cfg, port)
+        url, health = f"http://{HOST}:{port}", f"http://{HOST}:{port}/api/meta"
+        what = f"optuna-dashboard on {redact_text(str(cfg.storage.url or 'the journal file'))}"
+    else:
+        command = mlflow_command(cfg, port)
+        if command is None:
+            say(f"tracking.uri is a server already: open {redact_text(tracking_uri(cfg))}")
+            return 0
+        url, health = f"http://{HOST}:{port}", f"http://{HOST}:{port}/health"
+        what = f"MLflow UI on {redact_text(tracking_uri(cfg))}"
+    assert command is not None
+    check_port(port)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, env=env, cwd=Path.cwd())
+    try:
+        if not wait_until_up(health, process):
+            process.terminate()
+            process.wait(timeout=20)
+            say(f"the server did not start (exit code {process.returncode}); see its output above")
+            return 1
+        where = "study" if optuna else "experiment"
+        say(f"{what}\nopen {url}  ({where} {cfg.name!r}; Ctrl-C stops the server)")
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
