@@ -606,6 +606,10 @@ class Sweep:
         last wait stops the study (see run)."""
         for attempt in range(STORAGE_ATTEMPTS):
             try:
+                if attempt > 0:  # after a wait: first the trial the failure left RUNNING
+                    self._fail_own_running(study)
+                    if self._enough(study):
+                        return
                 study.optimize(
                     self._objective,
                     n_trials=n_trials,  # a bound: failed trials are replaced, but not forever
@@ -628,13 +632,6 @@ class Sweep:
                     wait,
                 )
                 time.sleep(wait)
-                try:
-                    self._fail_own_running(study)
-                except Exception as again:
-                    if storage_error(again) is None or attempt == STORAGE_ATTEMPTS - 2:
-                        raise
-            if self._enough(study):
-                return
 
     def _fail_own_running(self, study: optuna.Study) -> None:
         """After a storage error: this process's trial that could not be told is failed and

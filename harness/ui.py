@@ -4,14 +4,18 @@ would publish, and MLflow's server refuses foreign Host headers anyway."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -124,23 +128,89 @@ def serve(cfg: DictConfig, port: int, optuna: bool, say: Callable[[str], None]) 
     assert command is not None
     check_port(port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, env=env, cwd=Path.cwd())
-    try:
-        if not wait_until_up(health, process):
-            process.terminate()
-            process.wait(timeout=20)
-            say(f"the server did not start (exit code {process.returncode}); see its output above")
-            return 1
-        where = "study" if optuna else "experiment"
-        say(f"{what}\nopen {url}  ({where} {cfg.name!r}; Ctrl-C stops the server)")
-        return process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
+    process: subprocess.Popen[bytes] | None = None
+    with _SignalTrap(lambda: process) as trap:
+        try:
+            # its own process group: stopping it reaches its workers too, and leaves no orphans
+            process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=Path.cwd(),
+                stdin=subprocess.DEVNULL,
+                process_group=0 if os.name == "posix" else None,
+            )
+            if not wait_until_up(health, process):
+                trap.stopping()
+                stop(process)
+                say(f"the server did not start (exit code {process.returncode}); see above")
+                return 1
+            where = "study" if optuna else "experiment"
+            say(what)
+            say(f"open {url}")  # a line of its own, however narrow the terminal
+            say(f"({where} {cfg.name!r}; Ctrl-C stops the server)")
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            trap.stopping()
+            if process is not None:
+                stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM to the server (it stops its workers), then SIGKILL to whatever of its process
+    group is left: the server if it did not stop in time, workers it left behind."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout_s)
+    _kill_group(process)
+    process.wait(timeout=10)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    if os.name != "posix":
         if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class _SignalTrap:
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) stop the server: the first raises
+    KeyboardInterrupt, and `serve` stops the server gracefully; one while it stops kills the
+    server's process group and exits at once. The server is in a process group of its own, so
+    this is the only way a signal reaches it. Outside the main thread (no handlers there) it
+    does nothing."""
+
+    def __init__(self, current: Callable[[], subprocess.Popen[bytes] | None]) -> None:
+        self.current = current
+        self.interrupted = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalTrap:
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGINT, signal.SIGTERM]
+            if hasattr(signal, "SIGHUP"):
+                signals.append(signal.SIGHUP)
+            self.previous = {signum: signal.signal(signum, self._on_signal) for signum in signals}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def stopping(self) -> None:
+        """From now on a signal means: stop now."""
+        self.interrupted = True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        print("\ninterrupted: killing the server", file=sys.stderr, flush=True)
+        process = self.current()
+        if process is not None:
+            _kill_group(process)
+        os._exit(130)
