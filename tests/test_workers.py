@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
     overrides = [
         "backend=fake",
-        "backend.seconds_per_epoch=0.05",
+        # a second a trial: longer than a worker process takes to start (3-4 s on a busy
+        # 2-core machine), so every worker gets trials before the first has run them all
+        "backend.seconds_per_epoch=0.5",
+        "train.epochs=2",
         "sweep.n_trials=12",
         "sweep.n_workers=3",
         "pruner=none",
