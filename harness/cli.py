@@ -195,7 +195,9 @@ def cmd_ui(args: list[str]) -> int:
     from harness.ui import serve
 
     optuna = "--optuna" in args
-    overrides = [a for a in args if a != "--optuna"]
+    # --port=N is --port N
+    words = [w for a in args for w in (a.split("=", 1) if a.startswith("--port=") else [a])]
+    overrides = [a for a in words if a != "--optuna"]
     port = 8080 if optuna else 5000
     if "--port" in overrides:
         index = overrides.index("--port")

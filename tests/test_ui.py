@@ -345,8 +345,9 @@ def test_ui_optuna_serves_the_dashboard_and_ctrl_c_stops_it(finished_sweep, tmp_
         (("--optuna",), rf"no Optuna journal at .*{STUDY}\.log: run `harness sweep study="),
         (("--port", "http"), "--port takes a number"),
         (("--port", "70000"), "not a TCP port"),
+        (("--port=70000",), "not a TCP port"),  # the = spelling is the same flag
     ],
-    ids=["no-mlflow-store", "no-optuna-journal", "bad-port", "port-out-of-range"],
+    ids=["no-mlflow-store", "no-optuna-journal", "bad-port", "port-out-of-range", "port-equals"],
 )
 def test_ui_without_a_store_or_with_a_bad_port_is_a_clear_error(tmp_path, flags, message):
     import re
