@@ -557,6 +557,11 @@ class Sweep:
         values its ranges hold."""
         sets: list[dict[str, Any]] = []
         for item in self.cfg.sweep.enqueue:
+            if not isinstance(item, Mapping):
+                raise ConfigError(
+                    f"sweep.enqueue: {item!r} is not a param set; write "
+                    "'sweep.enqueue=[{train.learning_rate: 1e-3}]' or [{from_study: NAME}]"
+                )
             item = dict(item)
             if "from_study" not in item:
                 sets.append(item)

@@ -102,6 +102,7 @@ def test_a_key_the_command_line_fixes_is_dropped_from_the_warm_start(make_cfg):
     [
         ("sweep.enqueue=[{train.learning_rate: 5.0}]", r"train.learning_rate=5.0 is outside"),
         ("sweep.enqueue=[{train.max_length: 32}]", "train.max_length is not a searched key"),
+        ("sweep.enqueue=[0.001]", "0.001 is not a param set"),
     ],
 )
 def test_bad_warm_starts_name_the_value(make_cfg, override, message):
