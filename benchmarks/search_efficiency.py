@@ -33,8 +33,8 @@ pruning; --noise SD adds a fixed pseudo-random offset per (params, evaluation), 
 training seed would, to see how much of the advantage survives.
 
 --backend local trains the tiny GPT-2 for real (default budget 1500 steps, about 11 random
-trials). On 2 shared CPU cores a step takes about 0.15 s, so the default run (4 methods x 3
-seeds) takes about an hour; `--backend local --quick` (300 steps, one seed) about 4 minutes.
+trials). On 2 CPU cores, one seed of the default took 77 s, and `--budget-steps 6000` with 3
+seeds took 15 minutes (measured 2026-11-21, with nothing else running).
 """
 
 from __future__ import annotations
