@@ -61,13 +61,7 @@ def bare_loop(cfg: Any, n_trials: int) -> float:
         sampler=search.make_sampler(
             cfg.sampler.name, cfg.seed, cfg.sampler.n_startup_trials, distributions
         ),
-        pruner=search.make_pruner(
-            cfg.pruner.name,
-            cfg.pruner.n_startup_trials,
-            cfg.pruner.n_warmup_steps,
-            cfg.pruner.min_resource,
-            cfg.pruner.reduction_factor,
-        ),
+        pruner=search.pruner_from(cfg.pruner),
     )
 
     def objective(trial: optuna.Trial) -> float:

@@ -219,13 +219,7 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
         study_name=f"{method.sampler}-{method.pruner}-seed{seed}",
         direction=plan.cfg.sweep.direction,
         sampler=make_sampler(method, cfg, seed, plan.distributions, bench.grid),
-        pruner=search.make_pruner(
-            cfg.pruner.name,
-            cfg.pruner.n_startup_trials,
-            cfg.pruner.n_warmup_steps,
-            cfg.pruner.min_resource,
-            cfg.pruner.reduction_factor,
-        ),
+        pruner=search.pruner_from(cfg.pruner),
     )
     outcome, noise = Outcome(), bench.noise
 

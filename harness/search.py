@@ -168,6 +168,17 @@ def make_sampler(
     raise SearchSpaceError(f"unknown sampler {name!r}: use tpe, random, grid, cmaes or gp")
 
 
+def pruner_from(pruner_cfg: Any, name: str | None = None) -> optuna.pruners.BasePruner:
+    """The pruner a config's ``pruner`` group describes (``name`` replaces its name)."""
+    return make_pruner(
+        name or pruner_cfg.name,
+        pruner_cfg.n_startup_trials,
+        pruner_cfg.n_warmup_steps,
+        pruner_cfg.min_resource,
+        pruner_cfg.reduction_factor,
+    )
+
+
 def make_pruner(
     name: str,
     n_startup_trials: int = 3,

@@ -459,13 +459,7 @@ class Sweep:
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
         goals = objectives(c)
-        pruner = search.make_pruner(
-            "none" if len(goals) > 1 else c.pruner.name,
-            c.pruner.n_startup_trials,
-            c.pruner.n_warmup_steps,
-            c.pruner.min_resource,
-            c.pruner.reduction_factor,
-        )
+        pruner = search.pruner_from(c.pruner, "none" if len(goals) > 1 else None)
         return optuna.create_study(
             study_name=c.name,
             storage=storage,
