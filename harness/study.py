@@ -366,14 +366,14 @@ def run_trial(
     the run is closed with the right state."""
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
-    run = tracker.start_run(run_name, params, tags, cfg, parent_id)
     goals = objectives(cfg)
-    reporter = TrialReporter(
-        run, cfg.sweep.metric, trial, on_cost, len(goals) == 1, on_progress, number
-    )
     spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model, key)
-    started = time.monotonic()
-    try:
+    run = tracker.start_run(run_name, params, tags, cfg, parent_id)
+    try:  # at once: an interrupt from here on still closes the run
+        reporter = TrialReporter(
+            run, cfg.sweep.metric, trial, on_cost, len(goals) == 1, on_progress, number
+        )
+        started = time.monotonic()
         result = plan.backend.run(spec, reporter)
         # what every trial costs in time and compute, whatever the backend: objectives to trade
         result.metrics.setdefault("train/seconds", time.monotonic() - started)

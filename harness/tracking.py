@@ -212,8 +212,13 @@ class MLflowTracker:
             all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.flush_every_s)
-        trial_run.log_params(params)
-        self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
+        try:
+            trial_run.log_params(params)
+            self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
+        except BaseException:  # Ctrl-C or a store error before the trial began: not RUNNING
+            with contextlib.suppress(Exception):
+                trial_run.terminate("FAILED")
+            raise
         return trial_run
 
     def log_hosted_model(self, run_id: str, name: str, details: Mapping[str, str]) -> None:
@@ -290,7 +295,14 @@ class TrialRun:
                 self.pending = self.pending[1000:]
             self.flush()
         finally:  # whatever happened to the last metrics, the run does not stay RUNNING
+            self.terminate(status)
+
+    def terminate(self, status: str) -> None:
+        try:
             self.client.set_terminated(self.run_id, status)
+        except KeyboardInterrupt:  # Ctrl-C cut the request short: close the run, then stop
+            self.client.set_terminated(self.run_id, status)
+            raise
 
 
 def log_transformers_model(
