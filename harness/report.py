@@ -26,8 +26,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import advice
 from harness.config import ConfigError, runs_dir
+from harness.display import format_value
 from harness.storage import describe_storage
-from harness.study import load_study, reproduce_command, study_spend
+from harness.study import (
+    load_study,
+    ranked_trials,
+    reproduce_command,
+    stored_objectives,
+    study_spend,
+)
 from harness.tracking import redact_text, tracking_uri
 
 SUMMARY = "summary.md"
@@ -108,8 +115,8 @@ def write_report(cfg: DictConfig, console: Any) -> Path:
     """Writes the report of study ``cfg.name`` and logs it to MLflow; returns its folder."""
     study = load_study(cfg)
     trials = study.get_trials(deepcopy=False)
-    objectives = objectives_of(study, cfg)
-    ranked = ranked_trials(trials, objectives[0])
+    objectives = [Objective(m, d) for m, d in stored_objectives(study, cfg)]
+    ranked = ranked_trials(study)
     if not ranked:
         raise ConfigError(
             f"study {cfg.name!r} has no complete trial yet ({count_line(trials)}): a report "
@@ -124,21 +131,6 @@ def write_report(cfg: DictConfig, console: Any) -> Path:
     logged = log_report(cfg, facts.parent_id, folder)
     _print(console, folder, facts, plots, logged)
     return folder
-
-
-def objectives_of(study: optuna.Study, cfg: DictConfig) -> list[Objective]:
-    """The study's objectives as the sweep stored them; a study from before they were stored
-    has the config's metric (or, failing that, numbered objectives in the study's directions)."""
-    stored = study.user_attrs.get("objectives") or [[cfg.sweep.metric, cfg.sweep.direction]]
-    directions = [d.name.lower() for d in study.directions]
-    if len(stored) != len(directions):
-        return [Objective(f"objective {i}", d) for i, d in enumerate(directions)]
-    return [Objective(str(metric), str(direction)) for metric, direction in stored]
-
-
-def ranked_trials(trials: Sequence[FrozenTrial], primary: Objective) -> list[FrozenTrial]:
-    """COMPLETE trials, best first on the primary objective."""
-    return by_primary([t for t in trials if t.state == TrialState.COMPLETE], primary)
 
 
 def by_primary(trials: Sequence[FrozenTrial], primary: Objective) -> list[FrozenTrial]:
@@ -168,7 +160,7 @@ def gather(
     limits = advice.hard_limits(str(cfg.backend.get("_target_", "")))
     facts.advice = advice.boundary_advice(ranked, searched_distributions(trials), limits)
     if facts.multi:
-        facts.pareto = ranked_trials(study.best_trials, objectives[0])
+        facts.pareto = by_primary(study.best_trials, objectives[0])
     if any("cost_usd" in t.user_attrs for t in trials):
         facts.spend_usd = study_spend(study)
     return facts
@@ -397,12 +389,6 @@ def count_line(trials: Sequence[FrozenTrial]) -> str:
     return f"{line}, {waiting} waiting" if waiting else line
 
 
-def _num(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -420,7 +406,7 @@ def _percent(share: float | None) -> str:
 
 
 def _cell(value: Any) -> str:
-    return _num(value).replace("|", "\\|").replace("\n", " ")
+    return format_value(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -440,7 +426,8 @@ def objective_line(facts: Facts) -> str:
 def best_line(facts: Facts) -> str:
     best = facts.best
     values = ", ".join(
-        f"{o.metric} = {_num(v)}" for o, v in zip(facts.objectives, best.values, strict=True)
+        f"{o.metric} = {format_value(v)}"
+        for o, v in zip(facts.objectives, best.values, strict=True)
     )
     which = f" (best on {facts.objectives[0].metric}, the first objective)" if facts.multi else ""
     return f"Best trial: {best.number}{which} ({values})"
