@@ -71,7 +71,7 @@ def _console() -> Any:
 def cmd_sweep(args: list[str]) -> int:
     from harness.config import load_config
     from harness.display import SweepDisplay, print_summary
-    from harness.study import FINISHED_STATES, Sweep, describe_storage, load_study, objectives
+    from harness.study import Sweep, describe_storage, objectives
     from harness.tracking import redact_text, tracking_uri
 
     # workers started by this sweep inherit the environment: quiet too
@@ -85,7 +85,7 @@ def cmd_sweep(args: list[str]) -> int:
         console,
         cfg.sweep.metric,
         cfg.sweep.n_trials,
-        done=_finished_before(cfg, FINISHED_STATES, load_study),
+        done=_finished_before(cfg),
         quiet=quiet,
         # Bars are redrawn in place; lines that worker processes print to the same terminal
         # would tear them. With workers, every process prints plain lines.
@@ -135,12 +135,16 @@ def cmd_sweep(args: list[str]) -> int:
     return 0
 
 
-def _finished_before(cfg: Any, states: Any, load_study: Any) -> int:
+def _finished_before(cfg: Any) -> int:
     """Trials a resumed study already has: where the study's progress bar starts."""
+    from harness.storage import existing_study
+    from harness.study import count_finished
+
     try:
-        return sum(1 for t in load_study(cfg).get_trials(deepcopy=False) if t.state in states)
-    except Exception:  # a new study; or a storage problem, which the sweep itself reports
+        study = existing_study(cfg)  # creates nothing: a refused sweep must leave no file
+    except Exception:  # a storage problem, which the sweep itself reports
         return 0
+    return 0 if study is None else count_finished(study)
 
 
 def cmd_best(overrides: list[str]) -> int:

@@ -136,6 +136,10 @@ class SweepConfig:
     # Warm start: param sets tried first ({train.learning_rate: 1e-3, ...}), and/or the string
     # {from_study: OTHER, top: 3}: the best trials of another study in the same storage.
     enqueue: list[Any] = field(default_factory=list)
+    # A new study that starts with the finished trials of this one (same data, model, backend
+    # and objective) whose values its space holds: how a space Optuna cannot change in place
+    # (a choice list) goes on. See harness/continuation.py.
+    continue_from: str | None = None
 
 
 @dataclass

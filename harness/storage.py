@@ -24,48 +24,109 @@ STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between
 
 def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) -> Any:
     """Optuna storage: the configured URL, else a journal file under runs/ (safe for several
-    processes on one host, unlike SQLite). An RDB storage sends heartbeats from running trials
-    (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial whose heartbeat
-    stopped."""
+    processes on one host, unlike SQLite), created if missing. An RDB storage sends heartbeats
+    from running trials (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial
+    whose heartbeat stopped."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     url = cfg.storage.url
-    if url and not str(url).endswith((".log", ".journal")):
-        # Connect now: an unreachable database is one clear error, not a traceback. Workers
-        # starting together on an empty database race to create Optuna's tables: the loser
-        # retries and finds them made.
-        for attempt in range(STORAGE_ATTEMPTS):
-            try:
-                heartbeat = int(cfg.storage.heartbeat_s) or None
-                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        str(url),
-                        # a connection dropped by a database restart is replaced, not used
-                        engine_kwargs={"pool_pre_ping": True},
-                        heartbeat_interval=heartbeat,
-                        grace_period=int(cfg.storage.grace_s) if heartbeat else None,
-                        heartbeat_stale_trial_callback=on_stale if heartbeat else None,
-                    )
-            except Exception as exc:
-                if not isinstance(exc, ImportError) and attempt < STORAGE_ATTEMPTS - 1:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(
-                    f"cannot open the Optuna storage {redact_text(str(url))}: "
-                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check storage.url, "
-                    "that the database server is up and reachable, and its driver is installed."
-                ) from None
-    path = Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+    if is_rdb(url):
+        heartbeat = int(cfg.storage.heartbeat_s) or None
+
+        def open_rdb() -> Any:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    str(url),
+                    # a connection dropped by a database restart is replaced, not used
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat,
+                    grace_period=int(cfg.storage.grace_s) if heartbeat else None,
+                    heartbeat_stale_trial_callback=on_stale if heartbeat else None,
+                )
+
+        # Workers starting together on an empty database race to create Optuna's tables: the
+        # loser retries and finds them made.
+        return _with_retries(str(url), open_rdb)
+    path = journal_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def existing_study(cfg: DictConfig) -> optuna.Study | None:
+    """The study ``cfg.name`` if its storage already holds it, else None. Creates nothing: no
+    journal file, no SQLite file, no database table (every check of a sweep runs before the
+    first write). An unreachable database is a ConfigError, as in ``storage_for``."""
+    storage = _existing_storage(cfg)
+    if storage is None:
+        return None
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:
+        return None
+
+
+def _existing_storage(cfg: DictConfig) -> Any:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    url = cfg.storage.url
+    if not is_rdb(url):
+        path = journal_path(cfg)
+        return JournalStorage(JournalFileBackend(str(path))) if path.exists() else None
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(str(url))
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or not Path(database).exists():
+            return None
+
+    def open_if_made() -> Any:
+        engine = sqlalchemy.create_engine(str(url))
+        try:
+            if not sqlalchemy.inspect(engine).has_table("studies"):
+                return None  # an empty database: Optuna makes its tables on first write
+        finally:
+            engine.dispose()
+        return optuna.storages.RDBStorage(str(url), skip_table_creation=True)
+
+    return _with_retries(str(url), open_if_made)
+
+
+def _with_retries(url: str, connect: Callable[[], Any]) -> Any:
+    """``connect()``, tried STORAGE_ATTEMPTS times with backoff: an unreachable database is one
+    clear error, not a traceback."""
+    attempt = 0
+    while True:
+        try:
+            return connect()
+        except Exception as exc:
+            attempt += 1
+            if isinstance(exc, ImportError) or attempt == STORAGE_ATTEMPTS:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"cannot open the Optuna storage {redact_text(url)}: "
+                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check "
+                    "storage.url, that the database server is up and reachable, and its driver "
+                    "is installed."
+                ) from None
+            time.sleep(0.5 * 2 ** (attempt - 1))
+
+
+def is_rdb(url: Any) -> bool:
+    """A database URL (sqlite:, postgresql:, ...), not a journal file path."""
+    return bool(url) and not str(url).endswith((".log", ".journal"))
+
+
+def journal_path(cfg: DictConfig) -> Path:
+    url = cfg.storage.url
+    return Path(url) if url else runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+
+
 def describe_storage(cfg: DictConfig) -> str:
-    url = cfg.storage.url or str(runs_dir(cfg) / "optuna" / f"{cfg.name}.log")
-    return redact_text(str(url))
+    return redact_text(str(cfg.storage.url or journal_path(cfg)))
 
 
 class StorageGoneError(ConfigError):

@@ -29,16 +29,19 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from harness import search
+from harness import continuation, search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
 from harness.config import ConfigError, runs_dir, with_params
+from harness.continuation import holds
 from harness.data import Dataset, load_dataset
+from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
 from harness.storage import (
     STORAGE_ATTEMPTS,
     StorageGoneError,
     describe_storage,
+    existing_study,
     storage_error,
     storage_for,
 )
@@ -46,6 +49,7 @@ from harness.tracking import (
     MLflowTracker,
     TrackingServerError,
     TrialRun,
+    check_tracking_server,
     redact_override,
     redact_text,
     tracking_uri,
@@ -61,6 +65,7 @@ SWEEP_ONLY_KEYS = {
     "sweep.timeout_s",
     "sweep.budget_usd",
     "sweep.enqueue",
+    "sweep.continue_from",
 }
 
 
@@ -90,6 +95,7 @@ class Plan:
     fixed: dict[str, Any]  # keys of the space given a plain value
     backend: Backend
     dataset: Dataset
+    fingerprint: dict[str, Any]  # what defines the study (harness.fingerprint)
     prepared: Any = None
     notices: list[str] = field(default_factory=list)  # said once before the first trial
 
@@ -101,7 +107,10 @@ def plan_study(cfg: DictConfig) -> Plan:
     fixed = search.fixed_values(space)
     cfg = with_params(cfg, fixed)
     backend = make_backend(cfg)
-    check_tunable(str(cfg.backend._target_).rsplit(".", 1)[-1], backend.tunable_keys, distributions)
+    check_tunable(backend_name(cfg), backend.tunable_keys, distributions)
+    check_credentials = getattr(backend, "check_credentials", None)
+    if check_credentials is not None:  # first: counting tokens for the data checks caches files
+        check_credentials()
     for key, dist in distributions.items():  # the schema must accept every value sampled
         for value in _extremes(dist):
             try:
@@ -133,7 +142,13 @@ def plan_study(cfg: DictConfig) -> Plan:
         )
     dataset = load_dataset(cfg.data)
     _check_reported(cfg, backend, dataset)
-    return Plan(cfg, distributions, fixed, backend, dataset, notices=notices)
+    identity = fingerprint(cfg, dataset, backend_name(cfg), objectives(cfg))
+    return Plan(cfg, distributions, fixed, backend, dataset, identity, notices=notices)
+
+
+def backend_name(cfg: DictConfig) -> str:
+    """The backend's class name: `LocalBackend`, `OpenAIBackend`, `FakeBackend`."""
+    return str(cfg.backend._target_).rsplit(".", 1)[-1]
 
 
 # Final metrics every trial has besides its task's: what a multi-objective study may trade
@@ -202,6 +217,67 @@ def _check_reported(cfg: DictConfig, backend: Backend, dataset: Dataset) -> None
             raise ConfigError(f"sweep.objectives: {metric} needs a test split; the data has none")
 
 
+def count_finished(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
+
+
+def check_same_study(study: optuna.Study, plan: Plan, overrides: list[str]) -> None:
+    """Refuses to add this command's trials to a stored study that answers another question:
+    other objectives, or another fingerprint (task, data, labels, model, backend). A study
+    stored before fingerprints existed adopts this command's."""
+    cfg, name = plan.cfg, study.study_name
+    goals = objectives(cfg)
+    before = stored_objectives(study, cfg)
+    directions = [d.name.lower() for d in study.directions]
+    if before != goals or directions != [d for _, d in goals]:
+        had = ", ".join(f"{d} {m}" for m, d in before)
+        raise ConfigError(
+            f"study {name!r} exists with the objective(s) {had}; this command has "
+            f"{', '.join(f'{d} {m}' for m, d in goals)}. Resume with the same sweep.metric, "
+            "sweep.direction and sweep.objectives, or give the new study its own name: "
+            "name=..."
+        )
+    stored = study.user_attrs.get("fingerprint")
+    if not stored:
+        return
+    changed = differences(stored, plan.fingerprint)
+    if not changed:
+        return
+    fake = "FakeBackend" in (stored.get("backend"), plan.fingerprint["backend"])
+    new_name = suggested_name(name, stored, plan.fingerprint)
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "name"]
+    command = " ".join(shlex.quote(w) for w in ["harness", "sweep", *kept, f"name={new_name}"])
+    raise ConfigError(
+        f"study {name!r} ({describe_storage(cfg)}, {count_finished(study)} finished trials) "
+        "is not the study this command describes:\n  "
+        + "\n  ".join(changed)
+        + "\nA study is its task, data, labels, model, backend and objective; adding these "
+        "trials to it would mix two questions under one best. "
+        + ("A backend=fake check is a study of its own. " if fake else "")
+        + f"Start a new study with its own name:\n  {command}"
+    )
+
+
+def check_resume(study: optuna.Study, plan: Plan, overrides: list[str]) -> None:
+    """The checks of ``check_same_study``, then the search space: a change Optuna cannot make
+    within a study (a choice list, a log scale, a kind) is refused with the command that
+    continues the study as a new one (harness.continuation)."""
+    check_same_study(study, plan, overrides)
+    stored = continuation.stored_distributions(study)
+    changed = continuation.incompatible(stored, plan.distributions)
+    if changed:
+        name = study.study_name
+        raise ConfigError(
+            f"study {name!r}: this command changes its search space in a way Optuna cannot "
+            "follow within one study:\n  "
+            + "\n  ".join(changed)
+            + "\n(a choice list, a log scale and int/float are fixed for the life of a study; a "
+            "wider interval or range goes on in place). Continue it as a new study that starts "
+            f"with its {count_finished(study)} finished trials and records under the same "
+            "MLflow experiment:\n  " + continuation.continuation_command(name, overrides)
+        )
+
+
 def stored_objectives(study: optuna.Study, cfg: DictConfig) -> list[tuple[str, str]]:
     """The objectives a study was created with (older studies: the config's)."""
     stored = study.user_attrs.get("objectives")
@@ -225,14 +301,6 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
     return sorted(completed, key=lambda t: (-sign * t.values[0], t.number))
-
-
-def holds(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    """Whether a value lies in a distribution (a choice among its choices)."""
-    try:
-        return bool(dist._contains(dist.to_internal_repr(value)))
-    except (ValueError, TypeError):
-        return False
 
 
 def checked_param_sets(plan: Plan, sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -444,16 +512,56 @@ class Sweep:
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
+        self.existing: optuna.Study | None = None  # the study as stored before this sweep
+        self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
+
+    def preflight(self) -> None:
+        """Every check this sweep makes, before anything is written to any store: the stored
+        study (its objectives, what it is, its search space), where a continuation starts, the
+        tracking server, and the backend's preparation (an API key, the data's upload).
+        Raises ConfigError saying what to do."""
+        self.existing = existing_study(self.cfg)
+        finished = 0
+        if self.existing is not None:
+            check_resume(self.existing, self.plan, self.overrides)
+            finished = count_finished(self.existing)
+        elif self.cfg.sweep.continue_from and not self.is_helper:
+            source = self._continuation_source()
+            self.carried, dropped = continuation.carried_trials(
+                source, self.cfg, self.plan.distributions
+            )
+            finished = len(self.carried)
+            left_out = f" ({dropped} outside this space left out)" if dropped else ""
+            self.plan.notices.append(
+                f"continuing study {source.study_name!r}: {len(self.carried)} of its finished "
+                f"trials carried over{left_out}"
+            )
+        check_tracking_server(tracking_uri(self.cfg))
+        if finished < self.cfg.sweep.n_trials:
+            self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
+
+    def _continuation_source(self) -> optuna.Study:
+        """sweep.continue_from's study, which must be this study in all but its space; runs are
+        recorded under its MLflow experiment."""
+        name = str(self.cfg.sweep.continue_from)
+        source_cfg = self.cfg.copy()
+        source_cfg.name = name
+        source = existing_study(source_cfg)
+        if source is None:
+            raise ConfigError(
+                f"sweep.continue_from: no study named {name!r} in {describe_storage(source_cfg)}"
+            )
+        check_same_study(source, self.plan, self.overrides)
+        if not self.cfg.tracking.experiment:
+            self.cfg.tracking.experiment = source.user_attrs.get("mlflow_experiment", name)
+        return source
 
     def create_study(self) -> optuna.Study:
         c = self.cfg
         storage = storage_for(c, on_stale=self._on_stale_heartbeat)
         # A resumed sweep seeds its sampler past the trials already there: the same seed again
         # would re-draw the first trials' parameters. A fresh sweep is seeded with c.seed.
-        try:
-            done = len(optuna.load_study(study_name=c.name, storage=storage).trials)
-        except KeyError:
-            done = 0
+        done = len(self.existing.trials) if self.existing is not None else 0
         seed = c.seed + done + 1000 * self.seed_index
         sampler = search.make_sampler(
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
@@ -472,20 +580,17 @@ class Sweep:
     def run(self) -> optuna.Study:
         # Optuna's own "trial failed" warnings would print errors unredacted; ours are redacted
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        self.preflight()
+        # From here on the stores are written: the study, then the MLflow experiment and runs.
         study = self.create_study()
         goals = objectives(self.cfg)
-        before = stored_objectives(study, self.cfg)
-        directions = [d.name.lower() for d in study.directions]
-        if before != goals or directions != [d for _, d in goals]:
-            had = ", ".join(f"{d} {m}" for m, d in before)
-            raise ConfigError(
-                f"study {self.cfg.name!r} exists with the objective(s) {had}; this command has "
-                f"{', '.join(f'{d} {m}' for m, d in goals)}. Resume with the same sweep.metric, "
-                "sweep.direction and sweep.objectives, or give the new study its own name: "
-                "name=..."
-            )
+        if self.carried and "harness_continued_from" not in study.user_attrs:
+            study.add_trials(self.carried)
+            study.set_user_attr("harness_continued_from", str(self.cfg.sweep.continue_from))
         study.set_user_attr("overrides", self.overrides)
         study.set_user_attr("objectives", [list(goal) for goal in goals])  # for report and best
+        study.set_user_attr("fingerprint", self.plan.fingerprint)  # adopted by older studies
+        study.set_user_attr("mlflow_experiment", self.cfg.tracking.experiment or self.cfg.name)
         # Names this study's trials to hosted providers (see the trial key in _objective). Two
         # workers starting at once may each store their own: harmless, trial numbers differ.
         if "harness_uid" not in study.user_attrs:
@@ -494,10 +599,7 @@ class Sweep:
         tracker = MLflowTracker(self.cfg)
         self.tracker = tracker
         self._fail_stale_trials(study)
-        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
-        missing = self.cfg.sweep.n_trials - finished
-        if missing > 0:  # before the parent run: a missing API key or bad data leaves no trace
-            self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
+        missing = self.cfg.sweep.n_trials - count_finished(study)
         tags = {
             "optuna.study_name": study.study_name,
             "optuna.storage": describe_storage(self.cfg),
@@ -580,12 +682,11 @@ class Sweep:
     def _best_params_of(self, name: str, top: int) -> list[dict[str, Any]]:
         other_cfg = self.cfg.copy()
         other_cfg.name = name
-        try:
-            other = optuna.load_study(study_name=name, storage=storage_for(other_cfg))
-        except KeyError as exc:
+        other = existing_study(other_cfg)
+        if other is None:
             raise ConfigError(
                 f"sweep.enqueue: no study named {name!r} in {describe_storage(other_cfg)}"
-            ) from exc
+            )
         ranked = ranked_trials(other)
         sets = []
         for trial in ranked[:top]:
@@ -733,6 +834,18 @@ class Sweep:
             log.warning("trial %d: could not close its MLflow run: %s", trial.number, exc)
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
+        """One trial; whatever fails it, sampling included (Optuna refuses a value a stored
+        distribution does not allow), is recorded as its ``fail_reason``."""
+        try:
+            return self._run_one(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            if "fail_reason" not in trial.user_attrs:
+                trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
+            raise
+
+    def _run_one(self, trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         # Workers check the count before asking for a trial; two asking at the same moment can
         # both pass. The lower trial numbers win and the surplus one stops here, unrun.
@@ -1000,10 +1113,11 @@ def train_once(
 
 
 def load_study(cfg: DictConfig) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-    except KeyError as exc:
+    """The stored study ``cfg.name``; a ConfigError, and no file created, when there is none."""
+    study = existing_study(cfg)
+    if study is None:
         raise ConfigError(
             f"no study named {cfg.name!r} in {describe_storage(cfg)}; run "
             f"`harness sweep study={cfg.name}` first"
-        ) from exc
+        )
+    return study

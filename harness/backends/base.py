@@ -74,6 +74,10 @@ class PaidBackend(Protocol):
     def abandon(self, key: str) -> None:
         """Stops paid work started under this trial key that nobody will follow again."""
 
+    def check_credentials(self) -> None:
+        """Raises a ConfigError when the provider's credentials are missing; reads no file
+        under runs/ and calls no network, so a sweep can check it before anything else."""
+
 
 class UntunableKeyError(ValueError):
     pass

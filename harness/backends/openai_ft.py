@@ -146,6 +146,10 @@ class OpenAIBackend:
         self._client: Any = None
 
     # the client ------------------------------------------------------------------------------
+    def check_credentials(self) -> None:
+        """A sweep's first check: no key is refused before anything is written or counted."""
+        self.api_key()
+
     def api_key(self) -> str:
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
