@@ -9,6 +9,7 @@ overrides, and never leave the values a key can take (``hard_limits``).
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,12 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from harness import continuation
 from harness.search import SearchSpaceError, to_distribution
 
 EDGE_FRACTION = 0.1  # "at the edge": within this fraction of the range from an end
 MIN_TRIALS_FOR_ADVICE = 5  # fewer complete trials than this: the advice is tentative
+MORE_TRIALS = 10  # trials the command that follows the advice adds to the study
 
 # Values each key can take (low, high; None: unbounded). A suggestion is clamped to these, and an
 # edge already at one is a hard limit, not a reason to widen.
@@ -110,6 +113,34 @@ def boundary_advice(
             )
         )
     return advice
+
+
+def follow_command(
+    study: optuna.Study,
+    advice: Sequence[EdgeAdvice],
+    distributions: Mapping[str, BaseDistribution],
+    overrides: Sequence[str],
+) -> str | None:
+    """The `harness sweep` command that widens every range the advice widens and adds
+    MORE_TRIALS trials: the study's own overrides with the new ranges. In place where Optuna
+    can follow the change (a wider interval or range), else as a continuation study that
+    starts with this one's finished trials (a longer choice list; harness.continuation)."""
+    widened = {a.key: a.suggestion for a in advice if a.suggestion is not None}
+    if not widened:
+        return None
+    finished = len(study.get_trials(deepcopy=False, states=continuation.FINISHED_STATES))
+    replaced = {"sweep.n_trials", *widened}
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    new = [
+        *kept,
+        f"sweep.n_trials={finished + MORE_TRIALS}",
+        *(f"{key}={expression}" for key, expression in widened.items()),
+    ]
+    wider = {key: to_distribution(key, expression) for key, expression in widened.items()}
+    checked = {key: dist for key, dist in wider.items() if dist is not None}
+    if continuation.incompatible(distributions, checked):
+        return continuation.continuation_command(study.study_name, new)
+    return " ".join(shlex.quote(word) for word in ["harness", "sweep", *new])
 
 
 def is_numeric(dist: BaseDistribution) -> bool:

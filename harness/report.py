@@ -93,6 +93,7 @@ class Facts:
     importances: dict[str, float] = field(default_factory=dict)
     importance_problem: str = ""  # why there are no importances
     advice: list[advice.EdgeAdvice] = field(default_factory=list)
+    follow_advice: str | None = None  # the command that widens the advised ranges
     pareto: list[FrozenTrial] = field(default_factory=list)
     spend_usd: float | None = None  # where money was spent
     overrides: list[str] = field(default_factory=list)
@@ -158,7 +159,11 @@ def gather(
     )
     facts.importances, facts.importance_problem = param_importances(facts)
     limits = advice.hard_limits(str(cfg.backend.get("_target_", "")))
-    facts.advice = advice.boundary_advice(ranked, searched_distributions(trials), limits)
+    distributions = searched_distributions(trials)
+    facts.advice = advice.boundary_advice(ranked, distributions, limits)
+    facts.follow_advice = advice.follow_command(
+        study, facts.advice, distributions, study.user_attrs.get("overrides", facts.overrides)
+    )
     if facts.multi:
         facts.pareto = by_primary(study.best_trials, objectives[0])
     if any("cost_usd" in t.user_attrs for t in trials):
@@ -613,7 +618,16 @@ def _advice_section(facts: Facts) -> list[str]:
         ]
     if not facts.advice:
         return [*lines, "No boundary problems: the best trial lies inside every searched range."]
-    return [*lines, *(f"- {a.text()}" for a in facts.advice)]
+    lines += [f"- {a.text()}" for a in facts.advice]
+    if facts.follow_advice:
+        lines += [
+            "",
+            f"To follow it ({advice.MORE_TRIALS} more trials, the study's own overrides with the "
+            "wider ranges):",
+            "",
+            f"`{facts.follow_advice}`",
+        ]
+    return lines
 
 
 def _spend_section(facts: Facts) -> list[str]:
@@ -686,5 +700,8 @@ def _print(console: Any, folder: Path, facts: Facts, plots: Sequence[Plot], logg
         console.print(line.replace("`", ""), markup=False, soft_wrap=True)
     for item in facts.advice:
         console.print(f"  {item.text().replace('`', '')}", markup=False, soft_wrap=True)
+    if facts.follow_advice:
+        console.print("to follow it:", markup=False)
+        console.print(facts.follow_advice, markup=False, soft_wrap=True)
     style = "green" if logged.startswith("logged") else "yellow"
     console.print(f"[{style}]mlflow[/{style}]: {logged}", soft_wrap=True)

@@ -10,6 +10,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
+import hashlib
 import socket
 import subprocess
 import sys
@@ -35,6 +36,19 @@ def make_cfg(runs: Path):
         return load_config([*overrides, f"paths.runs_dir={runs}"])
 
     return make
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder``, files with their sha256: equal snapshots mean
+    nothing was created, changed or removed there."""
+    if not folder.exists():
+        return {}
+    return {
+        str(path.relative_to(folder)): (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        )
+        for path in sorted(folder.rglob("*"))
+    }
 
 
 def write(path: Path, text: str) -> Path:
