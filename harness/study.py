@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
 from harness.config import ConfigError, runs_dir, with_params
-from harness.data import Dataset, load_dataset
+from harness.data import Dataset, example_check, load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
 from harness.storage import (
@@ -131,7 +131,7 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, example_check(backend, cfg))
     _check_reported(cfg, backend, dataset)
     return Plan(cfg, distributions, fixed, backend, dataset, notices=notices)
 
