@@ -63,8 +63,49 @@ def to_chats(dataset: Dataset, template: str) -> dict[str, list[Chat]]:
     }
 
 
+# Token counts of chats already checked, by their messages: a chat is counted once though it is
+# checked when its file is loaded and again when the study's splits are described.
+TokenCounts = dict[tuple[tuple[str, str], ...], int]
+
+
+def check_chat(
+    chat: Chat,
+    encoding: Encoding,
+    token_limit: int,
+    counted: TokenCounts | None = None,
+    where: str = "example",
+) -> int:
+    """The chat's token count; raises DataError (at its file:line) where the API would refuse
+    it: no assistant answer, an unknown role, an empty message, more tokens than the limit."""
+    where = chat.source or where
+    roles = [m.get("role") for m in chat.messages]
+    if "assistant" not in roles:
+        raise DataError(f"{where}: no assistant message; every example needs one")
+    for index, message in enumerate(chat.messages):
+        if message.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: message {index} has role {message.get('role')!r}")
+        if not str(message.get("content") or "").strip():
+            raise DataError(f"{where}: message {index} ({message['role']}) is empty")
+    key = tuple((str(m.get("role")), str(m.get("content"))) for m in chat.messages)
+    tokens = counted.get(key) if counted is not None else None
+    if tokens is None:
+        tokens = encoding.count_chat(chat.messages)
+        if counted is not None:
+            counted[key] = tokens
+    if tokens > token_limit:
+        raise DataError(
+            f"{where}: {tokens} tokens ({encoding.note}); the model's limit per example is "
+            f"{token_limit}. Shorten it or drop it."
+        )
+    return tokens
+
+
 def check_chats(
-    chats: Sequence[Chat], split: str, encoding: Encoding, token_limit: int
+    chats: Sequence[Chat],
+    split: str,
+    encoding: Encoding,
+    token_limit: int,
+    counted: TokenCounts | None = None,
 ) -> list[int]:
     """Token counts of each chat; raises DataError at the first chat the API would refuse."""
     if split == "train" and len(chats) < MIN_TRAINING_EXAMPLES:
@@ -73,25 +114,23 @@ def check_chats(
             f"{where}: the training split has {len(chats)} examples; hosted fine-tuning needs at "
             f"least {MIN_TRAINING_EXAMPLES}"
         )
-    counts = []
-    for chat in chats:
-        where = chat.source or f"{split} example"
-        roles = [m.get("role") for m in chat.messages]
-        if "assistant" not in roles:
-            raise DataError(f"{where}: no assistant message; every example needs one")
-        for index, message in enumerate(chat.messages):
-            if message.get("role") not in CHAT_ROLES:
-                raise DataError(f"{where}: message {index} has role {message.get('role')!r}")
-            if not str(message.get("content") or "").strip():
-                raise DataError(f"{where}: message {index} ({message['role']}) is empty")
-        tokens = encoding.count_chat(chat.messages)
-        if tokens > token_limit:
-            raise DataError(
-                f"{where}: {tokens} tokens ({encoding.note}); the model's limit per example is "
-                f"{token_limit}. Shorten it or drop it."
-            )
-        counts.append(tokens)
-    return counts
+    return [check_chat(c, encoding, token_limit, counted, f"{split} example") for c in chats]
+
+
+def check_examples(
+    examples: Sequence[Example],
+    task: str,
+    labels: Sequence[str],
+    template: str,
+    encoding: Encoding,
+    token_limit: int,
+    counted: TokenCounts | None = None,
+) -> None:
+    """One file's examples, as the chats they become, checked one by one (``check_chat``): a
+    hosted backend's data check, run as each file is loaded, before any split."""
+    prompt = system_prompt_for(template, labels)
+    for example in examples:
+        check_chat(to_chat(example, task, prompt), encoding, token_limit, counted)
 
 
 def token_limit(limits: Mapping[str, int], model: str) -> int:

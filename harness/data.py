@@ -5,8 +5,13 @@ Formats: JSONL or CSV (UTF-8, with or without BOM), field names from the config.
   final assistant turn is the label
 - generation rows: ``{prompt, completion}`` or chat rows ``{"messages": [...]}`` (OpenAI format);
   a chat row becomes a prompt (every turn before the last assistant turn) and a completion.
+One file holds one row format (chat, prompt/completion or text/label): a row in another format
+than the file's first is refused at its line. ``detect_task`` tells the task from a file's rows
+(``harness validate FILE``).
 A dataset is one file split with a seed (stratified by label for classification), or explicit
 train/validation/test files. Every error names the file and, where there is one, the line.
+``load_dataset`` is the one validator behind every entry point (``harness validate``, a sweep's
+plan, the hosted backends' data rules through its ``check`` hook), so a file gets one verdict.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ import hashlib
 import json
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
@@ -137,13 +142,57 @@ def chat_to_prompt_completion(messages: Any, where: str) -> tuple[str, str]:
     return f"{prompt}\nassistant:", " " + messages[-1]["content"].strip()
 
 
-def load_examples(path: Path, data: DictConfig) -> list[Example]:
-    if data.task not in ("classification", "generation"):
-        raise DataError(f"unknown task {data.task!r} (use classification or generation)")
-    examples: list[Example] = []
+TASKS = ("classification", "generation")
+SPLITS = ("train", "validation", "test")
+
+# A row's format, by the fields it has (names from the config): chat rows are told by their
+# messages field, prompt/completion rows by either of their fields, anything else is text/label.
+CHAT, PROMPT_COMPLETION, TEXT_LABEL = "chat", "prompt/completion", "text/label"
+
+
+def _row_format(record: dict[str, Any], data: DictConfig) -> str:
+    if data.messages_field in record:
+        return CHAT
+    if data.prompt_field in record or data.completion_field in record:
+        return PROMPT_COMPLETION
+    return TEXT_LABEL
+
+
+def _format_shape(row_format: str, data: DictConfig) -> str:
+    """How a format looks with this config's field names, for error messages."""
+    if row_format == CHAT:
+        return f'chat ({{"{data.messages_field}": [...]}})'
+    if row_format == PROMPT_COMPLETION:
+        return f'prompt/completion ({{"{data.prompt_field}", "{data.completion_field}"}})'
+    return f'text/label ({{"{data.text_field}", "{data.label_field}"}})'
+
+
+def _uniform_records(path: Path, data: DictConfig) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """(line, record, row format); refuses the first record whose format differs from the
+    first record's: a file mixing formats is a mistake (two files pasted together), and
+    reading each row by its own format would hide it."""
+    first: tuple[int, str] | None = None
     for number, record in _records(path, data.format):
+        row_format = _row_format(record, data)
+        if first is None:
+            first = (number, row_format)
+        elif row_format != first[1]:
+            raise DataError(
+                f"{path}:{number}: this row is {_format_shape(row_format, data)} but line "
+                f"{first[0]} is {_format_shape(first[1], data)}; one format per file"
+            )
+        yield number, record, row_format
+    if first is None:
+        raise DataError(f"{path}: empty file (no records)")
+
+
+def load_examples(path: Path, data: DictConfig) -> list[Example]:
+    if data.task not in TASKS:
+        raise DataError(f"data.task={data.task!r}: unknown task (use classification or generation)")
+    examples: list[Example] = []
+    for number, record, row_format in _uniform_records(path, data):
         where = f"{path}:{number}"
-        if data.messages_field in record:
+        if row_format == CHAT:
             messages = _messages(record[data.messages_field], data.messages_field, where)
             if data.task == "classification":
                 examples.append(_chat_classification(messages, where))
@@ -157,9 +206,42 @@ def load_examples(path: Path, data: DictConfig) -> list[Example]:
             prompt = _field(record, data.prompt_field, where)
             completion = _field(record, data.completion_field, where)
             examples.append(Example(prompt, " " + completion, where))
-    if not examples:
-        raise DataError(f"{path}: empty file (no records)")
     return examples
+
+
+# Chat rows are a classification set when their final assistant answers read as labels: each
+# one line of at most MAX_LABEL_WORDS words, and few distinct ones for the rows: at most
+# MAX_LABELS, and at most half the row count (a label is used twice on average). Free-text
+# answers (a FAQ, open QA) are longer or nearly all different: generation. The user overrides
+# the guess with data.task=classification|generation.
+MAX_LABEL_WORDS = 4
+MAX_LABELS = 200
+
+
+def detect_task(path: Path, data: DictConfig) -> tuple[str, str]:
+    """(task, why) for a file given by path: prompt/completion rows are generation, text/label
+    rows classification, chat rows by their answers (the rule above). Reads the file as the
+    loader does, so a bad file fails here with the loader's message."""
+    answers: list[str] = []
+    for number, record, row_format in _uniform_records(path, data):
+        if row_format == PROMPT_COMPLETION:
+            return "generation", "prompt/completion rows"
+        if row_format == TEXT_LABEL:
+            return "classification", "text/label rows"
+        messages = _messages(record[data.messages_field], data.messages_field, f"{path}:{number}")
+        answers.append(messages[-1]["content"].strip())
+    distinct = set(answers)
+    longest = max(len(a.split()) for a in distinct)
+    short = longest <= MAX_LABEL_WORDS and not any("\n" in a for a in distinct)
+    if short and len(distinct) <= min(MAX_LABELS, len(answers) / 2):
+        return "classification", (
+            f"the final answers of its {len(answers)} chat rows are {len(distinct)} short "
+            "labels; data.task=generation says otherwise"
+        )
+    return "generation", (
+        f"the final answers of its {len(answers)} chat rows are free text ({len(distinct)} "
+        f"distinct, up to {longest} words); data.task=classification says otherwise"
+    )
 
 
 def _messages(value: Any, name: str, where: str) -> tuple[dict[str, str], ...]:
@@ -209,50 +291,137 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_dataset(data: DictConfig) -> Dataset:
-    """Loads and validates the dataset a config names; raises DataError with file and line."""
-    if data.path and any(data.get(s) for s in ("train", "validation", "test")):
+def file_labels(examples: Sequence[Example], task: str) -> list[str]:
+    """The sorted label set of classification examples; [] for generation."""
+    return sorted({e.target for e in examples}) if task == "classification" else []
+
+
+class ExampleCheck(Protocol):
+    """A backend's own data rules (a hosted API's token limit per example), run on each file's
+    examples right after it is loaded, before any split or size check, so a broken example is
+    reported even where the split would fail too. ``labels``: the training labels (sorted;
+    [] for generation). Raises DataError naming the file and line."""
+
+    def __call__(self, examples: Sequence[Example], task: str, labels: Sequence[str]) -> None: ...
+
+
+def example_check(backend: Any, cfg: DictConfig) -> ExampleCheck | None:
+    """The check a backend declares with an ``example_check(cfg)`` method, else None: what every
+    entry point hands to ``load_dataset`` so the same file gets the same verdict."""
+    make = getattr(backend, "example_check", None)
+    return make(cfg) if make is not None else None
+
+
+def load_dataset(data: DictConfig, check: ExampleCheck | None = None) -> Dataset:
+    """Loads and validates the dataset a config names; raises DataError with file and line.
+    ``check`` (see ExampleCheck) runs on each file as soon as it is loaded."""
+    if data.path and any(data.get(s) for s in SPLITS):
         raise DataError("data: give either data.path or data.train/validation/test, not both")
-    by_label = data.task == "classification"
-    hashes: dict[str, str] = {}
     if data.path:
-        path = resolve_path(data.path)
-        examples = load_examples(path, data)
-        hashes[str(path)] = file_sha256(path)
-        fractions = (data.validation_fraction, data.test_fraction)
-        if min(fractions) <= 0 or sum(fractions) >= 1:
-            raise DataError("data: validation_fraction and test_fraction must be > 0, sum < 1")
-        _check_size(examples, data.min_rows, str(path))
-        train, validation, test = _stratified_split(examples, fractions, data.split_seed, by_label)
-    elif data.train and data.validation:
-        parts = {}
-        for split in ("train", "validation", "test"):
-            if data.get(split):
-                path = resolve_path(data[split])
-                parts[split] = load_examples(path, data)
-                hashes[str(path)] = file_sha256(path)
-        train, validation = parts["train"], parts["validation"]
-        test = parts.get("test", validation)  # no test file: report test metrics on validation
-        _check_size(train, data.min_rows, str(resolve_path(data.train)))
-    else:
-        raise DataError("data: set data.path, or data.train and data.validation")
-    labels: list[str] = []
-    if by_label:
-        labels = sorted({e.target for e in train})
-        if len(labels) < 2:
-            raise DataError(f"data {data.name!r}: only one class in training data: {labels}")
-        unseen = {e.target for e in validation + test} - set(labels)
-        if unseen:
-            raise DataError(f"data {data.name!r}: labels {sorted(unseen)} not in training split")
-    for name, part in (("train", train), ("validation", validation), ("test", test)):
-        if not part:
-            raise DataError(f"data {data.name!r}: the {name} split is empty; add rows")
+        return _split_one_file(data, check)
+    if data.train and data.validation:
+        return _split_files(data, check)
+    raise DataError("data: set data.path, or data.train and data.validation")
+
+
+def _split_one_file(data: DictConfig, check: ExampleCheck | None) -> Dataset:
+    fractions = (data.validation_fraction, data.test_fraction)
+    if min(fractions) <= 0 or sum(fractions) >= 1:
+        raise DataError("data: validation_fraction and test_fraction must be > 0, sum < 1")
+    path = resolve_path(data.path)
+    examples = load_examples(path, data)
+    labels = file_labels(examples, data.task)
+    if check is not None:
+        check(examples, data.task, labels)
+    _check_size(examples, data.min_rows, path)
+    _check_classes(labels, data.task, path)
+    by_label = data.task == "classification"
+    splits = _stratified_split(examples, fractions, data.split_seed, by_label)
+    _check_split_sizes(path, examples, splits, data)
+    train, validation, test = splits
+    if data.task == "classification":
+        _check_unseen(file_labels(train, data.task), validation + test, f"training split of {path}")
+    hashes = {str(path): file_sha256(path)}
     return Dataset(data.task, train, validation, test, labels, hashes)
 
 
-def _check_size(examples: list[Example], min_rows: int, where: str) -> None:
+def _split_files(data: DictConfig, check: ExampleCheck | None) -> Dataset:
+    paths = {split: resolve_path(data[split]) for split in SPLITS if data.get(split)}
+    parts = {split: load_examples(path, data) for split, path in paths.items()}
+    labels = file_labels(parts["train"], data.task)
+    if check is not None:
+        for part in parts.values():
+            check(part, data.task, labels)
+    _check_size(parts["train"], data.min_rows, paths["train"])
+    _check_classes(labels, data.task, paths["train"])
+    test = parts.get("test", parts["validation"])  # no test file: test metrics on validation
+    if data.task == "classification":
+        _check_unseen(labels, parts["validation"] + parts.get("test", []), str(paths["train"]))
+    hashes = {str(path): file_sha256(path) for path in paths.values()}
+    return Dataset(data.task, parts["train"], parts["validation"], test, labels, hashes)
+
+
+def _check_size(examples: list[Example], min_rows: int, path: Path) -> None:
     if len(examples) < min_rows:
-        raise DataError(f"{where}: too few rows: {len(examples)} (need at least {min_rows})")
+        raise DataError(
+            f"{path}: too few rows: {len(examples)} (need at least {min_rows}, data.min_rows)"
+        )
+
+
+def _check_classes(labels: list[str], task: str, path: Path) -> None:
+    if task == "classification" and len(labels) < 2:
+        raise DataError(
+            f"{path}: only one class in training data: {labels}; a classifier needs rows of "
+            "at least 2 labels (for free-text answers, data.task=generation)"
+        )
+
+
+def _check_unseen(labels: list[str], examples: list[Example], train_where: str) -> None:
+    """A label the training data lack can never be predicted: refused at its first row."""
+    unseen = sorted({e.target for e in examples} - set(labels))
+    if unseen:
+        first = next(e for e in examples if e.target in unseen)
+        raise DataError(
+            f"{first.source}: labels {unseen} not in training data ({train_where}); add "
+            "training rows with them or remove these rows"
+        )
+
+
+def _rows_for_every_split(fractions: tuple[float, float]) -> int:
+    """The fewest rows a group needs so that the seeded split puts one in every split."""
+    rows = 1
+    while True:
+        n_val, n_test = (round(rows * f) for f in fractions)
+        if n_val and n_test and rows - n_val - n_test > 0:
+            return rows
+        rows += 1
+
+
+def _check_split_sizes(
+    path: Path,
+    examples: list[Example],
+    splits: tuple[list[Example], list[Example], list[Example]],
+    data: DictConfig,
+) -> None:
+    counts = dict(zip(SPLITS, (len(s) for s in splits), strict=True))
+    if all(counts.values()):
+        return
+    need = _rows_for_every_split((data.validation_fraction, data.test_fraction))
+    if data.task == "classification":  # the split is per label: small labels give no rows
+        sizes = Counter(e.target for e in examples).values()
+        grouping = f" (per label: {len(sizes)} labels of {min(sizes)} to {max(sizes)} rows)"
+        minimum = f"a label needs at least {need} rows to give one to every split"
+    else:
+        grouping, minimum = "", f"that needs at least {need} rows"
+    given = ", ".join(f"{split} {n}" for split, n in counts.items())
+    raise DataError(
+        f"{path}: {len(examples)} rows split by data.validation_fraction="
+        f"{data.validation_fraction} and data.test_fraction={data.test_fraction}{grouping} give "
+        f"{given}; every split needs at least 1 row and {minimum}. Add rows, raise "
+        "data.validation_fraction / data.test_fraction, or give the splits as files: "
+        "data.path=null data.train=TRAIN_FILE data.validation=VALIDATION_FILE "
+        "(data.test=TEST_FILE optional)"
+    )
 
 
 def label_balance(examples: list[Example]) -> dict[str, int]:

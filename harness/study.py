@@ -33,7 +33,7 @@ from harness import continuation, search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
 from harness.config import ConfigError, runs_dir, with_params
 from harness.continuation import holds
-from harness.data import Dataset, load_dataset
+from harness.data import Dataset, example_check, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
@@ -140,7 +140,7 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, example_check(backend, cfg))
     _check_reported(cfg, backend, dataset)
     identity = fingerprint(cfg, dataset, backend_name(cfg), objectives(cfg))
     return Plan(cfg, distributions, fixed, backend, dataset, identity, notices=notices)

@@ -2,41 +2,40 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from harness.config import load_config, with_params
-from harness.data import Dataset, label_balance, load_dataset, resolve_path
+from harness.data import (
+    Dataset,
+    Example,
+    detect_task,
+    example_check,
+    label_balance,
+    load_dataset,
+    resolve_path,
+)
+
+TRUNCATED_SHOWN = 5  # offending lines listed in the truncation notice
 
 
-def _guess_task(path: Path) -> str:
-    """A file given by path: chat or prompt/completion rows mean generation."""
-    with path.open(encoding="utf-8-sig") as handle:
-        first = handle.readline()
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return "classification"  # CSV, or a malformed line the loader will report
-    is_generation = isinstance(record, dict) and ("messages" in record or "prompt" in record)
-    return "generation" if is_generation else "classification"
-
-
-def overrides_for(arguments: list[str]) -> list[str]:
-    """`harness validate some/file.jsonl` -> overrides pointing data.path at the file."""
-    overrides = []
-    for argument in arguments:
-        if "=" in argument:
-            overrides.append(argument)
-            continue
-        path = resolve_path(argument)
-        overrides += [
-            f"data.path={path}",
-            f"data.name={path.stem}",
-            f"data.task={_guess_task(path) if path.exists() else 'classification'}",
-        ]
-    return overrides
+def config_for(arguments: list[str]) -> tuple[DictConfig, str]:
+    """The config `harness validate ARGS` checks, and how its task was chosen. A file given by
+    path becomes data.path (its name data.name); its task is detected from its rows
+    (``detect_task``) unless data.task= is on the command line."""
+    files = [resolve_path(a) for a in arguments if "=" not in a]
+    # group choices (data=NAME, study=NAME) apply before any key, so the file still wins over
+    # them, while the user's own data.* keys, coming after, win over the file's defaults
+    given = [o for path in files for o in (f"data.path={path}", f"data.name={path.stem}")]
+    cfg = load_config(given + [a for a in arguments if "=" in a])
+    if not files:
+        return cfg, "from the config"
+    if any(argument.startswith("data.task=") for argument in arguments):
+        return cfg, "data.task on the command line"
+    task, why = detect_task(resolve_path(cfg.data.path), cfg.data)
+    return with_params(cfg, {"data.task": task}), f"detected: {why}"
 
 
 def token_lengths(cfg: Any, dataset: Dataset) -> list[int]:
@@ -44,18 +43,48 @@ def token_lengths(cfg: Any, dataset: Dataset) -> list[int]:
     from harness.tokenization import load_tokenizer, model_text
 
     tokenizer, _ = load_tokenizer(cfg, dataset, runs_dir(cfg) / "cache")
-    texts = [model_text(e, dataset.task) for e in dataset.train + dataset.validation + dataset.test]
+    texts = [model_text(e, dataset.task) for e in all_examples(dataset)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def all_examples(dataset: Dataset) -> list[Example]:
+    return dataset.train + dataset.validation + dataset.test
+
+
+def truncation_notice(examples: list[Example], lengths: list[int], max_length: int) -> str:
+    """How many examples exceed max_length, and the first of them in file order."""
+    over = sorted(
+        ((e.source, n) for e, n in zip(examples, lengths, strict=True) if n > max_length),
+        key=lambda pair: _file_order(pair[0]),
+    )
+    notice = (
+        f"{len(over)} of {len(examples)} examples exceed train.max_length={max_length} "
+        "and will be truncated"
+    )
+    if not over:
+        return notice
+    shown = ", ".join(f"{source} ({n} tokens)" for source, n in over[:TRUNCATED_SHOWN])
+    more = f", and {len(over) - TRUNCATED_SHOWN} more" if len(over) > TRUNCATED_SHOWN else ""
+    return f"{notice}: {shown}{more}"
+
+
+def _file_order(source: str) -> tuple[str, int]:
+    path, _, line = source.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (source, 0)
 
 
 def validate(arguments: list[str], console: Any) -> int:
     from rich.table import Table
 
-    cfg = load_config(overrides_for(arguments))
-    dataset = load_dataset(cfg.data)
-    console.print(f"dataset [bold]{cfg.data.name}[/bold] ({cfg.data.task}): OK")
+    cfg, task_source = config_for(arguments)
+    backend = make_backend(cfg)
+    dataset = load_dataset(cfg.data, example_check(backend, cfg))
+    console.print(
+        f"dataset [bold]{cfg.data.name}[/bold] ({dataset.task}, {task_source}): OK",
+        soft_wrap=True,
+    )
     for path, digest in dataset.file_hashes.items():
-        console.print(f"  {path}  sha256 {digest[:16]}")
+        console.print(f"  {path}  sha256 {digest[:16]}", soft_wrap=True)
     sizes = {
         "train": len(dataset.train),
         "validation": len(dataset.validation),
@@ -75,21 +104,20 @@ def validate(arguments: list[str], console: Any) -> int:
         for label in dataset.labels:
             table.add_row(label, *(str(balances[s].get(label, 0)) for s in sizes))
         console.print(table)
-    if hasattr(make_backend(cfg), "estimate_cost_usd"):
-        return hosted_costs(cfg, dataset, console)
-    lengths = sorted(token_lengths(cfg, dataset))
-    over = sum(1 for n in lengths if n > cfg.train.max_length)
-    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    if hasattr(backend, "estimate_cost_usd"):
+        return hosted_costs(cfg, backend, dataset, console)
+    lengths = token_lengths(cfg, dataset)
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     tokenizer_name = cfg.model.name_or_path or "BPE trained on the training split"
     console.print(
-        f"  tokens per example ({tokenizer_name}): min {lengths[0]}, "
-        f"mean {statistics.mean(lengths):.1f}, p95 {p95}, max {lengths[-1]}, "
-        f"total {sum(lengths)}"
+        f"  tokens per example ({tokenizer_name}): min {ordered[0]}, "
+        f"mean {statistics.mean(ordered):.1f}, p95 {p95}, max {ordered[-1]}, "
+        f"total {sum(ordered)}",
+        soft_wrap=True,
     )
-    console.print(
-        f"  {over} of {len(lengths)} examples exceed train.max_length="
-        f"{cfg.train.max_length} and will be truncated"
-    )
+    notice = truncation_notice(all_examples(dataset), lengths, cfg.train.max_length)
+    console.print(f"  {notice}", soft_wrap=True)
     return 0
 
 
@@ -114,11 +142,10 @@ def epochs_in_space(cfg: Any) -> list[int]:
     return [int(str(fixed_values(space).get("train.epochs", cfg.train.epochs)))]
 
 
-def hosted_costs(cfg: Any, dataset: Dataset, console: Any) -> int:
+def hosted_costs(cfg: Any, backend: Any, dataset: Dataset, console: Any) -> int:
     """The API's data rules, token counts and the cost of every trial shape; spends nothing."""
     from rich.table import Table
 
-    backend = make_backend(cfg)
     prepared = backend.describe(cfg, dataset)  # raises DataError where a rule is broken
     console.print(
         f"  hosted fine-tuning rules ({backend.model}): OK: {len(dataset.train)} training "

@@ -116,7 +116,9 @@ def test_explicit_split_files(tmp_path):
 def test_label_only_in_validation_is_an_error(tmp_path):
     train = write(tmp_path / "train.jsonl", rows(20))
     val = write(tmp_path / "val.jsonl", rows(3, labels=("c",)))
-    with pytest.raises(DataError, match=r"labels \['c'\] not in training split"):
+    with pytest.raises(
+        DataError, match=rf"{val}:1: labels \['c'\] not in training data \({train}\)"
+    ):
         load_dataset(data_cfg("data.path=null", f"data.train={train}", f"data.validation={val}"))
 
 

@@ -31,7 +31,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +41,18 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, OmegaConf
 
 from harness.backends.base import Backend, PaidBackend, Reporter, TrialResult, TrialSpec
-from harness.chat_data import Chat, check_chats, to_chats, to_jsonl, token_limit
+from harness.chat_data import (
+    Chat,
+    TokenCounts,
+    check_chats,
+    check_examples,
+    to_chats,
+    to_jsonl,
+    token_limit,
+)
 from harness.config import ConfigError, runs_dir
-from harness.cost import encoding_for, price_per_token
-from harness.data import Dataset
+from harness.cost import Encoding, encoding_for, price_per_token
+from harness.data import Dataset, Example, ExampleCheck
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
@@ -144,6 +152,7 @@ class OpenAIBackend:
         self.prices = _plain(prices_per_1m_training_tokens or {})
         self.token_limits = _plain(example_token_limits or {"default": 65536})
         self._client: Any = None
+        self._counted: TokenCounts = {}  # chats' token counts: the file check's, reused by describe
 
     # the client ------------------------------------------------------------------------------
     def check_credentials(self) -> None:
@@ -213,10 +222,12 @@ class OpenAIBackend:
     def describe(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
         """Converts and checks the data and counts tokens, touching no network: what
         ``harness validate`` shows and ``prepare`` uploads."""
-        encoding = encoding_for(self.model, str(runs_dir(cfg) / "cache" / "tiktoken"))
-        limit = token_limit(self.token_limits, self.model)
+        encoding, limit = self._encoding(cfg), token_limit(self.token_limits, self.model)
         chats = to_chats(dataset, self.system_prompt)
-        counts = {split: check_chats(rows, split, encoding, limit) for split, rows in chats.items()}
+        counts = {
+            split: check_chats(rows, split, encoding, limit, self._counted)
+            for split, rows in chats.items()
+        }
         try:
             usd_per_token = price_per_token(self.prices, self.model)
         except KeyError:
@@ -238,6 +249,22 @@ class OpenAIBackend:
             max_answer_tokens=max(answers) + 8,
             n_train=len(chats["train"]),
         )
+
+    def example_check(self, cfg: DictConfig) -> ExampleCheck:
+        """The API's rules per example (an assistant answer, no empty message, the model's token
+        limit), for ``load_dataset`` to run on each file as it is loaded: a too-long example is
+        reported even where the split would fail too. Counts are kept for ``describe``."""
+        encoding, limit = self._encoding(cfg), token_limit(self.token_limits, self.model)
+
+        def check(examples: Sequence[Example], task: str, labels: Sequence[str]) -> None:
+            check_examples(
+                examples, task, labels, self.system_prompt, encoding, limit, self._counted
+            )
+
+        return check
+
+    def _encoding(self, cfg: DictConfig) -> Encoding:
+        return encoding_for(self.model, str(runs_dir(cfg) / "cache" / "tiktoken"))
 
     def _upload(self, name: str, content: bytes) -> str:
         for existing in self.client.files.list(purpose="fine-tune"):
