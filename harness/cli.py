@@ -81,6 +81,9 @@ def cmd_sweep(args: list[str]) -> int:
     overrides = [a for a in args if a != "--quiet"]
     console = _console()
     cfg = load_config(overrides)
+    # the plan's checks (the search space's among them) before the storage is first read:
+    # reading it creates its journal file
+    sweep = Sweep(cfg, overrides)
     display = SweepDisplay(
         console,
         cfg.sweep.metric,
@@ -91,7 +94,7 @@ def cmd_sweep(args: list[str]) -> int:
         # would tear them. With workers, every process prints plain lines.
         bars=cfg.sweep.n_workers == 1,
     )
-    sweep = Sweep(cfg, overrides, display.on_trial, display.on_progress)
+    sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
         sweep.run()
         return 0
