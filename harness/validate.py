@@ -55,7 +55,7 @@ def validate(arguments: list[str], console: Any) -> int:
     dataset = load_dataset(cfg.data)
     console.print(f"dataset [bold]{cfg.data.name}[/bold] ({cfg.data.task}): OK")
     for path, digest in dataset.file_hashes.items():
-        console.print(f"  {path}  sha256 {digest[:16]}")
+        console.print(f"  {path}  sha256 {digest[:16]}", markup=False)  # a path, as it is
     sizes = {
         "train": len(dataset.train),
         "validation": len(dataset.validation),
