@@ -62,13 +62,31 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
 
 
+# Off a terminal (CI, `> log.txt`, a pipe) rich would wrap lines at 80 columns (or $COLUMNS),
+# splitting the commands, model ids and paths people copy out of a log. There a line is as long
+# as it is, and a table as wide as its content (no table of ours expands to the console width).
+UNWRAPPED_WIDTH = 10_000
+
+
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    if _stdout_is_terminal():
+        return Console(highlight=False)
+    return Console(highlight=False, width=UNWRAPPED_WIDTH, soft_wrap=True)
+
+
+def _stdout_is_terminal() -> bool:
+    # the stream itself, not rich's is_terminal: FORCE_COLOR makes that true in CI logs too
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return False
 
 
 def cmd_sweep(args: list[str]) -> int:
+    from rich.markup import escape
+
     from harness.config import load_config
     from harness.display import SweepDisplay, print_summary
     from harness.study import Sweep, describe_storage, objectives
@@ -81,6 +99,8 @@ def cmd_sweep(args: list[str]) -> int:
     overrides = [a for a in args if a != "--quiet"]
     console = _console()
     cfg = load_config(overrides)
+    # the plan's checks (config, search space, data) before the storage is read
+    sweep = Sweep(cfg, overrides)
     display = SweepDisplay(
         console,
         cfg.sweep.metric,
@@ -91,7 +111,7 @@ def cmd_sweep(args: list[str]) -> int:
         # would tear them. With workers, every process prints plain lines.
         bars=cfg.sweep.n_workers == 1,
     )
-    sweep = Sweep(cfg, overrides, display.on_trial, display.on_progress)
+    sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
         sweep.run()
         return 0
@@ -105,15 +125,15 @@ def cmd_sweep(args: list[str]) -> int:
         f"sampler {cfg.sampler.name}, pruner {pruner}, "
         f"backend {cfg.backend._target_.rsplit('.', 1)[-1]}{workers}"
     )
-    say(f"optuna storage: {describe_storage(cfg)}")
-    say(f"mlflow: {redact_text(tracking_uri(cfg))}")
+    say(f"optuna storage: {describe_storage(cfg)}", markup=False)
+    say(f"mlflow: {redact_text(tracking_uri(cfg))}", markup=False)
     said = len(sweep.plan.notices)
     for notice in sweep.plan.notices:
-        say(f"[yellow]note[/yellow]: {notice}", soft_wrap=True)
+        say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
     with display:
         study = sweep.run()
     for notice in sweep.plan.notices[said:]:  # found while it ran (a warm start's source)
-        say(f"[yellow]note[/yellow]: {notice}", soft_wrap=True)
+        say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
     if any("cost_usd" in t.user_attrs for t in study.trials):
         from harness.study import study_spend
 
@@ -121,17 +141,17 @@ def cmd_sweep(args: list[str]) -> int:
         limit = "no budget set" if budget is None else f"budget ${budget:.2f}"
         console.print(f"spent ${study_spend(study):.4f} ({limit})")
     if sweep.stop_reason:
-        console.print(f"[yellow]stopped[/yellow]: {sweep.stop_reason}", soft_wrap=True)
+        console.print(f"[yellow]stopped[/yellow]: {escape(sweep.stop_reason)}", soft_wrap=True)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
         last = next((r for r in reversed(reasons) if r), "no reason recorded")
-        console.print(f"[red]no trial completed[/red]; the last failure: {last}", markup=False)
+        console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
         return 1
     print_summary(console, study, goals)
     from harness.study import reproduce_command
 
     report = reproduce_command("report", sweep.overrides, {})  # redacted: no secret printed
-    say(f"plots and summary.md: {report}", soft_wrap=True)
+    say(f"plots and summary.md: {report}", markup=False, soft_wrap=True)
     return 0
 
 
@@ -211,7 +231,11 @@ def cmd_ui(args: list[str]) -> int:
             raise ConfigError("--port takes a number: harness ui --port 5001") from exc
         del overrides[index : index + 2]
     console = _console()
-    return serve(load_config(overrides), port, optuna, lambda text: console.print(text))
+
+    def say(text: str) -> None:
+        console.print(text, markup=False)  # URLs and paths, as they are
+
+    return serve(load_config(overrides), port, optuna, say)
 
 
 def cmd_validate(overrides: list[str]) -> int:

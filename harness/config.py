@@ -208,6 +208,8 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
             raise ConfigError(f"bad override {line!r}: {exc}") from exc
         key = override.get_key_element()
         value = line.split("=", 1)[1].strip() if "=" in line else ""
+        if "=" in line and not value and not override.is_delete():
+            raise ConfigError(_empty_value(line, key.lstrip("+~")))
         if key.lstrip("+~") in REPLACED_KEYS and not override.is_sweep_override():
             replaced[key.lstrip("+~")] = override.value()
         elif override.is_sweep_override():
@@ -217,6 +219,16 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
             if override.package is None and not override.is_delete():
                 search.append((key.lstrip("+~"), value, False))
     return Overrides(plain=plain, search=search, replaced=replaced)
+
+
+def _empty_value(line: str, key: str) -> str:
+    # Hydra reads `key=` as an empty string: a schema key then fails with "Error merging
+    # override", a string key silently becomes "". Mostly it is a shell variable that was not set.
+    return (
+        f"nothing after '=' in {line!r}: give {key} a value, a search expression "
+        f"('{key}=interval(0.0, 0.3)'), or null ({key}=null); an empty string is written "
+        f"\"{key}=''\" (a shell variable that is not set leaves nothing after '=')"
+    )
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -26,7 +26,10 @@ def format_value(value: Any) -> str:
 
 
 def trial_line(outcome: TrialOutcome) -> str:
-    """One finished trial on one line (rich markup)."""
+    """One finished trial on one line (rich markup; its params and reason escaped, so that a
+    list value or a path such as /runs/[x]/ prints as it is instead of vanishing as a tag)."""
+    from rich.markup import escape
+
     if outcome.values is not None:
         value = "objectives=" + "/".join(f"{v:.4g}" for v in outcome.values)
     else:
@@ -35,7 +38,8 @@ def trial_line(outcome: TrialOutcome) -> str:
     cost = "" if outcome.cost_usd is None else f" ${outcome.cost_usd:.4f}"
     return (
         f"trial {outcome.number:4d} [{style}]{outcome.state:8s}[/{style}] "
-        f"{value:18s} {outcome.seconds:6.1f}s{cost}  {short(outcome.params)} {outcome.reason}"
+        f"{value:18s} {outcome.seconds:6.1f}s{cost}  {escape(short(outcome.params))} "
+        f"{escape(outcome.reason)}"
     )
 
 
@@ -117,6 +121,7 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     """Trial counts, the best trials (the Pareto front of a multi-objective study) as a table,
     the best trial's metrics, and the command that reproduces it."""
     from rich.table import Table
+    from rich.text import Text
 
     from harness.study import best_trial, is_multi_objective, ranked_trials, reproduce_command
 
@@ -151,7 +156,7 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
         row = [str(trial.number), *(f"{v:.4g}" for v in trial.values), f"{seconds:.1f}"]
         if paid:
             row.append(f"${float(trial.user_attrs.get('cost_usd', 0.0)):.4f}")
-        table.add_row(*row, short(trial.params))
+        table.add_row(*row, Text(short(trial.params)))  # Text: values are not markup
     console.print(table)
 
     which = " (the front's best on the first objective)" if multi else ""
@@ -160,7 +165,7 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     detail.add_column("key")
     detail.add_column("value", justify="right")
     for key, value in best.params.items():
-        detail.add_row(key, format_value(value))
+        detail.add_row(key, Text(format_value(value)))
     metrics = best.user_attrs.get("metrics", {})
     for key in sorted(metrics, key=lambda k: (not k.startswith("eval/"), k)):
         detail.add_row(key, f"{metrics[key]:.4f}")
@@ -170,4 +175,4 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     console.print("reproduce with:")
     console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
     if "best_model_uri" in study.user_attrs:
-        console.print(f"best model: {study.user_attrs['best_model_uri']}")
+        console.print(f"best model: {study.user_attrs['best_model_uri']}", markup=False)

@@ -689,7 +689,12 @@ def log_report(cfg: DictConfig, parent_id: str, folder: Path) -> str:
 
 
 def _print(console: Any, folder: Path, facts: Facts, plots: Sequence[Plot], logged: str) -> None:
-    console.print(f"report of study [bold]{facts.name}[/bold] written to {folder}", soft_wrap=True)
+    from rich.markup import escape  # paths and errors print as they are, brackets and all
+
+    console.print(
+        f"report of study [bold]{facts.name}[/bold] written to {escape(str(folder))}",
+        soft_wrap=True,
+    )
     files = [SUMMARY, HTML, *(f"{p.name}.png" for p in plots if not p.skipped)]
     for name in files:
         console.print(f"  {folder / name}", markup=False, soft_wrap=True)
@@ -704,4 +709,4 @@ def _print(console: Any, folder: Path, facts: Facts, plots: Sequence[Plot], logg
         console.print("to follow it:", markup=False)
         console.print(facts.follow_advice, markup=False, soft_wrap=True)
     style = "green" if logged.startswith("logged") else "yellow"
-    console.print(f"[{style}]mlflow[/{style}]: {logged}", soft_wrap=True)
+    console.print(f"[{style}]mlflow[/{style}]: {escape(logged)}", soft_wrap=True)

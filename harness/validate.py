@@ -84,7 +84,7 @@ def validate(arguments: list[str], console: Any) -> int:
         soft_wrap=True,
     )
     for path, digest in dataset.file_hashes.items():
-        console.print(f"  {path}  sha256 {digest[:16]}", soft_wrap=True)
+        console.print(f"  {path}  sha256 {digest[:16]}", markup=False, soft_wrap=True)
     sizes = {
         "train": len(dataset.train),
         "validation": len(dataset.validation),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import re
 import select
+import shlex
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.test_cli import harness
 
@@ -79,3 +82,122 @@ def test_on_a_terminal_a_bar_follows_the_running_trial(tmp_path):
     assert re.search(r"trials [━╸╺]+ +[0-3]/3", text)  # and the study's own
     assert re.search(r"eval/f1 \d\.\d{4}", text)
     assert len(re.findall(r"trial +\d+ +COMPLETE", text)) == 3  # the lines stay above the bars
+
+
+def piped(*args: str) -> subprocess.CompletedProcess:
+    """`harness ...` as CI runs it: stdout a pipe, and no COLUMNS a terminal would set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")}
+    command = [sys.executable, "-m", "harness.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def long_runs_dir(tmp_path):
+    """A runs folder whose name alone takes a command past 80 columns."""
+    return tmp_path / "a-runs-folder-named-so-that-each-line-naming-it-runs-past-eighty-columns"
+
+
+def test_off_a_terminal_commands_and_paths_are_never_wrapped(tmp_path):
+    from harness.config import load_config
+    from harness.display import short
+    from harness.study import best_trial, describe_storage, load_study, reproduce_command
+
+    runs = long_runs_dir(tmp_path)
+    overrides = [*FAST, f"paths.runs_dir={runs}"]
+    done = piped("sweep", *overrides)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    study = load_study(load_config(overrides))
+    best = best_trial(study)
+    command = reproduce_command("train", best.user_attrs["overrides"], best.params)
+    assert len(command) > 80
+    assert lines[lines.index("reproduce with:") + 1] == command
+    assert f"optuna storage: {describe_storage(load_config(overrides))}" in lines
+    report = reproduce_command("report", best.user_attrs["overrides"], {})
+    assert f"plots and summary.md: {report}" in lines
+    for trial in study.trials:  # the table is as wide as its rows: each trial's params whole
+        assert any(short(trial.params) in line for line in lines)
+
+    # pasted back, the printed commands work: the best trial again, the report of the study
+    again = piped(*shlex.split(command)[1:])
+    assert again.returncode == 0, again.stderr
+    assert f"objective (eval/f1) = {best.value:.8f}" in again.stdout.splitlines()
+    made = piped(*shlex.split(report)[1:])
+    assert made.returncode == 0, made.stderr
+    folder = runs / "reports" / "sentiment_tiny"
+    lines = made.stdout.splitlines()
+    assert f"report of study sentiment_tiny written to {folder}" in lines
+    assert f"  {folder / 'summary.md'}" in lines
+    assert command in (folder / "summary.md").read_text().splitlines()  # the report's own copy
+
+
+def test_off_a_terminal_the_champions_model_id_is_one_line(tmp_path, fake_openai):
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import load_config
+    from harness.study import Sweep, best_trial, load_study
+    from harness.tracking import tracking_uri
+    from tests.conftest import OPENAI_TEST_SETTINGS
+
+    overrides = [
+        "study=tickets_openai",
+        f"backend.base_url={fake_openai.base_url}",
+        *OPENAI_TEST_SETTINGS,
+        f"paths.runs_dir={long_runs_dir(tmp_path)}",
+        "train.batch_size=16",
+        "train.epochs=2",
+    ]
+    cfg = load_config(overrides)
+    Sweep(load_config([*overrides, "sweep.n_trials=1"]), overrides).run()
+    done = piped("train", *overrides, "+from_best=true")
+    assert done.returncode == 0, done.stderr
+    best = best_trial(load_study(cfg))
+    run = MlflowClient(tracking_uri(cfg)).get_run(best.user_attrs["mlflow_run_id"])
+    model_id = run.data.tags["harness.hosted_model"]
+    lines = done.stdout.splitlines()
+    champion = f"champion: {model_id} (the fine-tuned model of trial {best.number}; no new job)"
+    assert len(champion) > 80 and champion in lines
+    assert f"  OpenAI().chat.completions.create(model={model_id!r}, messages=[...])" in lines
+
+
+def test_a_trial_line_prints_brackets_in_its_reason_and_params_as_they_are():
+    import io
+
+    from rich.console import Console
+
+    from harness.display import SweepDisplay
+    from harness.study import TrialOutcome
+
+    console = Console(file=io.StringIO(), width=10_000, highlight=False)
+    display = SweepDisplay(console, "eval/f1", 3, done=0, quiet=False, bars=False)
+    reason = "OSError: [Errno 28] No space left on device: '/runs/[x]/checkpoints'"
+    display.on_trial(TrialOutcome(4, "FAIL", {"data.files": "[a.csv,b.csv]"}, None, 0.5, reason))
+    line = console.file.getvalue().rstrip("\n")
+    # read as markup, [a.csv,b.csv] and [x] vanished
+    assert line.endswith(f"files=[a.csv,b.csv] {reason}")
+
+
+@pytest.mark.slow
+def test_off_a_terminal_the_best_model_and_the_local_champion_are_one_line(tmp_path):
+    """The local backend logs a model: its line, and the champion's, stay whole in a log."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import load_config
+    from harness.study import load_study
+    from harness.tracking import tracking_uri
+
+    name = "a-study-named-long-enough-that-its-model-lines-pass-eighty-columns"
+    overrides = [f"name={name}", f"paths.runs_dir={tmp_path}", "train.epochs=1"]
+    overrides += ["train.batch_size=32", "train.max_length=32"]
+    swept = piped("sweep", *overrides, "sweep.n_trials=1")
+    assert swept.returncode == 0, swept.stderr
+    cfg = load_config(overrides)
+    model = f"best model: {load_study(cfg).user_attrs['best_model_uri']}"
+    assert len(model) > 80 and model in swept.stdout.splitlines()
+
+    done = piped("train", *overrides, "+from_best=true")
+    assert done.returncode == 0, done.stderr
+    version = MlflowClient(tracking_uri(cfg)).get_model_version_by_alias(name, "champion")
+    champion = (
+        f"champion: models:/{name}@champion (version {version.version}, run {version.run_id})"
+    )
+    assert champion in done.stdout.splitlines()

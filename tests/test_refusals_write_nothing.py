@@ -45,7 +45,12 @@ def rows(data: Path, runs: Path) -> list[tuple[str, list[str], str, bool]]:
     fake = ["sweep", *FAKE]
     return [
         ("unknown key", [*fake, "trian.epochs=3"], "Could not override 'trian.epochs'", False),
-        ("unparsable", [*fake, "train.lr=interval(1e-5"], "bad override 'train.lr=interval(1e-5'", False),
+        (
+            "unparsable",
+            [*fake, "train.lr=interval(1e-5"],
+            "bad override 'train.lr=interval(1e-5'",
+            False,
+        ),
         ("reversed", [*fake, "train.dropout=interval(0.5, 0.1)"], "low <= high", False),
         ("log from 0", [*fake, "train.learning_rate=tag(log, interval(0, 1))"], "low > 0", False),
         ("empty choice", [*fake, "train.batch_size=choice()"], "empty choice", False),
