@@ -12,8 +12,17 @@ rising) with too many, so a search over it has something to find. A fine-tuned m
 chat requests by nearest neighbour over its training file, and answers wrongly as often as its
 final validation loss says it should: better hyperparameters, better test accuracy.
 
-Faults can be injected (``Faults``): 5xx and 429 answers, jobs that fail half-way, and job
-creates whose response is never sent (the job exists; the client sees a dropped connection).
+A cancel lands ``Timing.cancel_s`` after it is asked (the job trains on meanwhile, and may
+finish); a job cancelled mid-run reports the tokens of the steps it did as ``trained_tokens``, and
+one that finished first stays succeeded with every epoch's tokens, the cancel refused as the API
+refuses it.
+
+Faults can be injected (``Faults``): 5xx and 429 answers, jobs that fail half-way, job creates
+whose response is never sent (the job exists; the client sees a dropped connection), and cancels
+that arrive only once their job has finished.
+
+``RequestClock`` makes jobs move with the requests made rather than with wall time, so a test
+sees the same job states on a loaded machine as on an idle one.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 DROP = object()  # a handler's answer meaning: close the connection, send nothing
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -43,6 +53,21 @@ class Timing:
     validate_s: float = 0.05  # validating_files
     queue_s: float = 0.05  # queued
     step_s: float = 0.01  # one training step
+    cancel_s: float = 0.0  # a cancel lands this long after it is asked; the job trains on meanwhile
+
+
+class RequestClock:
+    """A server clock that moves ``tick`` seconds each time it is read, which every job request
+    does once: jobs progress as the client polls them, whatever the wall clock says."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.now, self.tick = 0.0, tick
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            self.now += self.tick
+            return self.now
 
 
 @dataclass
@@ -53,6 +78,8 @@ class Faults:
     job_failure_rate: float = 0.0  # chance that any other job fails half-way
     drop_create_responses: int = 0  # the next N job creates: job made, response never sent
     ignore_metadata_filter: bool = False  # as some API-compatible servers do: list all jobs
+    # the next N cancels arrive only once their job has finished: it succeeds, billed in full
+    finish_before_cancel: int = 0
     seed: int = 0
 
 
@@ -103,6 +130,7 @@ class Job:
     steps_per_epoch: int
     invalid_reason: str | None = None  # the training file breaks a rule: fails validation
     fail_at_step: int | None = None
+    cancel_at: float | None = None  # server time when a requested cancel lands
     status: str = "validating_files"
     steps_done: int = 0
     error: dict[str, Any] | None = None
@@ -430,16 +458,26 @@ class FakeOpenAI:
 
     def cancel_job(self, job_id, query, body, headers):
         job = self._job(job_id)
-        self._advance(job)
-        if job.status in ("succeeded", "failed", "cancelled"):
+        if self.faults.finish_before_cancel > 0 and job.status not in TERMINAL:
+            self.faults.finish_before_cancel -= 1
+            self._progress(job, math.inf)  # the cancel arrives after the job's last step
+        now = self.clock()
+        self._advance(job, now)
+        if job.status in TERMINAL:
             raise ApiError(400, f"Job {job_id} has already completed with status {job.status}.")
+        if job.cancel_at is None:
+            job.cancel_at = now + self.timing.cancel_s
+        self._advance(job, now)  # lands at once without a cancel delay
+        return 200, job.json(), {}
+
+    def _cancel(self, job: Job) -> None:
         job.status = "cancelled"
         job.finished_at = int(time.time())
         self.log(f"job {job.number} {job.id} cancelled at step {job.steps_done}")
-        # billed for the steps it trained before the cancel
+        # The billable tokens of the steps it trained, as OpenAI reports them. (Azure says it
+        # charges nothing for cancelled jobs; clients should take trained_tokens as the truth.)
         job.trained_tokens = round(job.file_tokens * job.steps_done / job.steps_per_epoch)
         self._event(job, "Fine-tuning job cancelled")
-        return 200, job.json(), {}
 
     def list_events(self, job_id, query, body, headers):
         job = self._job(job_id)
@@ -469,11 +507,23 @@ class FakeOpenAI:
             }
         )
 
-    def _advance(self, job: Job) -> None:
-        """Brings a job up to the server clock: status changes, steps and their events."""
-        if job.status in ("succeeded", "failed", "cancelled"):
+    def _advance(self, job: Job, now: float | None = None) -> None:
+        """Brings a job up to the server clock (``now``, else read): status changes, steps and
+        their events, up to the moment a requested cancel lands, which it then does."""
+        if job.status in TERMINAL:
             return
-        elapsed = self.clock() - job.started
+        now = self.clock() if now is None else now
+        lands = job.cancel_at is not None and now >= job.cancel_at
+        if job.cancel_at is not None:
+            now = min(now, job.cancel_at)
+        self._progress(job, now - job.started)
+        if lands and job.status not in TERMINAL:
+            self._cancel(job)
+
+    def _progress(self, job: Job, elapsed: float) -> None:
+        """Moves a job on to ``elapsed`` seconds after its creation (math.inf: to its end)."""
+        if job.status in TERMINAL:
+            return
         t = self.timing
         if elapsed < t.validate_s:
             return
@@ -496,7 +546,8 @@ class FakeOpenAI:
         if job.status == "queued":
             job.status = "running"
             self._event(job, "Fine-tuning job started")
-        target = min(job.total_steps, int((elapsed - t.validate_s - t.queue_s) / t.step_s))
+        steps = (elapsed - t.validate_s - t.queue_s) / t.step_s
+        target = job.total_steps if steps >= job.total_steps else int(steps)
         while job.steps_done < target:
             job.steps_done += 1
             step = job.steps_done
@@ -813,6 +864,9 @@ def serve_forever(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--step-seconds", type=float, default=0.05, help="time per training step")
     parser.add_argument("--queue-seconds", type=float, default=0.5, help="time queued")
+    parser.add_argument(
+        "--cancel-seconds", type=float, default=0.0, help="time a cancel takes to land"
+    )
     parser.add_argument("--api-key", default=None, help="accept only this key (default: any)")
     parser.add_argument("--error-rate", type=float, default=0.0, help="share answered 500")
     parser.add_argument("--rate-limit-rate", type=float, default=0.0, help="share answered 429")
@@ -826,6 +880,7 @@ def serve_forever(argv: list[str]) -> int:
             validate_s=options.queue_seconds / 2,
             queue_s=options.queue_seconds,
             step_s=options.step_seconds,
+            cancel_s=options.cancel_seconds,
         ),
         Faults(
             error_rate=options.error_rate,

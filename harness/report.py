@@ -188,7 +188,10 @@ def pruning_savings(study: optuna.Study) -> Savings:
     A pruned trial that made k evaluations in d seconds (s steps, c dollars) would, run to the
     end like the complete trials (a median of M evaluations), have taken about d*M/k seconds
     (s*M/k steps, c*M/k dollars). The saving is the sum over pruned trials of
-    max(0, estimate - actual)."""
+    max(0, estimate - actual). Money is counted per trial where the trial knows what its whole
+    job would cost (a hosted trial's ``cost_estimate_usd``, what the budget checks): that less
+    what the provider billed for it, so a job that finished before its cancel landed saved
+    nothing."""
     trials = study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     lengths = [
@@ -220,8 +223,17 @@ def pruning_savings(study: optuna.Study) -> Savings:
         if savings.steps_saved is not None and "steps" in trial.user_attrs:
             savings.steps_saved += float(trial.user_attrs["steps"]) * more
         if savings.usd_saved is not None and "cost_usd" in trial.user_attrs:
-            savings.usd_saved += float(trial.user_attrs["cost_usd"]) * more
+            savings.usd_saved += usd_saved(trial, more)
     return savings
+
+
+def usd_saved(trial: FrozenTrial, more: float) -> float:
+    """What pruning saved on one paid trial: its whole job's estimated cost less what it was
+    billed, where it has that estimate; else its cost extrapolated (``more`` = M/k - 1)."""
+    billed = float(trial.user_attrs["cost_usd"])
+    if "cost_estimate_usd" in trial.user_attrs:
+        return max(0.0, float(trial.user_attrs["cost_estimate_usd"]) - billed)
+    return billed * more
 
 
 def _primary_target(facts: Facts) -> Callable[[FrozenTrial], float] | None:

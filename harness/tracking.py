@@ -250,6 +250,7 @@ class TrialRun:
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
         self.pending: list[Any] = []
         self.flushed_at = time.monotonic()
+        self.stamped = (-1, 0)  # (step, timestamp in ms) of the last metrics logged
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -261,6 +262,9 @@ class TrialRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if step == self.stamped[0]:  # of two values at one step MLflow shows the later (else
+            now = max(now, self.stamped[1] + 1)  # the larger): the one logged last must win
+        self.stamped = (step, now)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         due = time.monotonic() - self.flushed_at >= self.flush_every_s
         if not buffered or due or len(self.pending) >= 1000:

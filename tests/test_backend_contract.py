@@ -120,9 +120,11 @@ class TestBackendContract:
         reporter = RecordingReporter(cfg.sweep.metric, prune_at_eval=1)
         with pytest.raises(optuna.TrialPruned):
             backend.run(spec(cfg, prepared, tmp_path), reporter)
-        last_step, last_metrics = reporter.calls[-1]
+        # a paid backend reports what its stopped job billed after the prune: cost only
+        trained = [(s, m) for s, m in reporter.calls if set(m) - {"cost_usd", "trained_tokens"}]
+        last_step, last_metrics = trained[-1]
         assert cfg.sweep.metric in last_metrics  # nothing trained or reported after the prune
-        assert last_step == max(step for step, _ in reporter.calls)
+        assert last_step == max(step for step, _ in trained)
 
     def test_same_params_same_result(self, setup, tmp_path):
         backend, cfg, prepared = setup

@@ -29,9 +29,11 @@ from harness.backends.openai_ft import (
     parse_label,
 )
 from harness.chat_data import check_chats, to_chats
-from harness.config import ConfigError, with_params
+from harness.config import ConfigError, load_config, with_params
 from harness.cost import encoding_for
 from harness.data import DataError, load_dataset
+from harness.fake_openai import RequestClock, Timing
+from harness.report import pruning_savings
 from harness.study import Sweep, load_study, make_backend, plan_study
 from harness.tracking import tracking_uri
 from tests.conftest import OPENAI_TEST_SETTINGS, write
@@ -434,6 +436,185 @@ class TestDataAndCost:
         assert OpenAIBackend(api_key_file=str(path)).api_key() == "sk-from-file"
         with pytest.raises(MissingApiKeyError, match="does not exist"):
             OpenAIBackend(api_key_file=str(tmp_path / "nope")).api_key()
+
+
+PRICE = 3.0 / 1e6  # tickets_openai's model, gpt-4o-mini, at USD 3 per 1M training tokens
+# trial 0 learns well; trial 1 (a tiny multiplier) is pruned at its first evaluation
+GOOD_THEN_BAD = (
+    "sweep.enqueue=[{train.learning_rate_multiplier: 2.0}, {train.learning_rate_multiplier: 0.05}]"
+)
+PRUNE_SECOND = (
+    "train.batch_size=16",
+    "train.epochs=3",
+    "sweep.n_trials=2",
+    "pruner.n_startup_trials=1",
+    "pruner.n_warmup_steps=0",
+    GOOD_THEN_BAD,
+)
+
+
+def cost_history(client, run) -> list[float]:
+    history = client.get_metric_history(run.info.run_id, "cost_usd")
+    return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+class TestBilledSpend:
+    """A stopped trial's cost is what the provider billed for its job, read back once the job is
+    over, not the estimate of the steps harness saw before it stopped following."""
+
+    def test_pruned_trial_whose_job_finished_records_its_whole_bill(self, fake_openai, runs):
+        fake_openai.api.faults.finish_before_cancel = 1  # the cancel lands after the last step
+        command = TestCrashAndSecrets().sweep_command(fake_openai, runs, *PRUNE_SECOND)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        cfg = load_config(["study=tickets_openai", f"paths.runs_dir={runs}"])
+        study = load_study(cfg)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+        client, mlruns = mlflow_runs(cfg)
+        run = mlruns["trial-0001"]
+        job = fake_openai.api.jobs[run.data.tags["openai.job_id"]]
+        # the job finished before the cancel: billed every epoch, as the API reports
+        assert job.status == "succeeded" and job.trained_tokens == 3 * job.file_tokens
+        billed = job.trained_tokens * PRICE
+        pruned = study.trials[1]
+        assert round(pruned.user_attrs["cost_usd"], 2) == round(billed, 2)
+        assert pruned.user_attrs["cost_usd"] == pytest.approx(billed, rel=1e-12)
+        assert run.info.status == "KILLED"
+        assert run.data.metrics["cost_usd"] == pytest.approx(billed, rel=1e-12)
+        assert run.data.metrics["trained_tokens"] == job.trained_tokens
+        assert run.data.tags["openai.cost_source"] == "billed"
+        assert run.data.tags["openai.final_status"] == "succeeded"
+        # what it kept before: the estimate of one epoch, a third of the bill
+        first, *_, last = cost_history(client, run)
+        assert first < billed / 2 and last == pytest.approx(billed, rel=1e-12)
+        # the spend `harness sweep` prints is the provider's bill for both jobs
+        total = sum(j.trained_tokens for j in fake_openai.api.jobs.values()) * PRICE
+        assert f"spent ${total:.4f} (budget $2.00)" in result.stdout
+        # and pruning saved nothing on a job that ran to its end anyway
+        savings = pruning_savings(study)
+        assert savings.usd_saved == 0.0 and savings.usd_spent == pytest.approx(total)
+
+    def test_budget_stops_the_study_on_billed_spend(self, openai_cfg, fake_openai):
+        fake_openai.api.faults.finish_before_cancel = 1
+        cfg = openai_cfg(*PRUNE_SECOND, "sweep.n_trials=3")
+        backend = make_backend(cfg)
+        estimate = backend.estimate_cost_usd(cfg, backend.describe(cfg, load_dataset(cfg.data)))
+        # billed: trial 0 and the pruned trial 1 each cost a whole job (the provider counts a
+        # few % more tokens than tiktoken), so a third trial would pass 2.8 x an estimate
+        budget = 2.8 * estimate
+        sweep = Sweep(with_params(cfg, {"sweep.budget_usd": budget}), [])
+        study = sweep.run()
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL"]
+        assert len(fake_openai.api.jobs) == 2  # the third job was never created
+        billed = [j.trained_tokens * PRICE for j in fake_openai.api.jobs.values()]
+        assert [t.user_attrs["cost_usd"] for t in study.trials[:2]] == pytest.approx(billed)
+        assert f"has spent ${sum(billed):.4f} of sweep.budget_usd" in sweep.stop_reason
+        assert sum(billed) + estimate > budget
+        # the partial estimate trial 1 kept before would have launched the third trial
+        client, runs = mlflow_runs(sweep.cfg)
+        kept_before = cost_history(client, runs["trial-0001"])[0]
+        assert billed[0] + kept_before + estimate <= budget
+
+    def test_trial_cancelled_mid_run_records_what_the_job_billed(self, openai_cfg, fake_openai):
+        # a job moves one step per request: cancelled mid-run, whatever the machine's load
+        fake_openai.api.clock = RequestClock()
+        fake_openai.api.timing = Timing(validate_s=1, queue_s=1, step_s=1)
+        cfg = openai_cfg(*PRUNE_SECOND)
+        study = Sweep(cfg, []).run()
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+        _, runs = mlflow_runs(cfg)
+        run = runs["trial-0001"]
+        job = fake_openai.api.jobs[run.data.tags["openai.job_id"]]
+        assert job.status == "cancelled" and 0 < job.steps_done < job.total_steps
+        assert job.trained_tokens == round(job.file_tokens * job.steps_done / job.steps_per_epoch)
+        billed = job.trained_tokens * PRICE
+        pruned = study.trials[1]
+        assert pruned.user_attrs["cost_usd"] == pytest.approx(billed, rel=1e-12)
+        assert run.data.metrics["cost_usd"] == pytest.approx(billed, rel=1e-12)
+        assert run.data.tags["openai.cost_source"] == "billed"
+        assert run.data.tags["openai.final_status"] == "cancelled"
+        # what pruning saved on it: the whole job's estimate less its bill
+        saved = pruned.user_attrs["cost_estimate_usd"] - billed
+        assert saved > 0 and pruning_savings(study).usd_saved == pytest.approx(saved)
+
+    def backend_and_spec(self, openai_cfg, tmp_path, *overrides):
+        cfg = openai_cfg("train.batch_size=16", "train.epochs=3", *overrides)
+        backend = make_backend(cfg)
+        prepared = backend.prepare(cfg, load_dataset(cfg.data))
+        return backend, TrialSpec(0, cfg, prepared, tmp_path, False, "billed-key")
+
+    @pytest.mark.parametrize(
+        ("cancel_s", "status"),
+        [(3, "cancelled"), (10_000, "succeeded")],  # lands in 3 requests / after the job's end
+    )
+    def test_slow_cancel_is_waited_for(self, openai_cfg, fake_openai, tmp_path, cancel_s, status):
+        fake_openai.api.clock = RequestClock()
+        fake_openai.api.timing = Timing(validate_s=1, queue_s=1, step_s=1, cancel_s=cancel_s)
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+        reporter = RecordingReporter("eval/loss", prune_at_eval=1)
+        with pytest.raises(optuna.TrialPruned):
+            backend.run(spec, reporter)
+        (job,) = fake_openai.api.jobs.values()
+        assert job.status == status
+        cancel = fake_openai.api.requests.index(("POST", f"/v1/fine_tuning/jobs/{job.id}/cancel"))
+        # the cancel answered "running": harness read the job back until it was over
+        assert ("GET", f"/v1/fine_tuning/jobs/{job.id}") in fake_openai.api.requests[cancel:]
+        step, metrics = reporter.calls[-1]
+        assert metrics == {
+            "cost_usd": job.trained_tokens * PRICE,
+            "trained_tokens": job.trained_tokens,
+        }
+        assert reporter.tags["openai.final_status"] == status
+        if status == "succeeded":  # logged where the job ended, after the step it was pruned at
+            assert job.trained_tokens == 3 * job.file_tokens and step == job.total_steps
+        else:
+            assert 0 < job.trained_tokens < 3 * job.file_tokens
+
+    def test_a_cancel_that_never_lands_counts_the_whole_job(
+        self, openai_cfg, fake_openai, tmp_path
+    ):
+        fake_openai.api.clock = RequestClock()
+        fake_openai.api.timing = Timing(validate_s=1, queue_s=1, step_s=1, cancel_s=10**9)
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path, "backend.cancel_wait_s=0.05")
+        reporter = RecordingReporter("eval/loss", prune_at_eval=1)
+        with pytest.raises(optuna.TrialPruned):
+            backend.run(spec, reporter)
+        (job,) = fake_openai.api.jobs.values()
+        assert job.status == "running"  # still, after backend.cancel_wait_s
+        whole = 3 * spec.prepared.file_tokens * PRICE  # it may run to its end: counted so
+        assert reporter.calls[-1][1] == {"cost_usd": pytest.approx(whole)}
+        assert reporter.tags["openai.cost_source"].startswith("estimate: the job was still running")
+
+    def test_ctrl_c_records_the_bill_and_still_stops(self, openai_cfg, fake_openai, tmp_path):
+        fake_openai.api.clock = RequestClock()
+        fake_openai.api.timing = Timing(validate_s=1, queue_s=1, step_s=1)
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+
+        class CtrlC(RecordingReporter):  # the user presses Ctrl-C at the first evaluation
+            def report(self, step, metrics):
+                super().report(step, metrics)
+                if "eval/loss" in metrics:
+                    raise KeyboardInterrupt
+
+        reporter = CtrlC("eval/loss")
+        with pytest.raises(KeyboardInterrupt):
+            backend.run(spec, reporter)
+        (job,) = fake_openai.api.jobs.values()
+        assert job.status == "cancelled"
+        assert reporter.calls[-1][1]["cost_usd"] == job.trained_tokens * PRICE
+
+    def test_abandoned_job_returns_what_it_billed(self, openai_cfg, fake_openai, tmp_path):
+        fake_openai.api.clock = RequestClock()
+        fake_openai.api.timing = Timing(validate_s=1, queue_s=1, step_s=1)
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path)
+        job, _ = backend._find_or_create(spec.config, spec.prepared, 0, "dead-trial")
+        for _ in range(10):  # the dead process's job trains on
+            backend.client.fine_tuning.jobs.retrieve(job.id)
+        assert backend.abandon("dead-trial") == fake_openai.api.jobs[job.id].trained_tokens * PRICE
+        assert fake_openai.api.jobs[job.id].status == "cancelled"
+        assert fake_openai.api.jobs[job.id].trained_tokens > 0
+        assert backend.abandon("no-such-trial") is None
 
 
 def test_spend_counts_a_crashed_trial_until_its_retry_takes_over():

@@ -19,7 +19,9 @@ class Reporter(Protocol):
         evaluation). When the metrics include the study's objective metric, the value is also
         reported to Optuna, and ``optuna.TrialPruned`` is raised if the trial should stop: the
         backend lets it propagate, which stops the trial at once. A backend that spends money
-        reports ``cost_usd`` (the trial's spend so far) as it goes."""
+        reports ``cost_usd`` (the trial's spend so far) as it goes, and once its work is
+        stopped (pruned, interrupted, failed) what that work billed, in a report without an
+        evaluation, so nothing is pruned on it."""
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Labels the trial's run as soon as something is known (a hosted job's id, say)."""
@@ -71,8 +73,9 @@ class PaidBackend(Protocol):
     def estimate_cost_usd(self, cfg: DictConfig, prepared: Any) -> float:
         """What a trial with this config would cost, before it is launched."""
 
-    def abandon(self, key: str) -> None:
-        """Stops paid work started under this trial key that nobody will follow again."""
+    def abandon(self, key: str) -> float | None:
+        """Stops paid work started under this trial key that nobody will follow again; returns
+        what that work billed in USD once stopped (None: unknown), for the caller to record."""
 
     def check_credentials(self) -> None:
         """Raises a ConfigError when the provider's credentials are missing; reads no file

@@ -14,6 +14,11 @@ validation loss at each epoch end is the evaluation Optuna may prune on, which c
 A succeeded job's model is evaluated on the test split through chat completions at temperature 0,
 by the same metric code as the local backend.
 
+Spend is what the provider billed: a trial that ends any other way (pruned, Ctrl-C, a failed job,
+lost contact) cancels its job and reads it back until it is over, then reports the job's own
+``trained_tokens`` x price as its ``cost_usd``. A job that finished before the cancel landed
+billed every epoch, however early its trial stopped following it.
+
 The API key comes from the environment (``backend.api_key_env``) or a file
 (``backend.api_key_file``), never from the config, so it cannot reach a logged config.
 """
@@ -26,6 +31,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -89,6 +95,26 @@ class MissingApiKeyError(ConfigError):
     pass
 
 
+@dataclass(frozen=True)
+class Billing:
+    """What a job cost once it is over: the provider's ``trained_tokens`` x price where it
+    reports them, else an estimate, and ``source`` says which."""
+
+    status: str  # the job's last status seen
+    tokens: int
+    usd: float
+    source: str  # "billed" (the provider's trained_tokens), else why the figure is an estimate
+    step: int  # the step the job reached, as far as harness knows: where the cost is logged
+
+    @property
+    def billed(self) -> bool:
+        return self.source == "billed"
+
+    def tags(self) -> dict[str, str]:
+        tags = {"openai.final_status": self.status, "openai.cost_source": self.source}
+        return {**tags, "openai.trained_tokens": str(self.tokens)} if self.billed else tags
+
+
 @dataclass
 class Prepared:
     """What every trial of a study shares: uploaded files, the test chats, token counts."""
@@ -125,6 +151,7 @@ class OpenAIBackend:
         request_timeout_s: float = 60.0,
         create_attempts: int = 5,
         poll_failures: int = 5,
+        cancel_wait_s: float = 60.0,
         eval_concurrency: int = 4,
         eval_max_examples: int | None = None,
         create_grace_s: float = 30.0,
@@ -146,6 +173,7 @@ class OpenAIBackend:
         self.request_timeout_s = request_timeout_s
         self.create_attempts = max(1, create_attempts)
         self.poll_failures = max(1, poll_failures)
+        self.cancel_wait_s = max(0.0, cancel_wait_s)
         self.eval_concurrency = max(1, eval_concurrency)
         self.eval_max_examples = eval_max_examples
         self.create_grace_s = create_grace_s
@@ -293,16 +321,16 @@ class OpenAIBackend:
             )
             job = follower.follow()
         except BaseException:  # pruned, Ctrl-C, lost contact, a tracking error
-            self._cancel_quietly(job.id)
+            # cancelled, as nobody would follow it; the trial keeps what the job billed, which
+            # is all of it where the job finished before the cancel landed
+            record_billing(reporter, follower.billing(self._cancel_and_read_back(job.id)))
             raise
         if job.status != "succeeded":
             error = job.error
             code = getattr(error, "code", None) or "no code"
             message = getattr(error, "message", None) or "no message"
             reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
-            if job.trained_tokens:  # what the provider says it billed before the end
-                cost = job.trained_tokens * prepared.usd_per_token
-                reporter.report(follower.last_step, {"cost_usd": cost})
+            record_billing(reporter, follower.billing(job))
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
         return self._results(spec, reporter, job, follower)
 
@@ -368,17 +396,67 @@ class OpenAIBackend:
             f"{type(last_error).__name__}: {last_error}"
         )
 
-    def abandon(self, key: str) -> None:
+    def abandon(self, key: str) -> float | None:
         """Cancels the job of a trial that will not be followed again (its process died and no
-        retry follows), so it stops costing money."""
+        retry follows), so it stops costing money. Returns what the job billed in USD, by the
+        provider's account once it is over (None: no such job, or no figure): the backend
+        cannot reach the dead trial's records, so the caller keeps it."""
         job = self._find_job(key)
-        if job is not None and job.status not in TERMINAL:
-            self._cancel_quietly(job.id)
+        if job is None:
+            return None
+        if job.status not in TERMINAL:
+            job = self._cancel_and_read_back(job.id) or job
+        if job.status not in TERMINAL or job.trained_tokens is None:
+            return None
+        usd = float(job.trained_tokens * price_per_token(self.prices, self.model))
+        logging.getLogger("harness").warning(
+            "the job %s of an abandoned trial (key %s) ended %s: billed %d tokens, $%.4f",
+            job.id,
+            key,
+            job.status,
+            job.trained_tokens,
+            usd,
+        )
+        return usd
 
-    def _cancel_quietly(self, job_id: str) -> None:
-        # already finished, or the API is down: nothing more to do here
-        with contextlib.suppress(Exception):
-            self.client.fine_tuning.jobs.cancel(job_id)
+    def _cancel_and_read_back(self, job_id: str) -> Any | None:
+        """Cancels the job, then reads it back until it is over (succeeded, failed or
+        cancelled), for at most backend.cancel_wait_s: the job as last read, None if it could
+        not be read. A cancel takes a while to land, and a job that finishes first stays
+        succeeded (the cancel is then refused): only the job's final state says what it
+        billed."""
+        job = None
+        with contextlib.suppress(Exception):  # refused for a finished job, or the API is down
+            job = self.client.fine_tuning.jobs.cancel(job_id)
+        deadline = time.monotonic() + self.cancel_wait_s
+        delay, failures, said = self.poll_interval_s, 0, False
+        # no SDK retries with their own backoff: this loop's wait is the bound
+        client = self.client.with_options(
+            max_retries=0, timeout=max(1.0, min(self.request_timeout_s, self.cancel_wait_s))
+        )
+        while job is None or job.status not in TERMINAL:
+            if job is not None or failures:  # looked already: wait before looking again
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if job is not None and not said:
+                    said = True
+                    logging.getLogger("harness").warning(
+                        "job %s is still %s after its cancel: waiting up to %g s "
+                        "(backend.cancel_wait_s) to record what it billed",
+                        job_id,
+                        job.status,
+                        self.cancel_wait_s,
+                    )
+                time.sleep(min(delay, remaining))
+                delay = min(self.max_poll_interval_s, delay * 1.5)
+            try:
+                job = client.fine_tuning.jobs.retrieve(job_id)
+            except Exception:  # the API is down or refuses: look again, a few times
+                failures += 1
+                if failures >= self.poll_failures:
+                    break
+        return job
 
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
@@ -405,11 +483,11 @@ class OpenAIBackend:
         path = spec.workdir / "checkpoints.json"
         path.write_text(json.dumps(checkpoints, indent=2), encoding="utf-8")
         artifacts.append(path)
-        tokens = job.trained_tokens or follower.tokens_so_far()
+        bill = follower.billing(job)
         reporter.set_tags(
             {
+                **bill.tags(),
                 "openai.fine_tuned_model": str(job.fine_tuned_model),
-                "openai.trained_tokens": str(tokens),
                 "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
             }
         )
@@ -448,8 +526,8 @@ class OpenAIBackend:
         metrics = {
             **follower.final_eval,
             **test,
-            "cost_usd": tokens * prepared.usd_per_token,
-            "trained_tokens": float(tokens),
+            "cost_usd": bill.usd,
+            "trained_tokens": float(bill.tokens),
         }
         hosted = {
             "id": str(job.fine_tuned_model),
@@ -613,6 +691,36 @@ class _Follower:
         total = self.total_steps or self.expected_steps
         return round(self.estimated_tokens * min(1.0, self.last_step / max(1, total)))
 
+    def billing(self, job: Any | None) -> Billing:
+        """What the job cost, once over: its ``trained_tokens``, which the API reports as the
+        billable tokens it processed (a job that finished despite a cancel: every epoch;
+        one cancelled mid-run: the steps it did, by OpenAI's account; Azure says it charges
+        nothing for cancelled jobs, and harness records what the job reports). Without that
+        figure, an estimate that says so; a job not seen to end may run on to the end, so it
+        counts whole."""
+        status = str(getattr(job, "status", None) or "unknown")
+        reported = getattr(job, "trained_tokens", None)
+        unreported = "estimate: the provider reported no trained_tokens"
+        if status in TERMINAL and reported is not None:
+            tokens, source = int(reported), "billed"
+        elif status in ("failed", "cancelled"):
+            tokens, source = self.tokens_so_far(), f"{unreported}; the steps seen"
+        elif status == "succeeded":
+            tokens, source = self.estimated_tokens, f"{unreported}; every epoch"
+        elif job is None:
+            tokens = self.estimated_tokens
+            source = "estimate: the job could not be read back; counted whole"
+        else:
+            tokens = self.estimated_tokens
+            source = (
+                f"estimate: the job was still {status} when harness stopped waiting "
+                "(backend.cancel_wait_s); counted whole, as it may run to its end"
+            )
+        step = (self.total_steps or self.expected_steps) if status == "succeeded" else 0
+        return Billing(
+            status, tokens, tokens * self.prepared.usd_per_token, source, max(step, self.last_step)
+        )
+
     def report_result_rows(self, text: str) -> None:
         """The result file's rows for steps no event reported (events can be missed)."""
         for row in csv.DictReader(io.StringIO(text)):
@@ -629,6 +737,21 @@ class _Follower:
             if metrics:
                 self.reporter.report(step, metrics)
                 self.reported_steps.add(step)
+
+
+def record_billing(reporter: Reporter, bill: Billing) -> None:
+    """Reports what a stopped job billed as its trial's ``cost_usd``, at the step the job
+    reached. Never raises but for Ctrl-C: the trial's own ending is what goes on up."""
+    metrics = {"cost_usd": bill.usd}
+    if bill.billed:
+        metrics["trained_tokens"] = float(bill.tokens)
+    try:
+        reporter.set_tags(bill.tags())
+        reporter.report(bill.step, metrics)  # no evaluation in it: nothing to prune on
+    except Exception as exc:
+        logging.getLogger("harness").warning(
+            "could not record what a job billed ($%.4f, %s): %s", bill.usd, bill.source, exc
+        )
 
 
 def decode_result_file(raw: bytes) -> str:
