@@ -825,9 +825,12 @@ class Sweep:
             abandon = getattr(self.plan.backend, "abandon", None)
             if abandon is not None and key:
                 try:
-                    abandon(key)
+                    billed = abandon(key)
                 except Exception as exc:
                     log.warning("trial %d: could not cancel its work: %s", trial.number, exc)
+                else:  # the trial is finished (failed): Optuna keeps no new attrs on it
+                    if billed is not None:
+                        study.set_user_attr(billed_key(trial.number), float(billed))
         try:
             self.tracker.fail_stale_run(trial.number, reason)
         except Exception as exc:  # the run stays as it is; the study goes on
@@ -1041,6 +1044,7 @@ def study_spend(study: optuna.Study, exclude: int = -1) -> float:
         for t in trials
         if "harness_retry_of" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING
     }
+    billed = study.user_attrs
     total = 0.0
     for trial in trials:
         if trial.number == exclude or trial.number in taken_over:
@@ -1048,8 +1052,15 @@ def study_spend(study: optuna.Study, exclude: int = -1) -> float:
         spent = float(trial.user_attrs.get("cost_usd", 0.0))
         if trial.state == optuna.trial.TrialState.RUNNING:
             spent = max(spent, float(trial.user_attrs.get("cost_estimate_usd", 0.0)))
-        total += spent
+        # an abandoned job's bill, read back once it was cancelled, replaces any estimate
+        total += float(billed.get(billed_key(trial.number), spent))
     return total
+
+
+def billed_key(number: int) -> str:
+    """The study attr holding what trial ``number``'s abandoned job billed (one key per trial:
+    workers setting them at once do not overwrite each other's)."""
+    return f"harness_billed_usd_{number}"
 
 
 @dataclass

@@ -761,3 +761,20 @@ def test_keys_quoted_in_provider_errors_are_redacted():
     message = "Incorrect API key provided: sk-proj-****abcd. See docs"
     assert redact_text(message) == "Incorrect API key provided: sk-***. See docs"
     assert redact_text("task-sk-free text, disk-full") == "task-sk-free text, disk-full"
+
+
+def test_an_abandoned_jobs_bill_replaces_its_trials_estimate_in_the_spend():
+    """A dead trial's job cancelled by a later run: what it billed (a study attr, as the
+    failed trial takes no new attrs) is what the budget counts."""
+    import optuna
+
+    from harness.study import billed_key, study_spend
+
+    study = optuna.create_study()
+    for cost in (0.25, 0.9):
+        trial = study.ask()
+        trial.set_user_attr("cost_usd", cost)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert study_spend(study) == pytest.approx(1.15)
+    study.set_user_attr(billed_key(1), 0.4)
+    assert study_spend(study) == pytest.approx(0.65)
