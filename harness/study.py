@@ -544,13 +544,7 @@ class Sweep:
         """sweep.continue_from's study, which must be this study in all but its space; runs are
         recorded under its MLflow experiment."""
         name = str(self.cfg.sweep.continue_from)
-        source_cfg = self.cfg.copy()
-        source_cfg.name = name
-        source = existing_study(source_cfg)
-        if source is None:
-            raise ConfigError(
-                f"sweep.continue_from: no study named {name!r} in {describe_storage(source_cfg)}"
-            )
+        source = self._other_study(name, "sweep.continue_from")
         check_same_study(source, self.plan, self.overrides)
         if not self.cfg.tracking.experiment:
             self.cfg.tracking.experiment = source.user_attrs.get("mlflow_experiment", name)
@@ -679,15 +673,19 @@ class Sweep:
             study.enqueue_trial(params, skip_if_exists=True)
         study.set_user_attr("harness_warm_started", True)
 
-    def _best_params_of(self, name: str, top: int) -> list[dict[str, Any]]:
+    def _other_study(self, name: str, setting: str) -> optuna.Study:
+        """Another study in this study's storage, which ``setting`` names; read, never made."""
         other_cfg = self.cfg.copy()
         other_cfg.name = name
         other = existing_study(other_cfg)
         if other is None:
             raise ConfigError(
-                f"sweep.enqueue: no study named {name!r} in {describe_storage(other_cfg)}"
+                f"{setting}: no study named {name!r} in {describe_storage(other_cfg)}"
             )
-        ranked = ranked_trials(other)
+        return other
+
+    def _best_params_of(self, name: str, top: int) -> list[dict[str, Any]]:
+        ranked = ranked_trials(self._other_study(name, "sweep.enqueue"))
         sets = []
         for trial in ranked[:top]:
             params = {}
