@@ -525,6 +525,8 @@ class Sweep:
         if self.existing is not None:
             check_resume(self.existing, self.plan, self.overrides)
             finished = count_finished(self.existing)
+            if not self.cfg.tracking.experiment:  # a continuation records under its source's
+                self.cfg.tracking.experiment = self.existing.user_attrs.get("mlflow_experiment")
         elif self.cfg.sweep.continue_from and not self.is_helper:
             source = self._continuation_source()
             self.carried, dropped = continuation.carried_trials(

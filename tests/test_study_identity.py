@@ -133,10 +133,14 @@ def test_new_choices_continue_as_a_new_study_with_the_old_trials(runs, capsys):
         [experiment.experiment_id], filter_string="tags.`harness.role` = 'study'"
     )
     assert sorted(r.info.run_name for r in parents) == ["sentiment_tiny", "sentiment_tiny-2"]
-    assert client.get_experiment_by_name("sentiment_tiny-2") is None
     # the same command again resumes the continuation: nothing carried twice
-    assert main(words) == 0
-    assert len(study_of(runs, "name=sentiment_tiny-2").trials) == 8
+    assert main([*words, "sweep.n_trials=9"]) == 0
+    assert len(study_of(runs, "name=sentiment_tiny-2").trials) == 9
+    assert client.get_experiment_by_name("sentiment_tiny-2") is None
+    trial_runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`harness.study` = 'sentiment_tiny-2'"
+    )
+    assert len(trial_runs) == 1 + 5  # its parent and its own trials 4-8
 
 
 def test_following_the_reports_advice_works(runs, capsys):
