@@ -1,11 +1,10 @@
 """MLflow records: one experiment per study, a parent run per study, a child run per trial.
 
 Written through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it works
-the same from any thread or process. A trial's metrics are buffered and sent in batches: with the
-first metric logged ``tracking.flush_every_s`` seconds after the last batch, and when the run
-ends. Secrets never reach MLflow:
-config values under secret-looking keys and passwords in URLs are redacted before the config is
-logged.
+the same from any thread or process, and a run's times are its own. A trial's metrics are
+buffered and sent in batches: with the first metric logged ``tracking.flush_every_s`` seconds
+after the last batch, and when the run ends. Secrets never reach MLflow: config values under
+secret-looking keys and passwords in URLs are redacted before the config is logged.
 """
 
 from __future__ import annotations
@@ -322,14 +321,19 @@ def log_transformers_model(
     }
     # Explicit requirements: inference would add torchvision and fail, and it is slow (FACTS.md).
     requirements = [f"{name}=={version}" for name, version in _versions().items()]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=components,
-            name="model",
-            task="text-classification" if is_classification else "text-generation",
-            pip_requirements=requirements,
-            registered_model_name=registered_name,
-        )
+    # run_id (passed on to mlflow.models.Model.log), not `with mlflow.start_run(run_id=...)`:
+    # leaving that block would end the run again, moving its end time (and so its duration)
+    # to now, minutes after the trial ended. Without an active run the model goes to the
+    # active experiment (the Default one, under ./mlruns): make it the run's.
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
+    info = mlflow.transformers.log_model(
+        transformers_model=components,
+        name="model",
+        task="text-classification" if is_classification else "text-generation",
+        pip_requirements=requirements,
+        registered_model_name=registered_name,
+        run_id=run_id,
+    )
     if registered_name and info.registered_model_version is not None:
         return f"models:/{registered_name}/{info.registered_model_version}"
     return str(info.model_uri)
