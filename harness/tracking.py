@@ -249,6 +249,7 @@ class TrialRun:
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
         self.pending: list[Any] = []
         self.flushed_at = time.monotonic()
+        self.latest: dict[str, tuple[int, float]] = {}  # metric -> (step, value) logged last
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -261,6 +262,7 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.latest.update((k, (step, float(v))) for k, v in metrics.items())
         due = time.monotonic() - self.flushed_at >= self.flush_every_s
         if not buffered or due or len(self.pending) >= 1000:
             self.flush()
@@ -283,8 +285,8 @@ class TrialRun:
         self.client.log_text(self.run_id, text, name)
 
     def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
-        """status: FINISHED, KILLED (pruned) or FAILED; the last metrics and ``tags`` go in
-        the same request."""
+        """status: FINISHED (a complete or a pruned trial: the tag optuna.trial_state tells them
+        apart) or FAILED. The last metrics and ``tags`` go in the same request."""
         from mlflow.entities import RunTag
 
         run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]

@@ -15,6 +15,16 @@ from harness.config import load_config
 from harness.study import load_study
 from harness.tracking import tracking_uri
 
+FLAKY_PRUNED = (
+    "backend=fake",
+    "backend._target_=tests.flaky_backend.FlakyBackend",  # fails every trial of batch size 8
+    "sampler=random",
+    "pruner=median",
+    "pruner.n_startup_trials=2",
+    "pruner.n_warmup_steps=0",
+    "sweep.n_trials=12",
+)
+
 
 def sweep(runs: Path, *overrides: str) -> tuple[optuna.Study, MlflowClient, dict[str, object]]:
     """`harness sweep OVERRIDES` into ``runs``: the Optuna study, a client on its MLflow store
@@ -26,6 +36,42 @@ def sweep(runs: Path, *overrides: str) -> tuple[optuna.Study, MlflowClient, dict
     experiment = client.get_experiment_by_name(cfg.name)
     found = client.search_runs([experiment.experiment_id], max_results=1000)
     return load_study(cfg), client, {r.info.run_name: r for r in found}
+
+
+@pytest.fixture(scope="module")
+def mixed_sweep(tmp_path_factory):
+    """A fake-backend sweep with complete, pruned and failed trials (seconds)."""
+    runs = tmp_path_factory.mktemp("truth") / "runs"
+    study, client, by_name = sweep(runs, *FLAKY_PRUNED)
+    states = {t.state.name for t in study.trials}
+    assert states == {"COMPLETE", "PRUNED", "FAIL"}, states  # the seed gives all three
+    return runs, study, client, by_name
+
+
+def test_pruned_trials_carry_their_last_objective_and_finish(mixed_sweep):
+    _, study, client, by_name = mixed_sweep
+    for trial in study.trials:
+        run = by_name[f"trial-{trial.number:04d}"]
+        assert run.data.tags["optuna.trial_state"] == trial.state.name
+        if trial.state.name == "PRUNED":
+            last_step = max(trial.intermediate_values)
+            # Optuna's value of a pruned trial is its last intermediate value; MLflow's too
+            assert trial.value == trial.intermediate_values[last_step]
+            assert run.data.metrics["objective"] == pytest.approx(trial.value)
+            # at the step of that evaluation: the last eval/f1 point
+            objective = client.get_metric_history(run.info.run_id, "objective")
+            f1 = client.get_metric_history(run.info.run_id, "eval/f1")
+            assert [m.step for m in objective] == [f1[-1].step]
+            assert "pruned at evaluation" in run.data.tags["harness.pruned_reason"]
+            # FINISHED: MLflow's runs table draws KILLED with FAILED's red cross
+            assert run.info.status == "FINISHED"
+        elif trial.state.name == "COMPLETE":
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["objective"] == pytest.approx(trial.value)
+        else:
+            assert run.info.status == "FAILED"
+            assert "out of memory (simulated" in run.data.tags["harness.failure_reason"]
+            assert "objective" not in run.data.metrics
 
 
 @pytest.mark.slow
