@@ -3,13 +3,15 @@
 Written through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it works
 the same from any thread or process, and a run's times are its own. A trial's metrics are
 buffered and sent in batches: with the first metric logged ``tracking.flush_every_s`` seconds
-after the last batch, and when the run ends. Secrets never reach MLflow: config values under
-secret-looking keys and passwords in URLs are redacted before the config is logged.
+after the last batch, and when the run ends. Every run lists the study's data files as MLflow
+dataset inputs (the runs table's Dataset column). Secrets never reach MLflow: config values
+under secret-looking keys and passwords in URLs are redacted before the config is logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
+from harness.data import file_sha256, resolve_path
 
 # A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
 # password... but not max_new_tokens or tokenizer_source.
@@ -112,6 +115,57 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     )
 
 
+# A split's MLflow dataset context (the tag the runs table shows beside the dataset's name)
+CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
+
+
+def split_files(data: DictConfig) -> dict[str, Path]:
+    """Which file each split comes from, as ``harness.data.load_dataset`` reads them: one file
+    for all three, or a file per split (without a test file, test metrics are measured on the
+    validation file)."""
+    if data.path:
+        path = resolve_path(data.path)
+        return {"train": path, "validation": path, "test": path}
+    files = {split: resolve_path(data[split]) for split in ("train", "validation")}
+    files["test"] = resolve_path(data.test) if data.get("test") else files["validation"]
+    return files
+
+
+def dataset_inputs(data: DictConfig) -> list[Any]:
+    """The study's data as MLflow dataset inputs, one per split: they fill the runs table's
+    Dataset column and its dataset filter. Digest: the file's sha256, as much of it as MLflow
+    keeps (36 characters); source: the file. Each split is named ``<file>:<split>`` because
+    MLflow keeps one input per name and digest, and one file may hold all three splits (its
+    seeded split is then the dataset's profile)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    files = split_files(data)
+    profile = None
+    if data.path:
+        profile = json.dumps(
+            {
+                "split_seed": data.split_seed,
+                "validation_fraction": data.validation_fraction,
+                "test_fraction": data.test_fraction,
+            }
+        )
+    digests = {path: file_sha256(path)[:36] for path in set(files.values())}
+    return [
+        DatasetInput(
+            Dataset(
+                name=f"{path.name}:{split}",
+                digest=digests[path],
+                source_type="local",
+                source=json.dumps({"uri": str(path)}),
+                profile=profile,
+            ),
+            [InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[split])],
+        )
+        for split, path in files.items()
+    ]
+
+
 class MLflowTracker:
     """The study's experiment and parent run; makes a ``TrialRun`` per trial."""
 
@@ -126,6 +180,7 @@ class MLflowTracker:
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
         self.client = MlflowClient(self.uri)
+        self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         name = cfg.tracking.experiment or cfg.name
         for attempt in range(3):
             try:  # the first use of a new SQLite store migrates its schema
@@ -174,6 +229,7 @@ class MLflowTracker:
                 tags={STUDY_TAG: self.cfg.name, ROLE_TAG: "study", **tags},
             )
             run_id = run.info.run_id
+            self.log_datasets(run_id)
             self.log_text(run_id, config_yaml(self.cfg), "config.yaml")
             oldest = self.find_parent()
             if oldest is not None and oldest != run_id:  # another worker's came first: use it
@@ -198,6 +254,12 @@ class MLflowTracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_datasets(self, run_id: str) -> None:
+        """The study's data files as the run's dataset inputs (one request)."""
+        if self._datasets is None:
+            self._datasets = dataset_inputs(self.cfg.data)
+        self.client.log_inputs(run_id, datasets=self._datasets)
+
     def start_run(
         self,
         name: str,
@@ -213,6 +275,7 @@ class MLflowTracker:
         trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.flush_every_s)
         try:
             trial_run.log_params(params)
+            self.log_datasets(run.info.run_id)
             self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
         except BaseException:  # Ctrl-C or a store error before the trial began: not RUNNING
             with contextlib.suppress(Exception):

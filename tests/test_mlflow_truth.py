@@ -4,6 +4,8 @@ the default SQLite store in WAL mode. Sweeps run through the CLI, as a user star
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import optuna
@@ -12,8 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from harness.config import load_config
+from harness.data import resolve_path
 from harness.study import load_study
 from harness.tracking import tracking_uri
+from tests.conftest import write
 
 FLAKY_PRUNED = (
     "backend=fake",
@@ -36,6 +40,23 @@ def sweep(runs: Path, *overrides: str) -> tuple[optuna.Study, MlflowClient, dict
     experiment = client.get_experiment_by_name(cfg.name)
     found = client.search_runs([experiment.experiment_id], max_results=1000)
     return load_study(cfg), client, {r.info.run_name: r for r in found}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def inputs(run) -> set[tuple[str, str, str, str]]:
+    """(name, digest, file, context) of each dataset input of a run."""
+    return {
+        (
+            i.dataset.name,
+            i.dataset.digest,
+            json.loads(i.dataset.source)["uri"],
+            {t.key: t.value for t in i.tags}["mlflow.data.context"],
+        )
+        for i in run.inputs.dataset_inputs
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +93,43 @@ def test_pruned_trials_carry_their_last_objective_and_finish(mixed_sweep):
             assert run.info.status == "FAILED"
             assert "out of memory (simulated" in run.data.tags["harness.failure_reason"]
             assert "objective" not in run.data.metrics
+
+
+def test_every_run_lists_the_data_file_as_its_dataset_inputs(mixed_sweep):
+    _, _, _, by_name = mixed_sweep
+    data = resolve_path(load_config([]).data.path)
+    digest = sha256(data)[:36]  # as much of the sha256 as MLflow keeps
+    expected = {
+        (f"{data.name}:{split}", digest, str(data), context)
+        for split, context in (
+            ("train", "training"),
+            ("validation", "validation"),
+            ("test", "test"),
+        )
+    }
+    assert len(by_name) == 13  # the parent and 12 trials, failed ones included
+    for name, run in by_name.items():
+        assert inputs(run) == expected, name
+
+
+def test_split_files_are_inputs_of_their_own_context(tmp_path, runs):
+    lines = resolve_path(load_config([]).data.path).read_text().splitlines(keepends=True)
+    train = write(tmp_path / "train.jsonl", "".join(lines[:100]))
+    valid = write(tmp_path / "valid.jsonl", "".join(lines[100:]))
+    _, _, by_name = sweep(
+        runs,
+        "backend=fake",
+        "sweep.n_trials=1",
+        "data.path=null",
+        f"data.train={train}",
+        f"data.validation={valid}",
+    )
+    # no test file: test metrics are measured on the validation file, so it is the test input
+    assert inputs(by_name["trial-0000"]) == {
+        ("train.jsonl:train", sha256(train)[:36], str(train), "training"),
+        ("valid.jsonl:validation", sha256(valid)[:36], str(valid), "validation"),
+        ("valid.jsonl:test", sha256(valid)[:36], str(valid), "test"),
+    }
 
 
 @pytest.mark.slow
