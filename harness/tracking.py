@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +117,39 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     )
 
 
+# MLflow SQLite store files of this process whose connections get fast_sqlite_writes' pragmas
+_FAST_STORES: set[str] = set()
+
+
+def fast_sqlite_writes(store: Path) -> None:
+    """Opens the SQLite MLflow store at ``store`` in WAL mode with synchronous=NORMAL: a commit
+    then appends to the write-ahead log without waiting for the disk, about 3x fewer ms of
+    writes per trial (FACTS.md). The store stays consistent after a crash; a power cut may lose
+    the last commits. WAL needs every writer on one host (not on NFS), as SQLite does anyway.
+
+    journal_mode=WAL persists in the file; synchronous is per connection, so both are set as
+    each connection opens: SQLAlchemy's ``connect`` event, listened once for every engine (MLflow
+    makes its engine inside its store) and acting only on connections to these files, so an
+    Optuna SQLite storage in the same process is left as it is."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not _FAST_STORES:
+        event.listen(Engine, "connect", _on_sqlite_connect)
+    _FAST_STORES.add(os.path.realpath(store))
+
+
+def _on_sqlite_connect(connection: Any, _record: Any) -> None:
+    if not isinstance(connection, sqlite3.Connection):
+        return
+    files = {row[1]: row[2] for row in connection.execute("PRAGMA database_list")}
+    if not files.get("main") or os.path.realpath(files["main"]) not in _FAST_STORES:
+        return
+    with contextlib.suppress(sqlite3.OperationalError):  # another process is converting it now
+        connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+
+
 # A split's MLflow dataset context (the tag the runs table shows beside the dataset's name)
 CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
 
@@ -178,6 +213,7 @@ class MLflowTracker:
         check_tracking_server(self.uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
+            fast_sqlite_writes(Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0]))
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
         self.client = MlflowClient(self.uri)
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -130,6 +131,21 @@ def test_split_files_are_inputs_of_their_own_context(tmp_path, runs):
         ("valid.jsonl:validation", sha256(valid)[:36], str(valid), "validation"),
         ("valid.jsonl:test", sha256(valid)[:36], str(valid), "test"),
     }
+
+
+def test_the_mlflow_store_is_in_wal_mode_and_an_optuna_sqlite_storage_is_not(
+    mixed_sweep, tmp_path, runs
+):
+    store = mixed_sweep[0] / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # an Optuna SQLite storage opened in the same process keeps SQLite's default journal
+    optuna_db = tmp_path / "optuna.db"
+    sweep(runs, "backend=fake", "sweep.n_trials=1", f"storage.url=sqlite:///{optuna_db}")
+    with sqlite3.connect(optuna_db) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    with sqlite3.connect(runs / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 @pytest.mark.slow
