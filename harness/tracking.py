@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sqlite3
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -308,11 +309,13 @@ class MLflowTracker:
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        trial_run = TrialRun(self.client, run.info.run_id, self.cfg.tracking.flush_every_s)
+        trial_run = TrialRun(
+            self.client, run.info.run_id, run.info.artifact_uri, self.cfg.tracking.flush_every_s
+        )
         try:
             trial_run.log_params(params)
             self.log_datasets(run.info.run_id)
-            self.log_text(run.info.run_id, config_yaml(cfg), "config.yaml")
+            trial_run.log_text(config_yaml(cfg), "config.yaml")
         except BaseException:  # Ctrl-C or a store error before the trial began: not RUNNING
             with contextlib.suppress(Exception):
                 trial_run.terminate("FAILED")
@@ -336,7 +339,12 @@ class MLflowTracker:
         self.client.set_tag(run_id, "harness.logged_model_id", model.model_id)
 
     def finish_parent(self, run_id: str, metrics: Mapping[str, float], close: bool = True) -> None:
-        TrialRun(self.client, run_id).log_metrics(0, metrics)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
         if close:
             self.client.set_terminated(run_id, "FINISHED")
 
@@ -344,8 +352,11 @@ class MLflowTracker:
 class TrialRun:
     """One run's metrics (batched), artifacts and end state."""
 
-    def __init__(self, client: Any, run_id: str, flush_every_s: float = 5.0) -> None:
+    def __init__(
+        self, client: Any, run_id: str, artifact_uri: str, flush_every_s: float = 5.0
+    ) -> None:
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
+        self.artifact_uri = artifact_uri  # known from create_run: no request to look it up
         self.pending: list[Any] = []
         self.flushed_at = time.monotonic()
         self.latest: dict[str, tuple[int, float]] = {}  # metric -> (step, value) logged last
@@ -378,10 +389,18 @@ class TrialRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        # MlflowClient.log_artifact would first fetch the whole run to learn its artifact URI
+        store = get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
+        store.log_artifact(str(path), folder)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        folder, _, file_name = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file_name
+            path.write_text(text, encoding="utf-8")
+            self.log_artifact(path, folder or None)
 
     def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
         """status: FINISHED (a complete or a pruned trial: the tag optuna.trial_state tells them
