@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -175,3 +176,35 @@ def test_the_best_run_keeps_its_duration_when_its_model_is_logged(runs):
     assert run.info.end_time <= ms(best.datetime_complete)
     parent = by_name[load_config([]).name]
     assert run.info.end_time < parent.info.end_time
+
+
+def test_the_optuna_journal_syncs_at_trial_boundaries_and_reads_as_optuna_writes_it(
+    runs, monkeypatch
+):
+    """The journal file is synced once per study operation, trial creation and trial end, not
+    for each param, reported value and attribute; a plain Optuna reader (optuna-dashboard,
+    another tool) reads the same study from it."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    synced: list[int] = []  # inode of each file synced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    study, _, _ = sweep(runs, "backend=fake", "sweep.n_trials=3")
+    journal = runs / "optuna" / f"{study.study_name}.log"
+    ops = [json.loads(line)["op_code"] for line in journal.read_text().splitlines()]
+    at_boundaries = sum(op in (0, 2, 4, 6) for op in ops)  # study, its attrs, trial start/end
+    assert synced.count(journal.stat().st_ino) == at_boundaries < len(ops) / 2
+    plain = optuna.load_study(
+        study_name=study.study_name, storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
+
+    def seen(trials):
+        return [(t.state, t.params, t.intermediate_values, t.user_attrs) for t in trials]
+
+    assert seen(plain.trials) == seen(study.trials) and len(plain.trials) == 3
