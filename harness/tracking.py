@@ -146,9 +146,11 @@ def _on_sqlite_connect(connection: Any, _record: Any) -> None:
     files = {row[1]: row[2] for row in connection.execute("PRAGMA database_list")}
     if not files.get("main") or os.path.realpath(files["main"]) not in _FAST_STORES:
         return
-    with contextlib.suppress(sqlite3.OperationalError):  # another process is converting it now
-        connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
+    mode = ""
+    with contextlib.suppress(sqlite3.OperationalError):  # another process holds it: next time
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode == "wal":  # NORMAL is safe from corruption in WAL mode only
+        connection.execute("PRAGMA synchronous=NORMAL")
 
 
 # A split's MLflow dataset context (the tag the runs table shows beside the dataset's name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
@@ -140,6 +141,13 @@ def test_the_mlflow_store_is_in_wal_mode_and_an_optuna_sqlite_storage_is_not(
     store = mixed_sweep[0] / "mlflow.db"
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: a plain connection
+    # every SQLAlchemy connection this process opens to the store (MLflow's among them) syncs
+    # at checkpoints only
+    engine = sqlalchemy.create_engine(f"sqlite:///{store}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    engine.dispose()
     # an Optuna SQLite storage opened in the same process keeps SQLite's default journal
     optuna_db = tmp_path / "optuna.db"
     sweep(runs, "backend=fake", "sweep.n_trials=1", f"storage.url=sqlite:///{optuna_db}")
