@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -216,3 +217,57 @@ def test_the_optuna_journal_syncs_at_trial_boundaries_and_reads_as_optuna_writes
         return [(t.state, t.params, t.intermediate_values, t.user_attrs) for t in trials]
 
     assert seen(plain.trials) == seen(study.trials) and len(plain.trials) == 3
+
+
+@pytest.mark.slow
+def test_the_runs_table_shows_pruned_runs_unlike_failed_ones_and_the_datasets(
+    mixed_sweep, tmp_path
+):
+    """In MLflow's runs table, in Chromium: each row's status icon (in the "Created" cell) is
+    the same for pruned and complete trials and differs from failed ones' (KILLED got FAILED's
+    red cross), and the Dataset column names the data file's training split."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright (python) is not installed: pip install playwright")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    from tests.test_ui import CHROMIUM_ARGS, harness_ui
+
+    runs, study, _, by_name = mixed_sweep
+    parent = by_name[study.study_name]
+    trials = {f"trial-{t.number:04d}": t.state.name for t in study.trials}
+    data = resolve_path(load_config([]).data.path)
+    with harness_ui(runs, tmp_path, health="/health") as ui, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.set_default_timeout(30_000)
+            experiment = parent.info.experiment_id
+            page.goto(
+                f"{ui.url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+                timeout=60_000,
+            )
+
+            def cell(run_id: str, column: str):
+                return page.locator(f'[role="row"][row-id="{run_id}"] [col-id="{column}"]')
+
+            expander = cell(parent.info.run_id, "attributes.`Run Name`").locator("button")
+            expander.wait_for(state="visible", timeout=60_000)
+            expander.click()
+            icons: dict[str, set[tuple[str, str]]] = {}
+            for name, state in trials.items():
+                run_id = by_name[name].info.run_id
+                cell(run_id, "attributes.`Run Name`").first.wait_for(state="visible")
+                icon = cell(run_id, "runDateAndNestInfo").locator('[role="img"]')
+                shape = icon.locator("svg path").first.get_attribute("d") or ""
+                colour = icon.evaluate("e => getComputedStyle(e).color")
+                icons.setdefault(state, set()).add((shape, colour))
+                dataset = cell(run_id, "attributes.`Dataset`").inner_text()
+                assert f"{data.name}:train" in dataset and "Training" in dataset, dataset
+        finally:
+            browser.close()
+    assert len(icons["COMPLETE"]) == 1, icons  # one icon for one state
+    assert icons["PRUNED"] == icons["COMPLETE"], icons
+    assert icons["FAIL"].isdisjoint(icons["COMPLETE"]), icons
