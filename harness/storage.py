@@ -70,11 +70,11 @@ SYNCED_OPS = frozenset({0, 1, 2, 3, 4, 6, 10})
 
 class TrialSyncedJournal(optuna.storages.journal.BaseJournalBackend):
     """Optuna's journal file, written as JournalFileBackend writes it (same lock, same lines),
-    but synced to disk (fsync, ~1.5 ms here) only for SYNCED_OPS, not for a trial's params,
-    reported values and attributes: 2 syncs a trial instead of ~18. A sync also carries every
-    write before it to the disk. A crashed process loses nothing (its writes are in the OS's
-    cache, which writes them out within seconds); a power cut may lose what the trials then
-    running wrote in those seconds, and a resume fails and retries those trials anyway."""
+    but synced to disk (fsync: up to ~1.5 ms each on a busy disk here) only for SYNCED_OPS, not
+    for a trial's params, reported values and attributes: 2 syncs a trial instead of ~18. A
+    sync also carries every write before it to the disk. A crashed process loses nothing (its
+    writes are in the OS's cache, which writes them out within ~30 s); a power cut may lose
+    what the trials then running wrote since, and a resume fails and retries those anyway."""
 
     def __init__(self, path: str) -> None:
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
