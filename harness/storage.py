@@ -6,6 +6,7 @@ SQLite); ``storage.url`` names any RDB storage, such as PostgreSQL shared by man
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 import warnings
@@ -28,7 +29,6 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
     from running trials (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial
     whose heartbeat stopped."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     url = cfg.storage.url
     if is_rdb(url):
@@ -51,7 +51,43 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
         return _with_retries(str(url), open_rdb)
     path = journal_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(TrialSyncedJournal(str(path)))
+
+
+# Optuna journal operations (optuna.storages.journal._storage.JournalOperation) synced to disk
+# as they are written: the study's own, a trial's creation and its end (state and values).
+SYNCED_OPS = frozenset({0, 1, 2, 3, 4, 6, 10})
+
+
+class TrialSyncedJournal(optuna.storages.journal.BaseJournalBackend):
+    """Optuna's journal file, written as JournalFileBackend writes it (same lock, same lines),
+    but synced to disk (fsync: up to ~1.5 ms each on a busy disk here) only for SYNCED_OPS, not
+    for a trial's params, reported values and attributes: 2 syncs a trial instead of ~18. A
+    sync also carries every write before it to the disk. A crashed process loses nothing (its
+    writes are in the OS's cache, which writes them out within ~30 s); a power cut may lose
+    what the trials then running wrote since, and a resume fails and retries those anyway."""
+
+    def __init__(self, path: str) -> None:
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        self._file = JournalFileBackend(path)  # reads, and the synced appends
+        self._path = path
+        self._lock = JournalFileSymlinkLock(path)  # the lock JournalFileBackend takes
+
+    def read_logs(self, log_number_from: int) -> Any:
+        return self._file.read_logs(log_number_from)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if any(log["op_code"] in SYNCED_OPS for log in logs):
+            self._file.append_logs(logs)
+            return
+        lines = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+        self._lock.acquire()
+        try:
+            with open(self._path, "ab") as journal:
+                journal.write(lines.encode("utf-8"))
+        finally:
+            self._lock.release()
 
 
 def existing_study(cfg: DictConfig) -> optuna.Study | None:

@@ -468,7 +468,12 @@ def run_trial(
             except Exception as exc:
                 run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:4000]})
     except optuna.TrialPruned as pruned:
-        run.end("KILLED", {"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
+        # Its objective is the last value Optuna judged it by (Optuna's value for the trial
+        # too). FINISHED, not KILLED: MLflow's runs table marks KILLED with FAILED's red cross.
+        last = run.latest.get(cfg.sweep.metric)
+        if last is not None:
+            run.log_metrics(last[0], {"objective": last[1]}, buffered=True)
+        run.end("FINISHED", {"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
         reason = describe_failure(exc)

@@ -74,8 +74,7 @@ def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monk
 def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
     """The storage failing for a moment (simulated: a few journal writes fail) costs a wait
     and a retried trial, not the study: it still ends with n_trials finished trials."""
-    from optuna.storages.journal import JournalFileBackend
-
+    from harness.storage import TrialSyncedJournal as JournalFileBackend  # the one harness uses
     from harness.study import load_study
 
     real_append = JournalFileBackend.append_logs
@@ -101,9 +100,8 @@ def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
 def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypatch):
     """The Optuna storage failing between trials (simulated: its journal file can no longer be
     written) stops the study with one message saying how to resume; finished trials stay."""
-    from optuna.storages.journal import JournalFileBackend
-
     from harness.storage import StorageGoneError
+    from harness.storage import TrialSyncedJournal as JournalFileBackend  # the one harness uses
     from harness.study import load_study
 
     real_append = JournalFileBackend.append_logs

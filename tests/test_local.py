@@ -110,7 +110,8 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg,
     trials = {r.info.run_name: r for r in runs if r.data.tags.get("harness.role") == "trial"}
     assert set(trials) == {"trial-0000", "trial-0001", "trial-0002"}
     pruned = trials["trial-0001"]
-    assert pruned.info.status == "KILLED"
+    assert pruned.info.status == "FINISHED"
+    assert pruned.data.tags["optuna.trial_state"] == "PRUNED"
     pruned_evals = client.get_metric_history(pruned.info.run_id, "eval/f1")
     assert len(pruned_evals) < 3  # stopped before its third and last epoch
     pruned_losses = client.get_metric_history(pruned.info.run_id, "train/loss")

@@ -79,7 +79,7 @@ class TestSweep:
             assert hp["n_epochs"] == trial.params["train.epochs"]
             assert hp["learning_rate_multiplier"] == trial.params["train.learning_rate_multiplier"]
             if trial.state.name == "PRUNED":
-                assert run.info.status == "KILLED"
+                assert run.info.status == "FINISHED"
                 assert run.data.tags["optuna.trial_state"] == "PRUNED"
             else:
                 assert run.info.status == "FINISHED" and job.status == "succeeded"
