@@ -110,6 +110,7 @@ class TrackingConfig:
     uri: str | None = None  # null: sqlite file under paths.runs_dir
     experiment: str | None = None  # null: the study name
     flush_every_s: float = 5.0  # a trial's metrics are sent in batches, about this often
+    log_every_steps: int = 10  # train/loss is logged as its mean over this many steps
     log_best_model: bool = True
     register_best_model: bool = True
     registered_model_name: str | None = None  # null: <study>-best

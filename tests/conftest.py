@@ -51,6 +51,12 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def window_ends(last_step: int, every: int = 10) -> list[int]:
+    """The steps train/loss is logged at when a trial reports it at steps 1..last_step: the
+    end of each window of ``every`` steps (tracking.log_every_steps), then the partial one."""
+    return [*range(every, last_step + 1, every), *([last_step] if last_step % every else [])]
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -271,3 +271,22 @@ def test_the_runs_table_shows_pruned_runs_unlike_failed_ones_and_the_datasets(
     assert len(icons["COMPLETE"]) == 1, icons  # one icon for one state
     assert icons["PRUNED"] == icons["COMPLETE"], icons
     assert icons["FAIL"].isdisjoint(icons["COMPLETE"]), icons
+
+
+def test_train_loss_is_logged_as_its_mean_over_each_window_of_steps(tmp_path):
+    """tracking.log_every_steps=10: a loss reported at steps 1..25 is in MLflow at steps 10,
+    20 and 25, each the mean of its window (the last window partial, closed with the run)."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import TrialRun
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("windows"))
+    trial_run = TrialRun(client, run.info.run_id, run.info.artifact_uri, 5.0, 10)
+    for step in range(1, 26):
+        trial_run.log_metrics(step, {"train/loss": float(step)}, buffered=True)
+    trial_run.log_metrics(25, {"eval/f1": 0.5}, buffered=True)  # other metrics as they come
+    trial_run.end("FINISHED")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(10, 5.5), (20, 15.5), (25, 23.0)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/f1")] == [25]
