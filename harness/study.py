@@ -343,7 +343,10 @@ def reproduce_command(command: str, overrides: list[str], params: Mapping[str, A
 
 
 def override_value(value: Any) -> str:
-    """A param value as an override: floats in full (repr), so a trial repeats exactly."""
+    """A param value as an override: floats in full (repr), so a trial repeats exactly; an
+    empty string as '' (`key=` with nothing after it is refused as a likely unset variable)."""
+    if value == "":
+        return "''"
     return repr(value) if isinstance(value, float) else str(value)
 
 
