@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -226,14 +225,9 @@ def test_the_runs_table_shows_pruned_runs_unlike_failed_ones_and_the_datasets(
     """In MLflow's runs table, in Chromium: each row's status icon (in the "Created" cell) is
     the same for pruned and complete trials and differs from failed ones' (KILLED got FAILED's
     red cross), and the Dataset column names the data file's training split."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed: pip install playwright")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
-    from tests.test_ui import CHROMIUM_ARGS, harness_ui
+    from tests.test_ui import CHROMIUM_ARGS, harness_ui, playwright_and_chromium
+
+    sync_playwright, chromium = playwright_and_chromium()
 
     runs, study, _, by_name = mixed_sweep
     parent = by_name[study.study_name]

@@ -433,6 +433,19 @@ CHROMIUM_ARGS = [
 RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # ag-grid's cell of the "Run Name" column
 
 
+def playwright_and_chromium() -> tuple[Any, str]:
+    """Python playwright's sync API and the system Chromium (no browser download), or a skip
+    saying which is missing: CI installs both, a bare machine may lack them."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright (python) is not installed: pip install playwright")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    return sync_playwright, chromium
+
+
 @pytest.mark.slow
 def test_mlflow_ui_in_chromium_shows_the_trials_nested_under_the_study(finished_sweep, tmp_path):
     """Opens the experiment's runs table in headless Chromium: the study's run is the only
@@ -444,13 +457,7 @@ def test_mlflow_ui_in_chromium_shows_the_trials_nested_under_the_study(finished_
     row has role=row and row-id=<run id>; the "Run Name" cell (col-id "attributes.`Run Name`")
     holds the expander button (parent runs only) and a link to #/experiments/ID/runs/RUN_ID.
     Children are rendered as rows of their own, indented, once their parent is expanded."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed: pip install playwright")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    sync_playwright, chromium = playwright_and_chromium()
 
     with harness_ui(finished_sweep, tmp_path, health="/health") as ui:
         experiment_id, parent, children = study_runs(ui)
