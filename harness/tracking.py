@@ -37,6 +37,7 @@ URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):
 API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
 
 STUDY_TAG = "harness.study"
+DATASET_ATTEMPTS = 3  # log_inputs tries: concurrent first uses of a dataset collide
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 ROLE_TAG = "harness.role"
 
@@ -298,7 +299,16 @@ class MLflowTracker:
         """The study's data files as the run's dataset inputs (one request)."""
         if self._datasets is None:
             self._datasets = dataset_inputs(self.cfg.data)
-        self.client.log_inputs(run_id, datasets=self._datasets)
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=self._datasets)
+                return
+            except Exception as exc:
+                # MLflow's store adds an experiment's dataset on first use, by looking and then
+                # inserting: workers logging the same new dataset at once collide on its unique
+                # key ("UNIQUE constraint failed: datasets..."). The loser's next try finds it.
+                if "UNIQUE" not in str(exc).upper() or attempt == DATASET_ATTEMPTS - 1:
+                    raise
 
     def start_run(
         self,
@@ -401,9 +411,11 @@ class TrialRun:
     def _log(self, step: int, metrics: Mapping[str, float], buffered: bool) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        if step == self.stamped[0]:  # of two values at one step MLflow shows the later (else
-            now = max(now, self.stamped[1] + 1)  # the larger): the one logged last must win
+        # Timestamps never go back within a run: MLflow orders a metric's history by them.
+        # Of two values at one step MLflow shows the later (else the larger): the one logged
+        # last must win, so it gets a later millisecond.
+        later = 1 if step == self.stamped[0] else 0
+        now = max(int(time.time() * 1000), self.stamped[1] + later)
         self.stamped = (step, now)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.latest.update((k, (step, float(v))) for k, v in metrics.items())

@@ -480,7 +480,7 @@ class TestBilledSpend:
         pruned = study.trials[1]
         assert round(pruned.user_attrs["cost_usd"], 2) == round(billed, 2)
         assert pruned.user_attrs["cost_usd"] == pytest.approx(billed, rel=1e-12)
-        assert run.info.status == "KILLED"
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == "PRUNED"
         assert run.data.metrics["cost_usd"] == pytest.approx(billed, rel=1e-12)
         assert run.data.metrics["trained_tokens"] == job.trained_tokens
         assert run.data.tags["openai.cost_source"] == "billed"
