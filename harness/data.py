@@ -361,6 +361,18 @@ def _split_files(data: DictConfig, check: ExampleCheck | None) -> Dataset:
     return Dataset(data.task, parts["train"], parts["validation"], test, labels, hashes)
 
 
+def split_files(data: DictConfig) -> dict[str, Path]:
+    """Which file each split comes from, as ``harness.data.load_dataset`` reads them: one file
+    for all three, or a file per split (without a test file, test metrics are measured on the
+    validation file)."""
+    if data.path:
+        path = resolve_path(data.path)
+        return {"train": path, "validation": path, "test": path}
+    files = {split: resolve_path(data[split]) for split in ("train", "validation")}
+    files["test"] = resolve_path(data.test) if data.get("test") else files["validation"]
+    return files
+
+
 def _check_size(examples: list[Example], min_rows: int, path: Path) -> None:
     if len(examples) < min_rows:
         raise DataError(

@@ -600,7 +600,7 @@ class Sweep:
         if "harness_uid" not in study.user_attrs:
             study.set_user_attr("harness_uid", uuid.uuid4().hex[:12])
         self.uid = str(study.user_attrs["harness_uid"])
-        tracker = MLflowTracker(self.cfg)
+        tracker = MLflowTracker(self.cfg, self.plan.dataset.file_hashes)
         self.tracker = tracker
         self._fail_stale_trials(study)
         missing = self.cfg.sweep.n_trials - count_finished(study)
@@ -1100,7 +1100,7 @@ def train_once(
         plan.cfg = with_params(plan.cfg, {"train.patience": 0})
     params = {key: OmegaConf.select(plan.cfg, key) for key in cfg.search.space}
     plan.prepared = plan.backend.prepare(plan.cfg, plan.dataset)
-    tracker = MLflowTracker(plan.cfg)
+    tracker = MLflowTracker(plan.cfg, plan.dataset.file_hashes)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"{name}-{stamp}"
     run_tags = {

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
-from harness.data import file_sha256, resolve_path
+from harness.data import file_sha256, split_files
 
 # A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
 # password... but not max_new_tokens or tokenizer_source.
@@ -159,19 +159,7 @@ def _on_sqlite_connect(connection: Any, _record: Any) -> None:
 CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
 
 
-def split_files(data: DictConfig) -> dict[str, Path]:
-    """Which file each split comes from, as ``harness.data.load_dataset`` reads them: one file
-    for all three, or a file per split (without a test file, test metrics are measured on the
-    validation file)."""
-    if data.path:
-        path = resolve_path(data.path)
-        return {"train": path, "validation": path, "test": path}
-    files = {split: resolve_path(data[split]) for split in ("train", "validation")}
-    files["test"] = resolve_path(data.test) if data.get("test") else files["validation"]
-    return files
-
-
-def dataset_inputs(data: DictConfig) -> list[Any]:
+def dataset_inputs(data: DictConfig, hashes: Mapping[str, str]) -> list[Any]:
     """The study's data as MLflow dataset inputs, one per split: they fill the runs table's
     Dataset column and its dataset filter. Digest: the file's sha256, as much of it as MLflow
     keeps (36 characters); source: the file. Each split is named ``<file>:<split>`` because
@@ -190,7 +178,9 @@ def dataset_inputs(data: DictConfig) -> list[Any]:
                 "test_fraction": data.test_fraction,
             }
         )
-    digests = {path: file_sha256(path)[:36] for path in set(files.values())}
+    digests = {  # the sha256 the loader took, else read here
+        path: (hashes.get(str(path)) or file_sha256(path))[:36] for path in set(files.values())
+    }
     return [
         DatasetInput(
             Dataset(
@@ -209,9 +199,13 @@ def dataset_inputs(data: DictConfig) -> list[Any]:
 class MLflowTracker:
     """The study's experiment and parent run; makes a ``TrialRun`` per trial."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, file_hashes: Mapping[str, str] | None = None) -> None:
+        """``file_hashes``: the data files' sha256 (Dataset.file_hashes), for the runs' dataset
+        inputs; files not in it are hashed when first needed."""
         import mlflow
         from mlflow.tracking import MlflowClient
+
+        self.file_hashes = dict(file_hashes or {})
 
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
@@ -298,7 +292,7 @@ class MLflowTracker:
     def log_datasets(self, run_id: str) -> None:
         """The study's data files as the run's dataset inputs (one request)."""
         if self._datasets is None:
-            self._datasets = dataset_inputs(self.cfg.data)
+            self._datasets = dataset_inputs(self.cfg.data, self.file_hashes)
         for attempt in range(DATASET_ATTEMPTS):
             try:
                 self.client.log_inputs(run_id, datasets=self._datasets)
