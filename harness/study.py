@@ -343,10 +343,7 @@ def reproduce_command(command: str, overrides: list[str], params: Mapping[str, A
 
 
 def override_value(value: Any) -> str:
-    """A param value as an override: floats in full (repr), so a trial repeats exactly; an
-    empty string as '' (`key=` with nothing after it is refused as a likely unset variable)."""
-    if value == "":
-        return "''"
+    """A param value as an override: floats in full (repr), so a trial repeats exactly."""
     return repr(value) if isinstance(value, float) else str(value)
 
 

@@ -226,16 +226,3 @@ def test_hyperband_prunes_on_evaluation_index(make_cfg):
     assert "PRUNED" in states and "COMPLETE" in states
     for trial in study.trials:  # Optuna steps are evaluation indexes 1..epochs
         assert set(trial.intermediate_values) <= set(range(1, 7))
-
-
-def test_an_empty_string_param_reproduces_as_an_empty_string():
-    """A choice of '' is written `key=''`: Hydra reads it back as '', while a bare `key=` is
-    refused (a shell variable that was not set)."""
-    import shlex
-
-    from harness.config import split_overrides
-
-    command = reproduce_command("train", ["backend=fake"], {"backend.seconds_per_epoch": ""})
-    words = shlex.split(command)
-    assert words[-1] == "backend.seconds_per_epoch=''"
-    assert split_overrides(words[2:]).plain == ["backend=fake", "backend.seconds_per_epoch=''"]
