@@ -6,6 +6,7 @@ SQLite); ``storage.url`` names any RDB storage, such as PostgreSQL shared by man
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import traceback
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from harness.config import ConfigError, runs_dir
 from harness.tracking import redact_text
+from harness.workers import worker_identity
 
 STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
 
@@ -37,7 +39,7 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
         def open_rdb() -> Any:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return OwnedTrialsRDBStorage(
                     str(url),
                     # a connection dropped by a database restart is replaced, not used
                     engine_kwargs={"pool_pre_ping": True},
@@ -51,7 +53,72 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
         return _with_retries(str(url), open_rdb)
     path = journal_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(TrialSyncedJournal(str(path)))
+    return OwnedTrialsJournalStorage(TrialSyncedJournal(str(path)))
+
+
+# Who runs a RUNNING trial, so that one left by a dead process is recognised (harness.study's
+# _fail_stale_trials). The owner must be written in the same storage write that makes the trial
+# RUNNING: a process killed between Optuna's ask and a later set_user_attr left a trial that no
+# rule could call stale, and every resume then ended one trial short. A new trial is created
+# with its "worker" attr in its creating write (one journal line; one RDB transaction). A
+# waiting trial (a retry, a warm start) becomes RUNNING in a write of Optuna's own, so each
+# process first leaves a claim on it (a key of its own: processes racing for the same trial do
+# not overwrite each other's): while the "worker" attr is missing, the trial is one of its
+# claimers', and stale once every claimer is dead. Liveness is a pid on this host; a trial of
+# another host is judged by its heartbeats (RDB storages; storage.heartbeat_s).
+WORKER_ATTR = "worker"
+CLAIM_PREFIX = "harness_claim:"
+
+
+def _owned_template() -> optuna.trial.FrozenTrial:
+    """What Optuna's ask creates (a RUNNING trial, started now), with its owner."""
+    return optuna.trial.FrozenTrial(
+        number=-1,
+        state=optuna.trial.TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={WORKER_ATTR: worker_identity()},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+
+
+class _OwnedTrials:
+    """Mixin of an Optuna storage: every trial this process makes RUNNING names it as owner."""
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        if state != optuna.trial.TrialState.RUNNING:  # only a waiting trial is popped to it
+            return bool(super().set_trial_state_values(trial_id, state, values))  # type: ignore[misc]
+        me = worker_identity()
+        try:  # the claim first: a kill right after the pop must leave an owner to check
+            self.set_trial_user_attr(  # type: ignore[attr-defined]
+                trial_id, f"{CLAIM_PREFIX}{me['host']}:{me['pid']}", me
+            )
+        except (RuntimeError, ValueError):  # another process popped and finished it meanwhile
+            return False
+        if not super().set_trial_state_values(trial_id, state, values):  # type: ignore[misc]
+            return False  # another process popped it first
+        self.set_trial_user_attr(trial_id, WORKER_ATTR, me)  # type: ignore[attr-defined]
+        return True
+
+
+class OwnedTrialsJournalStorage(_OwnedTrials, optuna.storages.JournalStorage):
+    def create_new_trial(
+        self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None
+    ) -> int:
+        return super().create_new_trial(study_id, template_trial or _owned_template())
+
+
+class OwnedTrialsRDBStorage(_OwnedTrials, optuna.storages.RDBStorage):
+    # Optuna's cache in front of an RDB storage creates trials through this private method
+    def _create_new_trial(
+        self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None
+    ) -> optuna.trial.FrozenTrial:
+        return super()._create_new_trial(study_id, template_trial or _owned_template())
 
 
 # Optuna journal operations (optuna.storages.journal._storage.JournalOperation) synced to disk

@@ -8,6 +8,7 @@ fails alone (its run is marked FAILED with the reason) and the study goes on.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import logging
 import math
@@ -38,7 +39,9 @@ from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
 from harness.storage import (
+    CLAIM_PREFIX,
     STORAGE_ATTEMPTS,
+    WORKER_ATTR,
     StorageGoneError,
     describe_storage,
     existing_study,
@@ -54,7 +57,15 @@ from harness.tracking import (
     redact_text,
     tracking_uri,
 )
-from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_for
+from harness.workers import (
+    HELPER_ENV,
+    PARENT_ENV,
+    alive,
+    locked,
+    stop,
+    wait_for,
+    worker_identity,
+)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -741,17 +752,17 @@ class Sweep:
     def _fail_own_running(self, study: optuna.Study) -> None:
         """After a storage error: this process's trial that could not be told is failed and
         retried once, like a trial whose process died."""
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me = worker_identity()
         for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-            if trial.user_attrs.get("worker") == me:
+            if trial.user_attrs.get(WORKER_ATTR) == me:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
                 self._retry_or_abandon(study, trial, "the storage failed during this trial")
 
     def _others_running(self, study: optuna.Study) -> bool:
         """Trials of other processes (other hosts) still running: the parent run stays open."""
-        pid, host = os.getpid(), socket.gethostname()
+        me = worker_identity()
         return any(
-            t.user_attrs.get("worker", {}) != {"host": host, "pid": pid}
+            t.user_attrs.get(WORKER_ATTR) != me
             for t in study.get_trials(deepcopy=False, states=(RUNNING,))
         )
 
@@ -790,15 +801,14 @@ class Sweep:
         """Trials left RUNNING by a process that is gone (crash, kill -9, a lost host) are
         marked FAIL, so they neither block nor count, and retried once with the same params and
         trial key (a hosted backend re-attaches to the job the dead process started). A retry
-        that dies too is not retried again: a paid backend cancels its work. On this host a
-        process is gone when its pid is; on an RDB storage, any host's trial is gone when its
+        that dies too is not retried again: a paid backend cancels its work. Which trials are
+        gone: see ``owner_gone``; on an RDB storage, any host's trial is also gone when its
         heartbeat stops (Optuna then calls ``_on_stale_heartbeat``)."""
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
         for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-            worker = trial.user_attrs.get("worker", {})
-            if worker.get("host") != socket.gethostname() or alive(int(worker.get("pid", 0))):
+            if not owner_gone(trial, float(self.cfg.storage.grace_s)):
                 continue
             # its hosted work may run on to the end: count it as spent until a retry takes over
             spent = max(
@@ -854,7 +864,7 @@ class Sweep:
             raise
 
     def _run_one(self, trial: optuna.Trial) -> float | list[float]:
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        # (the storage named this process the trial's "worker" as it made the trial RUNNING)
         # Workers check the count before asking for a trial; two asking at the same moment can
         # both pass. The lower trial numbers win and the surplus one stops here, unrun.
         earlier = [
@@ -1012,6 +1022,28 @@ class Sweep:
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
         self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
+
+
+def owner_gone(trial: optuna.trial.FrozenTrial, grace_s: float) -> bool:
+    """Whether the process that made ``trial`` RUNNING is dead (harness.storage records it as
+    the trial becomes RUNNING): its "worker" pid is gone from this host; else, for a trial
+    popped from the queue before its "worker" was written, every process that claimed it is
+    gone from this host. A trial of another host is left to heartbeats. A trial with no owner
+    at all was made by something else than harness (a script's study.ask(), an older harness):
+    gone once it has been RUNNING for storage.grace_s, a time in which any live process of
+    harness would have named itself (it does in milliseconds; clocks of hosts sharing a
+    database are assumed to agree far closer than that)."""
+    host = socket.gethostname()
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    claims = [v for k, v in trial.user_attrs.items() if k.startswith(CLAIM_PREFIX)]
+    owners = [worker] if worker else claims
+    if owners:
+        return all(o.get("host") == host and not alive(int(o.get("pid", 0))) for o in owners)
+    started = trial.datetime_start
+    if started is None:
+        return False
+    now = datetime.datetime.now(started.tzinfo)
+    return (now - started).total_seconds() > grace_s
 
 
 def describe_failure(exc: BaseException) -> str:

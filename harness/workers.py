@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,11 @@ def stop(workers: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def worker_identity() -> dict[str, Any]:
+    """This process, as a running trial names its owner: {"host": ..., "pid": ...}."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def alive(pid: int) -> bool:
