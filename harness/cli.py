@@ -142,16 +142,21 @@ def cmd_sweep(args: list[str]) -> int:
         console.print(f"spent ${study_spend(study):.4f} ({limit})")
     if sweep.stop_reason:
         console.print(f"[yellow]stopped[/yellow]: {escape(sweep.stop_reason)}", soft_wrap=True)
+    short = sweep.shortfall(study)  # exit 1: a script must not take a short study for a whole
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
         last = next((r for r in reversed(reasons) if r), "no reason recorded")
         console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
+        console.print(short, markup=False, soft_wrap=True)
         return 1
     print_summary(console, study, goals)
     from harness.study import reproduce_command
 
     report = reproduce_command("report", sweep.overrides, {})  # redacted: no secret printed
     say(f"plots and summary.md: {report}", markup=False, soft_wrap=True)
+    if short:
+        console.print(f"[red]short of sweep.n_trials[/red]: {escape(short)}", soft_wrap=True)
+        return 1
     return 0
 
 

@@ -121,6 +121,7 @@ class StorageConfig:
     url: str | None = None  # null: an Optuna journal file under paths.runs_dir
     heartbeat_s: int = 60  # RDB storages: running trials beat this often; 0 turns it off
     grace_s: int = 180  # a trial whose heartbeat is older than this is failed (and retried)
+    retry_s: float = 14.0  # mid-study, a storage failing this long in all stops the study
 
 
 @dataclass

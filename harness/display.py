@@ -127,9 +127,11 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
 
     best = best_trial(study)
     states = [t.state.name for t in study.trials]
-    console.print(
+    others = [f"{states.count(s)} {s.lower()}" for s in ("RUNNING", "WAITING") if s in states]
+    console.print(  # every state counted: the numbers add up to the total
         f"\n{len(states)} trials: {states.count('COMPLETE')} complete, "
         f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed"
+        + "".join(f", {o}" for o in others)
     )
     if best is None:
         return

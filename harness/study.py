@@ -52,10 +52,12 @@ from harness.tracking import (
     MLflowTracker,
     TrackingServerError,
     TrialRun,
+    check_store_writable,
     check_tracking_server,
     redact_override,
     redact_text,
     tracking_uri,
+    unwritable_store_message,
 )
 from harness.workers import (
     HELPER_ENV,
@@ -528,8 +530,10 @@ class Sweep:
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
+        self.store_unwritable = ""  # the message for an MLflow store that refused a write
         self.existing: optuna.Study | None = None  # the study as stored before this sweep
         self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
+        self.failed: list[TrialOutcome] = []  # trials this invocation ran that failed
 
     def preflight(self) -> None:
         """Every check this sweep makes, before anything is written to any store: the stored
@@ -555,6 +559,7 @@ class Sweep:
                 f"trials carried over{left_out}"
             )
         check_tracking_server(tracking_uri(self.cfg))
+        check_store_writable(tracking_uri(self.cfg))
         if finished < self.cfg.sweep.n_trials:
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
 
@@ -593,6 +598,21 @@ class Sweep:
         # Optuna's own "trial failed" warnings would print errors unredacted; ours are redacted
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.preflight()
+        try:
+            return self._run_study()
+        except Exception as exc:
+            cause = storage_error(exc)
+            if cause is None:
+                raise
+            first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise StorageGoneError(
+                f"the Optuna storage {describe_storage(self.cfg)} failed during the study: "
+                f"{type(cause).__name__}: {redact_text(first_line)[:300]}. The study stopped; "
+                "finished trials are kept. Run the same command again when the storage is "
+                "back: it resumes."
+            ) from exc
+
+    def _run_study(self) -> optuna.Study:
         # From here on the stores are written: the study, then the MLflow experiment and runs.
         study = self.create_study()
         goals = objectives(self.cfg)
@@ -640,24 +660,31 @@ class Sweep:
                     "and the study stopped. Trials are kept in the Optuna storage: run the same "
                     "command again when the server is back, it resumes."
                 )
+            if self.store_unwritable:
+                raise TrackingServerError(self.store_unwritable)
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
             stop(workers)
-            if not self.is_helper and not self._others_running(study):
-                with contextlib.suppress(Exception):  # the tracking store may be down too
-                    tracker.client.set_terminated(parent_id, "KILLED")
-            cause = storage_error(exc)
-            if cause is not None:
-                first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-                raise StorageGoneError(
-                    f"the Optuna storage {describe_storage(self.cfg)} failed during the study: "
-                    f"{type(cause).__name__}: {redact_text(first_line)[:300]}. The study stopped; "
-                    "finished trials are kept. Run the same command again when the storage is "
-                    "back: it resumes."
-                ) from exc
+            self._close_parent(study, exc)
             raise
         return study
+
+    def _close_parent(self, study: optuna.Study, exc: BaseException) -> None:
+        """The parent run of a study stopped by ``exc``: FAILED when the Optuna storage failed
+        (it is not asked whether other workers run on: it would fail again, and they cannot
+        record their trials either), else KILLED unless trials of other processes run on."""
+        if self.is_helper:
+            return
+        gone = storage_error(exc) is not None
+        if not gone:
+            try:
+                if self._others_running(study):
+                    return
+            except Exception:  # the storage failed just now: as above
+                gone = True
+        with contextlib.suppress(Exception):  # the tracking store may be down too
+            self.tracker.client.set_terminated(self.parent_id, "FAILED" if gone else "KILLED")
 
     def _warm_sets(self) -> list[dict[str, Any]]:
         """sweep.enqueue: param sets to try before the sampler's own. ``{from_study: OTHER,
@@ -740,7 +767,8 @@ class Sweep:
                 cause = storage_error(exc)
                 if cause is None or attempt == STORAGE_ATTEMPTS - 1:
                     raise
-                wait = 2.0 * 2**attempt
+                # storage.retry_s in all, doubling: 2, 4, 8 s of 14 s
+                wait = float(self.cfg.storage.retry_s) * 2**attempt / (2 ** (STORAGE_ATTEMPTS - 1) - 1)
                 logging.getLogger("harness").warning(
                     "the Optuna storage failed (%s: %s); retrying in %.0f s",
                     type(cause).__name__,
@@ -908,6 +936,11 @@ class Sweep:
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
                 self.tracking_gone = describe_failure(exc)
                 trial.study.stop()
+            elif _store_unwritable(exc):  # ... or at once: the study stops here
+                self.store_unwritable = unwritable_store_message(
+                    tracking_uri(self.cfg), describe_failure(exc).splitlines()[0][:300]
+                )
+                trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
@@ -962,20 +995,45 @@ class Sweep:
         reason = ""
         if trial.state == optuna.trial.TrialState.FAIL:
             reason = str(trial.user_attrs.get("fail_reason", ""))
-        self.on_trial(
-            TrialOutcome(
-                trial.number,
-                trial.state.name,
-                dict(trial.params),
-                trial.values[0] if trial.values else None,
-                (trial.datetime_complete - trial.datetime_start).total_seconds()
-                if trial.datetime_complete and trial.datetime_start
-                else 0.0,
-                reason,
-                dict(trial.user_attrs.get("metrics", {})),
-                trial.user_attrs.get("cost_usd"),
-                list(trial.values) if trial.values and len(trial.values) > 1 else None,
-            )
+        outcome = TrialOutcome(
+            trial.number,
+            trial.state.name,
+            dict(trial.params),
+            trial.values[0] if trial.values else None,
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete and trial.datetime_start
+            else 0.0,
+            reason,
+            dict(trial.user_attrs.get("metrics", {})),
+            trial.user_attrs.get("cost_usd"),
+            list(trial.values) if trial.values and len(trial.values) > 1 else None,
+        )
+        if outcome.state == "FAIL" and not reason.startswith("surplus"):
+            self.failed.append(outcome)
+        self.on_trial(outcome)
+
+    def shortfall(self, study: optuna.Study) -> str:
+        """Why the study ended short of sweep.n_trials finished trials ("" if it did not):
+        failed trials count toward the trials one invocation runs, so a resume runs more."""
+        wanted, finished = self.cfg.sweep.n_trials, count_finished(study)
+        if finished >= wanted:
+            return ""
+        why = []
+        if self.failed:
+            shown = "; ".join(f"trial {o.number}: {o.reason[:200]}" for o in self.failed[:3])
+            more = f"; and {len(self.failed) - 3} more" if len(self.failed) > 3 else ""
+            why.append(f"{len(self.failed)} failed ({shown}{more})")
+        running = len(study.get_trials(deepcopy=False, states=(RUNNING,)))
+        if running:
+            why.append(f"{running} still running in another process")
+        if self.stop_reason:
+            why.append("the study stopped (see above)")
+        elif self.cfg.sweep.timeout_s is not None and not self.failed:
+            why.append(f"sweep.timeout_s={self.cfg.sweep.timeout_s} was reached")
+        return (
+            f"{finished} of {wanted} trials finished"
+            + (f"; {'; '.join(why)}" if why else "")
+            + ". Run the same command to try again: it runs only the missing trials."
         )
 
     def _finish(self, study: optuna.Study) -> None:
@@ -1052,6 +1110,11 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         reason += " (the disk is full: free space where runs/ and the MLflow artifacts live)"
     return reason
+
+
+def _store_unwritable(exc: BaseException) -> bool:
+    """The MLflow SQLite store refused a write: a read-only file, folder or file system."""
+    return "readonly database" in str(exc) or "read-only file system" in str(exc).lower()
 
 
 def _tracking_unreachable(exc: BaseException) -> bool:

@@ -120,6 +120,35 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     )
 
 
+def check_store_writable(uri: str) -> None:
+    """An existing SQLite MLflow store must take writes before a study starts: a read-only file
+    (or folder, where SQLite keeps its write-ahead log) would fail every trial in a row. The file
+    is opened for writing and closed, nothing written (SQLite itself would quietly open a
+    write-protected file read-only and fail only at the first write)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not store.is_file():
+        return  # created by the first run, in a folder harness makes
+    try:
+        with store.open("r+b"):
+            pass
+        if not os.access(store.parent, os.W_OK):
+            raise PermissionError(f"its folder {store.parent} is read-only")
+    except OSError as exc:
+        problem = exc.strerror if exc.filename and exc.strerror else str(exc)
+        raise TrackingServerError(unwritable_store_message(uri, problem)) from None
+
+
+def unwritable_store_message(uri: str, problem: str) -> str:
+    store = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return (
+        f"the MLflow store {redact_text(store)} cannot be written ({redact_text(problem)}). "
+        "Make the file and its folder writable by this user (e.g. chmod u+w), or point "
+        "tracking.uri at another store; then run the same command again: it resumes."
+    )
+
+
 # MLflow SQLite store files of this process whose connections get fast_sqlite_writes' pragmas
 _FAST_STORES: set[str] = set()
 

@@ -33,11 +33,13 @@ FLAKY_PRUNED = (
 )
 
 
-def sweep(runs: Path, *overrides: str) -> tuple[optuna.Study, MlflowClient, dict[str, object]]:
-    """`harness sweep OVERRIDES` into ``runs``: the Optuna study, a client on its MLflow store
-    and the study's runs by name."""
+def sweep(
+    runs: Path, *overrides: str, code: int = 0
+) -> tuple[optuna.Study, MlflowClient, dict[str, object]]:
+    """`harness sweep OVERRIDES` into ``runs``, exiting with ``code`` (1: short of n_trials):
+    the Optuna study, a client on its MLflow store and the study's runs by name."""
     args = [*overrides, f"paths.runs_dir={runs}"]
-    assert main(["sweep", *args]) == 0
+    assert main(["sweep", *args]) == code
     cfg = load_config(args)
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.name)
@@ -66,7 +68,7 @@ def inputs(run) -> set[tuple[str, str, str, str]]:
 def mixed_sweep(tmp_path_factory):
     """A fake-backend sweep with complete, pruned and failed trials (seconds)."""
     runs = tmp_path_factory.mktemp("truth") / "runs"
-    study, client, by_name = sweep(runs, *FLAKY_PRUNED)
+    study, client, by_name = sweep(runs, *FLAKY_PRUNED, code=1)  # failed trials: short
     states = {t.state.name for t in study.trials}
     assert states == {"COMPLETE", "PRUNED", "FAIL"}, states  # the seed gives all three
     return runs, study, client, by_name

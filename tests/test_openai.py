@@ -730,7 +730,7 @@ class TestCrashAndSecrets:
         }
         command = self.sweep_command(fake_openai, runs, *QUICK)
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 1, result.stdout + result.stderr  # a failed trial: short
         assert "COMPLETE" in result.stdout and "FAIL" in result.stdout
         printed = subprocess.run(
             [*command, "--cfg", "job"], env=env, capture_output=True, text=True, timeout=60
