@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import random
 import shutil
@@ -36,8 +37,8 @@ pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 FAKE = ("backend=fake", "pruner=none", "sampler=random")
-# a slow trial (3 evaluations, 0.1 s apart): a kill lands in its middle as often as at its ends
-SLOW = ("backend.seconds_per_epoch=0.1", "train.epochs=3")
+# a slow trial (3 evaluations, 0.05 s apart): a kill lands in its middle as often as at its ends
+SLOW = ("backend.seconds_per_epoch=0.05", "train.epochs=3")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
@@ -187,38 +188,76 @@ def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys
     check_whole(words, 3)
 
 
+# A process that imports harness once, then forks a `harness sweep` per line of arguments on
+# its stdin (answering the child's pid) and reaps it when told (answering its wait status): a
+# kill -9 loop without ~3 s (10 s on a busy machine) of imports per kill. A child is a
+# harness process as any other: its own pid, main() from the start, its output to /dev/null.
+FORKER = """
+import json, os, sys
+import harness.cli, harness.study, harness.tracking, mlflow.tracking, optuna  # once
+for line in sys.stdin:
+    args = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        code = 70
+        try:
+            code = harness.cli.main(args)
+        finally:
+            os._exit(code)
+    print(pid, flush=True)
+    sys.stdin.readline()  # "reap": the child stays a zombie until then, its pid not reused
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
 def test_kill_9_at_random_moments_of_trials_then_the_same_command_resumes(runs):
     """A seeded loop of at least 20 kill -9s at random moments of a study's trials (asking,
-    sampling, the MLflow run's start, training, Optuna's tell, the callbacks); after each, the
-    same command resumes to exactly n_trials with nothing RUNNING and no trial recorded twice."""
+    sampling, the MLflow run's start, training, Optuna's tell, the callbacks). Each is followed
+    by the same command: killed again at another moment, then let run, it resumes to exactly
+    n_trials with nothing RUNNING and no trial recorded twice."""
     rng = random.Random(11)
     kills, n_trials = 0, 0
     words = command(runs, *SLOW)
     cfg = load_config(words)
     assert main(["sweep", "--quiet", *words, "sweep.n_trials=1"]) == 0  # the stores exist
     journal = journal_path(cfg)
-    for _ in range(40):
-        n_trials += 3
-        same = [*words, f"sweep.n_trials={n_trials}"]
-        size = journal.stat().st_size
-        process = start(same)
-        try:
-            deadline = time.monotonic() + 120
-            while journal.stat().st_size == size and process.poll() is None:
-                assert time.monotonic() < deadline, "the sweep wrote nothing to its journal"
-                time.sleep(0.02)  # polls for its first write, the study's attrs
-            # the kill's moment, drawn: from the tracker's start through the trials and tell
-            time.sleep(rng.uniform(0.0, 1.6))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-        finally:
-            process.kill()
-            process.communicate(timeout=60)
-        assert main(["sweep", "--quiet", *same]) == 0
-        check_whole(same, n_trials)
-        if kills >= 20:
-            break
+    forker = subprocess.Popen(
+        [sys.executable, "-c", FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=ENV,
+    )  # fmt: skip
+    assert forker.stdin is not None and forker.stdout is not None
+
+    def tell(line: str) -> int:
+        forker.stdin.write(line + "\n")  # type: ignore[union-attr]
+        forker.stdin.flush()  # type: ignore[union-attr]
+        return int(forker.stdout.readline())  # type: ignore[union-attr]
+
+    try:
+        for _ in range(30):
+            n_trials += 3
+            same = [*words, f"sweep.n_trials={n_trials}"]
+            for _kill in range(2):
+                size = journal.stat().st_size
+                pid = tell(json.dumps(["sweep", "--quiet", *same]))
+                deadline = time.monotonic() + 120
+                while journal.stat().st_size == size:
+                    assert time.monotonic() < deadline, "the sweep wrote nothing to its journal"
+                    time.sleep(0.01)  # polls for its first write, the study's attrs
+                # the kill's moment, drawn: from the tracker's start through trials and tells
+                time.sleep(rng.uniform(0.0, 1.0))
+                os.kill(pid, signal.SIGKILL)  # a zombie already, if it ended: nothing happens
+                status = tell("reap")
+                kills += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            assert main(["sweep", "--quiet", *same]) == 0
+            check_whole(same, n_trials)
+            if kills >= 20:
+                break
+    finally:
+        forker.kill()
+        forker.communicate(timeout=60)
     assert kills >= 20
 
 
