@@ -30,8 +30,6 @@ def storage_for(cfg: DictConfig, on_stale: Callable[..., None] | None = None) ->
     processes on one host, unlike SQLite), created if missing. An RDB storage sends heartbeats
     from running trials (storage.heartbeat_s); ``on_stale(study, trial)`` is called for a trial
     whose heartbeat stopped."""
-    from optuna.storages import JournalStorage
-
     url = cfg.storage.url
     if is_rdb(url):
         heartbeat = int(cfg.storage.heartbeat_s) or None

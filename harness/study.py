@@ -768,9 +768,11 @@ class Sweep:
                 if cause is None or attempt == STORAGE_ATTEMPTS - 1:
                     raise
                 # storage.retry_s in all, doubling: 2, 4, 8 s of 14 s
-                wait = float(self.cfg.storage.retry_s) * 2**attempt / (2 ** (STORAGE_ATTEMPTS - 1) - 1)
+                wait = (
+                    float(self.cfg.storage.retry_s) * 2**attempt / (2 ** (STORAGE_ATTEMPTS - 1) - 1)
+                )
                 logging.getLogger("harness").warning(
-                    "the Optuna storage failed (%s: %s); retrying in %.0f s",
+                    "the Optuna storage failed (%s: %s); retrying in %.3g s",
                     type(cause).__name__,
                     redact_text(str(cause).strip().splitlines()[0] if str(cause).strip() else ""),
                     wait,

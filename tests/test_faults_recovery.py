@@ -81,7 +81,9 @@ def check_whole(words: list[str], n_trials: int) -> optuna.Study:
     experiment = client.get_experiment_by_name(cfg.name)
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
-    numbers = [r.data.tags["optuna.trial_number"] for r in runs if "optuna.trial_number" in r.data.tags]
+    numbers = [
+        r.data.tags["optuna.trial_number"] for r in runs if "optuna.trial_number" in r.data.tags
+    ]
     assert [n for n, k in Counter(numbers).items() if k > 1] == []  # no trial recorded twice
     finished = {str(t.number) for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
     by_number = {r.data.tags.get("optuna.trial_number"): r for r in runs}
@@ -285,7 +287,9 @@ def test_the_storage_folder_removed_mid_study_stops_it_with_one_message(runs, tm
     assert "Run the same command again when the storage is back: it resumes." in message[0]
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.name)
-    statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = {
+        r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])
+    }
     assert "RUNNING" not in statuses.values(), statuses
     assert statuses[cfg.name] == "FAILED"  # the parent
     shutil.move(away, journal_path(cfg).parent)  # the storage is back
@@ -374,9 +378,7 @@ def postgres_proxy():
         proxy.cut()
 
 
-def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(
-    postgres_proxy, runs
-):
+def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(postgres_proxy, runs):
     name = f"outage_{uuid.uuid4().hex[:8]}"
     url = f"postgresql://postgres@127.0.0.1:{postgres_proxy.port}/test"
     words = command(runs, *SLOW, f"name={name}", f"storage.url={url}", "sweep.n_trials=5")
@@ -407,18 +409,22 @@ def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(
     check_whole(words, 5)
 
 
+def writable(path: Path) -> bool:
+    try:
+        with path.open("r+b"):
+            return True
+    except OSError:
+        return False
+
+
 def make_read_only(path: Path) -> None:
-    """``path`` read-only for this user; root ignores file modes, so there the immutable
+    """``path`` read-only for this user; root ignores file modes, so there also the immutable
     attribute (chattr +i). Skips where neither holds."""
     path.chmod(0o444)
-    with contextlib.suppress(PermissionError, OSError):
-        with path.open("r+b"):
-            if shutil.which("chattr") is None:
-                pytest.skip("root writes a read-only file, and there is no chattr here")
-            subprocess.run(["chattr", "+i", str(path)], capture_output=True)
-    with contextlib.suppress(PermissionError, OSError):
-        with path.open("r+b"):
-            pytest.skip("cannot make a file read-only here (chattr +i refused)")
+    if writable(path) and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if writable(path):
+        pytest.skip("cannot make a file read-only here (root, and no chattr +i)")
 
 
 def make_writable(path: Path) -> None:
