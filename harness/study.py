@@ -1016,16 +1016,18 @@ class Sweep:
 
     def shortfall(self, study: optuna.Study) -> str:
         """Why the study ended short of sweep.n_trials finished trials ("" if it did not):
-        failed trials count toward the trials one invocation runs, so a resume runs more."""
+        failed trials count toward the trials one invocation runs, so a resume runs more.
+        Trials other processes still run (other hosts' workers) are theirs to finish: they
+        make no shortfall of this process."""
         wanted, finished = self.cfg.sweep.n_trials, count_finished(study)
-        if finished >= wanted:
+        running = len(study.get_trials(deepcopy=False, states=(RUNNING,)))
+        if finished + running >= wanted:
             return ""
         why = []
         if self.failed:
             shown = "; ".join(f"trial {o.number}: {o.reason[:200]}" for o in self.failed[:3])
             more = f"; and {len(self.failed) - 3} more" if len(self.failed) > 3 else ""
             why.append(f"{len(self.failed)} failed ({shown}{more})")
-        running = len(study.get_trials(deepcopy=False, states=(RUNNING,)))
         if running:
             why.append(f"{running} still running in another process")
         if self.stop_reason:
