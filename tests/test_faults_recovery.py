@@ -43,10 +43,15 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
 @pytest.fixture(autouse=True)
-def _quiet_stays_here(monkeypatch):
+def _quiet_stays_here():
     """`harness sweep --quiet` in this process sets HARNESS_QUIET for the workers it starts:
-    removed after each test, so later tests' processes print their trial lines."""
-    monkeypatch.delenv("HARNESS_QUIET", raising=False)
+    restored after each test, so later tests' processes print their trial lines."""
+    before = os.environ.get("HARNESS_QUIET")
+    yield
+    if before is None:
+        os.environ.pop("HARNESS_QUIET", None)
+    else:
+        os.environ["HARNESS_QUIET"] = before
 
 
 def command(runs: Path, *overrides: str) -> list[str]:
@@ -192,7 +197,7 @@ def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys
     assert main(["sweep", "--quiet", *words, "storage.grace_s=1800", "sweep.n_trials=3"]) == 0
     states = [t.state.name for t in existing_study(cfg).trials]  # type: ignore[union-attr]
     assert states[2:4] == ["RUNNING", "FAIL"], states  # asked just now: may be live; an hour: gone
-    assert main(["sweep", "--quiet", *words, "storage.grace_s=1", "sweep.n_trials=3"]) == 0
+    assert main(["sweep", "--quiet", *words, "storage.grace_s=0", "sweep.n_trials=3"]) == 0
     check_whole(words, 3)
 
 
