@@ -293,8 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit_on_second_interrupt() -> None:
-    """The first Ctrl-C raises KeyboardInterrupt: the running trial stops, is recorded as
-    failed, its runs are closed. A second one, while that cleanup runs, exits at once."""
+    """The first Ctrl-C (or SIGTERM) raises KeyboardInterrupt: the running trial stops, is
+    recorded as failed, its runs are closed. A second one, while that cleanup runs, exits at
+    once. The interrupt also cuts an MLflow request that is retrying short (a tracking server
+    gone), and the requests that close the runs get one short try each."""
     import signal
 
     interrupted = False
@@ -306,6 +308,9 @@ def _exit_on_second_interrupt() -> None:
             os._exit(130)
         else:
             interrupted = True
+            tracking = sys.modules.get("harness.tracking")  # not loaded: no request to hurry
+            if tracking is not None:
+                tracking.hurry_server_requests()
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)

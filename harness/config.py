@@ -114,6 +114,9 @@ class TrackingConfig:
     log_best_model: bool = True
     register_best_model: bool = True
     registered_model_name: str | None = None  # null: <study>-best
+    # an http(s) tracking server that does not answer for about this long (MLflow's retries
+    # included) fails the request: the trial fails and the study stops
+    server_timeout_s: float = 30.0
 
 
 @dataclass

@@ -50,6 +50,7 @@ from harness.tracking import (
     TrackingServerError,
     TrialRun,
     check_tracking_server,
+    is_unreachable,
     redact_override,
     redact_text,
     tracking_uri,
@@ -543,7 +544,7 @@ class Sweep:
                 f"continuing study {source.study_name!r}: {len(self.carried)} of its finished "
                 f"trials carried over{left_out}"
             )
-        check_tracking_server(tracking_uri(self.cfg))
+        check_tracking_server(tracking_uri(self.cfg), self.cfg.tracking.server_timeout_s)
         if finished < self.cfg.sweep.n_trials:
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
 
@@ -600,6 +601,7 @@ class Sweep:
         tracker = MLflowTracker(self.cfg, self.plan.dataset.file_hashes)
         self.tracker = tracker
         self._fail_stale_trials(study)
+        self._close_abandoned_runs(study)
         missing = self.cfg.sweep.n_trials - count_finished(study)
         tags = {
             "optuna.study_name": study.study_name,
@@ -623,12 +625,7 @@ class Sweep:
                 if not self._enough(study):
                     self._optimize(study, missing)
             if self.tracking_gone:
-                raise TrackingServerError(
-                    f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
-                    f"answering ({self.tracking_gone[:300]}); the trial it was recording failed "
-                    "and the study stopped. Trials are kept in the Optuna storage: run the same "
-                    "command again when the server is back, it resumes."
-                )
+                raise self._tracking_gone_error(self.tracking_gone)
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
@@ -645,8 +642,31 @@ class Sweep:
                     "finished trials are kept. Run the same command again when the storage is "
                     "back: it resumes."
                 ) from exc
+            if _tracking_unreachable(exc) and not self.tracking_gone:  # outside a trial
+                raise self._tracking_gone_error(describe_failure(exc)) from exc
             raise
         return study
+
+    def _tracking_gone_error(self, reason: str) -> TrackingServerError:
+        return TrackingServerError(
+            f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
+            f"answering ({reason[:300]}); the trial it was recording failed and the study "
+            "stopped. Trials are kept in the Optuna storage: run the same command again when "
+            "the server is back, it resumes (and closes the runs left open)."
+        )
+
+    def _close_abandoned_runs(self, study: optuna.Study) -> None:
+        """MLflow runs left RUNNING by processes that ended (see MLflowTracker)."""
+        trials = {
+            t.number: (t.state.name, str(t.user_attrs.get("fail_reason", "")))
+            for t in study.get_trials(deepcopy=False)
+        }
+        try:
+            self.tracker.close_abandoned_runs(trials)
+        except Exception as exc:  # the runs stay as they are; the study goes on
+            logging.getLogger("harness").warning(
+                "could not close MLflow runs left open: %s", describe_failure(exc)
+            )
 
     def _warm_sets(self) -> list[dict[str, Any]]:
         """sweep.enqueue: param sets to try before the sampler's own. ``{from_study: OTHER,
@@ -1024,11 +1044,8 @@ def describe_failure(exc: BaseException) -> str:
 
 def _tracking_unreachable(exc: BaseException) -> bool:
     """MLflow's client gave up on a tracking server that does not answer (after its own
-    retries with backoff)."""
-    text = str(exc)
-    return type(exc).__name__ == "MlflowException" and (
-        "API request to" in text and "failed with exception" in text
-    )
+    retries with backoff, bounded by tracking.server_timeout_s)."""
+    return is_unreachable(exc)
 
 
 class BudgetExceededError(RuntimeError):

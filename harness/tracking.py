@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import tempfile
 import time
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
 from harness.data import file_sha256, split_files
+from harness.workers import alive
 
 # A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
 # password... but not max_new_tokens or tokenizer_source.
@@ -92,32 +94,175 @@ class TrackingServerError(ConfigError):
     pass
 
 
+class TrackingUnreachableError(RuntimeError):
+    """The tracking server did not answer an earlier request of this process: this one was not
+    sent (each would wait out MLflow's retries again)."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """MLflow's client gave up on a tracking server that does not answer (after its retries),
+    or an earlier request of this process did (TrackingUnreachableError)."""
+    if isinstance(exc, TrackingUnreachableError):
+        return True
+    text = str(exc)
+    return type(exc).__name__ == "MlflowException" and (
+        "API request to" in text
+        and ("failed with exception" in text or "failed with timeout exception" in text)
+    )
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pass@host:port/path`` -> (``http://host:port/path``, user, pass), the two
+    %-decoded; other URIs as they are, with (None, None)."""
+    import urllib.parse
+
+    if not uri.startswith(("http://", "https://")):
+        return uri, None, None
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return bare, urllib.parse.unquote(user), urllib.parse.unquote(password)
+
+
+def use_server_credentials(uri: str) -> str:
+    """The tracking URI without ``user:pass@``, whose parts go to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which worker processes inherit):
+    MLflow then sends them as basic auth, to its artifact endpoints too, and no URL it prints
+    in an error or keeps carries the password."""
+    bare, user, password = split_userinfo(uri)
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
+    return bare
+
+
+def _authorization(user: str | None, password: str | None) -> str | None:
+    """The Authorization header MLflow's REST client sends: basic auth from the URI's userinfo
+    or MLFLOW_TRACKING_USERNAME/PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN."""
+    import base64
+
+    if not user:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return "Basic " + base64.standard_b64encode(f"{user}:{password}".encode()).decode()
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return f"Bearer {token}" if token else None
+
+
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """An http(s) tracking URI must answer MLflow's /health before a study starts: MLflow's
-    own client would otherwise retry for minutes, then fail in the middle of a trial."""
+    own client would otherwise retry, then fail in the middle of a trial. Sends the
+    credentials MLflow would send (``user:pass@`` in the URI included)."""
     if not uri.startswith(("http://", "https://")):
         return
+    if not timeout_s > 0:
+        raise ConfigError(f"tracking.server_timeout_s must be more than 0 seconds, not {timeout_s}")
     import urllib.error
     import urllib.parse
     import urllib.request
 
+    secrets: list[str] = []
+    with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
+        secrets = [s for s in (split_userinfo(uri)[2], urllib.parse.urlsplit(uri).password) if s]
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+        bare, user, password = split_userinfo(uri)
+        request = urllib.request.Request(f"{bare.rstrip('/')}/health")
+        authorization = _authorization(user, password)
+        if authorization:
+            request.add_header("Authorization", authorization)
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         problem = f"HTTP {exc.code}"
+        if exc.code in (401, 403):
+            problem += (
+                " (the server refused the credentials: give them in tracking.uri as "
+                "http://USER:PASSWORD@host:port or in MLFLOW_TRACKING_USERNAME/PASSWORD)"
+            )
     except Exception as exc:  # a refused connection, a bad URL (http.client.InvalidURL)...
         problem = f"{type(exc).__name__}: {exc}"
-    with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
-        password = urllib.parse.urlsplit(uri).password
-        if password:
-            problem = problem.replace(password, "***")
+    for secret in secrets:
+        problem = problem.replace(secret, "***")
     raise TrackingServerError(
         f"cannot reach the MLflow tracking server at {redact_text(uri)} ({redact_text(problem)}). "
         "Start it (`mlflow server --host 127.0.0.1 --port 5000 ...`) or fix tracking.uri."
     )
+
+
+# MLflow's HTTP client retries a request up to 7 times with 2 s x 2^n backoff (about 4 minutes,
+# MLFLOW_HTTP_REQUEST_*), each try waiting up to 120 s for an answer: a trial took 12 minutes
+# to fail on a server that was gone. harness sizes them to tracking.server_timeout_s.
+RETRY_SHARE = 1 / 3  # of tracking.server_timeout_s spent waiting between tries
+MAX_RETRIES = 7  # MLflow's default, whatever the timeout (it refuses more than 10)
+BACKOFF_JITTER_S = 0.5  # random extra wait before a retry: workers do not retry in step
+
+
+def request_settings(timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP retry variables for requests that give up after about ``timeout_s`` in
+    all: retries with backoff 0, 2, 4, 8 ... s (urllib3's, factor 1) while their waits fit
+    RETRY_SHARE of it, each try waiting an equal share of the rest for an answer."""
+    retries, waited = 0, 0.0
+    while True:
+        wait = 0.0 if retries == 0 else 2.0**retries + BACKOFF_JITTER_S
+        if waited + wait > timeout_s * RETRY_SHARE or retries == MAX_RETRIES:
+            break
+        retries, waited = retries + 1, waited + wait
+    per_try = max(1, int((timeout_s - waited) / (retries + 1)))
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(BACKOFF_JITTER_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(per_try),
+    }
+
+
+HURRIED_TIMEOUT_S = 3  # an interrupted process: one try per request, this long at most
+
+
+def bound_server_requests(timeout_s: float) -> None:
+    """Sets MLflow's request retries (process-wide; worker processes inherit them) so that a
+    tracking server that stopped answering fails a request in about ``timeout_s``."""
+    os.environ.update(request_settings(timeout_s))
+
+
+def hurry_server_requests() -> None:
+    """The process is stopping (Ctrl-C, SIGTERM): what it still sends to close runs gets one
+    short try, so a tracking server that is gone cannot hold the exit for minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    timeout = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HURRIED_TIMEOUT_S))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(min(timeout, HURRIED_TIMEOUT_S))
+
+
+class GuardedClient:
+    """An ``MlflowClient`` that stops asking a tracking server which did not answer: after a
+    request failed that way, each next one raises TrackingUnreachableError at once, so closing
+    a trial's run, its tags and the parent run do not each wait out the retries again."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.gone = ""  # why the server was given up on, once it was
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: self.call(attribute, *args, **kwargs)
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.gone:
+            raise TrackingUnreachableError(self.gone)
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            if is_unreachable(exc):
+                self.gone = redact_text(f"{type(exc).__name__}: {exc}")
+            raise
 
 
 # MLflow SQLite store files of this process whose connections get fast_sqlite_writes' pragmas
@@ -208,13 +353,16 @@ class MLflowTracker:
         self.file_hashes = dict(file_hashes or {})
 
         self.cfg = cfg
-        self.uri = tracking_uri(cfg)
-        check_tracking_server(self.uri)
+        uri = tracking_uri(cfg)
+        check_tracking_server(uri, cfg.tracking.server_timeout_s)
+        if uri.startswith(("http://", "https://")):
+            bound_server_requests(cfg.tracking.server_timeout_s)
+        self.uri = use_server_credentials(uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
             fast_sqlite_writes(Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0]))
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
-        self.client = MlflowClient(self.uri)
+        self.client = GuardedClient(MlflowClient(self.uri))
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         name = cfg.tracking.experiment or cfg.name
         for attempt in range(3):
@@ -286,6 +434,34 @@ class MLflowTracker:
             self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
             self.client.set_terminated(run.info.run_id, "FAILED")
 
+    def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
+        """Closes this study's runs left RUNNING by a process that ended without closing them
+        (a tracking server that was gone then, a kill): runs whose Optuna trial is finished or
+        failed (``trials``: number -> (state, fail reason)), and runs started on this host by
+        a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
+        worker, maybe on another host: it is left alone."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
+            f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            tags = run.data.tags
+            number = tags.get("optuna.trial_number", "")
+            state, reason = trials.get(int(number), ("", "")) if number.isdigit() else ("", "")
+            if state in ("COMPLETE", "PRUNED", "FAIL"):
+                status = "FAILED" if state == "FAIL" else "FINISHED"
+                reason = reason or "its process ended before it could close this run"
+            elif not state and _owner_gone(tags):
+                state, status = "FAIL", "KILLED"
+                reason = "its process ended before it could close this run"
+            else:
+                continue
+            self.client.set_tag(run.info.run_id, "optuna.trial_state", state)
+            if state == "FAIL":
+                self.client.set_tag(run.info.run_id, "harness.failure_reason", reason[:4000])
+            self.client.set_terminated(run.info.run_id, status)
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
@@ -312,7 +488,7 @@ class MLflowTracker:
         cfg: DictConfig,
         parent_id: str | None = None,
     ) -> TrialRun:
-        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags}
+        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags, **_owner()}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -438,7 +614,11 @@ class TrialRun:
 
         # MlflowClient.log_artifact would first fetch the whole run to learn its artifact URI
         store = get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
-        store.log_artifact(str(path), folder)
+        call = getattr(self.client, "call", None)  # GuardedClient: not when the server is gone
+        if call is None:
+            store.log_artifact(str(path), folder)
+        else:
+            call(store.log_artifact, str(path), folder)
 
     def log_text(self, text: str, name: str) -> None:
         folder, _, file_name = name.rpartition("/")
@@ -460,15 +640,32 @@ class TrialRun:
                 self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
                 self.pending = self.pending[1000:]
             self.flush()
-        finally:  # whatever happened to the last metrics, the run does not stay RUNNING
-            self.terminate(status)
+        except BaseException:  # whatever happened to the last metrics, the run does not stay
+            with contextlib.suppress(Exception):  # RUNNING; the first error is the one to raise
+                self.terminate(status)
+            raise
+        self.terminate(status)
 
     def terminate(self, status: str) -> None:
         try:
             self.client.set_terminated(self.run_id, status)
         except KeyboardInterrupt:  # Ctrl-C cut the request short: close the run, then stop
-            self.client.set_terminated(self.run_id, status)
+            with contextlib.suppress(Exception):  # (a server gone: the resume closes it)
+                self.client.set_terminated(self.run_id, status)
             raise
+
+
+def _owner() -> dict[str, str]:
+    """Tags naming the process that runs a run: a resume closes runs whose process is gone."""
+    return {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+
+
+def _owner_gone(tags: Mapping[str, str]) -> bool:
+    """The run's process was on this host and is no longer running (elsewhere: unknown)."""
+    pid = tags.get("harness.pid", "")
+    return (
+        tags.get("harness.host") == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+    )
 
 
 def log_transformers_model(
