@@ -54,6 +54,7 @@ from harness.tracking import (
     redact_override,
     redact_text,
     tracking_uri,
+    unreachable_reason,
 )
 from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_for
 
@@ -643,16 +644,18 @@ class Sweep:
                     "back: it resumes."
                 ) from exc
             if _tracking_unreachable(exc) and not self.tracking_gone:  # outside a trial
-                raise self._tracking_gone_error(describe_failure(exc)) from exc
+                raise self._tracking_gone_error(unreachable_reason(exc)) from exc
             raise
         return study
 
     def _tracking_gone_error(self, reason: str) -> TrackingServerError:
+        waited = self.cfg.tracking.server_timeout_s
         return TrackingServerError(
             f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
-            f"answering ({reason[:300]}); the trial it was recording failed and the study "
-            "stopped. Trials are kept in the Optuna storage: run the same command again when "
-            "the server is back, it resumes (and closes the runs left open)."
+            f"answering ({reason}, retried for tracking.server_timeout_s={waited:g} s); the "
+            "trial it was recording failed and the study stopped. Trials are kept in the Optuna "
+            "storage: run the same command again when the server is back, it resumes (and "
+            "closes the runs left open)."
         )
 
     def _close_abandoned_runs(self, study: optuna.Study) -> None:
@@ -916,7 +919,7 @@ class Sweep:
         except Exception as exc:
             trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
-                self.tracking_gone = describe_failure(exc)
+                self.tracking_gone = unreachable_reason(exc)
                 trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)

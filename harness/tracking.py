@@ -111,6 +111,22 @@ def is_unreachable(exc: BaseException) -> bool:
     )
 
 
+# the OS's reason inside MLflow's long message: "[Errno 111] Connection refused"
+OS_ERROR = re.compile(r"\[Errno -?\d+\] [^\"'()\]]+")
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """Why the tracking server did not answer, in a few words (is_unreachable's errors quote
+    the URL, urllib3's pool and its retries around it)."""
+    text = redact_text(str(exc))
+    found = OS_ERROR.search(text)
+    if found:
+        return found.group(0).strip()
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "no answer in time"
+    return text[:300]
+
+
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
     """``http://user:pass@host:port/path`` -> (``http://host:port/path``, user, pass), the two
     %-decoded; other URIs as they are, with (None, None)."""

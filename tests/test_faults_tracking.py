@@ -117,6 +117,7 @@ def test_server_killed_mid_study_stops_it_once_and_the_same_command_resumes(tmp_
         assert process.returncode != 0, output
         # one message for the study, not a failure for each remaining trial
         assert output.count("stopped answering") == 1, output
+        assert "retried for tracking.server_timeout_s=3 s); the trial it was recording" in output
         assert "run the same command again when the server is back" in output
         assert "Traceback" not in output
         study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
