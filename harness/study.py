@@ -623,7 +623,7 @@ class Sweep:
             wait_for(workers)
             if workers:  # a helper that died left its trial RUNNING: fail it and run the retry
                 self._fail_stale_trials(study)
-                if not self._enough(study):
+                if not self._enough(study) and not self.tracking_gone:
                     self._optimize(study, missing)
             if self.tracking_gone:
                 raise self._tracking_gone_error(self.tracking_gone)

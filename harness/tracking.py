@@ -122,6 +122,9 @@ def unreachable_reason(exc: BaseException) -> str:
     found = OS_ERROR.search(text)
     if found:
         return found.group(0).strip()
+    found = re.search(r"too many (\d+) error responses", text)  # a proxy before a dead server
+    if found:
+        return f"HTTP {found.group(1)} to every try"
     if "timeout" in text.lower() or "timed out" in text.lower():
         return "no answer in time"
     return text[:300]
