@@ -187,6 +187,7 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     secrets: list[str] = []
     with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
         secrets = [s for s in (split_userinfo(uri)[2], urllib.parse.urlsplit(uri).password) if s]
+    authorization = None
     try:
         bare, user, password = split_userinfo(uri)
         request = urllib.request.Request(f"{bare.rstrip('/')}/health")
@@ -198,12 +199,14 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
                 return
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
-        problem = f"HTTP {exc.code}"
         if exc.code in (401, 403):
-            problem += (
-                " (the server refused the credentials: give them in tracking.uri as "
-                "http://USER:PASSWORD@host:port or in MLFLOW_TRACKING_USERNAME/PASSWORD)"
-            )
+            given = "none were given" if authorization is None else "those given were refused"
+            raise TrackingServerError(
+                f"the MLflow tracking server at {redact_text(uri)} wants credentials (HTTP "
+                f"{exc.code}) and {given}: put them in tracking.uri (user:password@host) or in "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        problem = f"HTTP {exc.code}"
     except Exception as exc:  # a refused connection, a bad URL (http.client.InvalidURL)...
         problem = f"{type(exc).__name__}: {exc}"
     for secret in secrets:

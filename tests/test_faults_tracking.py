@@ -270,7 +270,7 @@ def test_a_refused_password_is_said_before_anything_is_written_and_not_shown(run
         assert proxy.refused == 1
     output = capsys.readouterr()
     assert code == 2
-    assert "HTTP 401 (the server refused the credentials" in output.err
+    assert "wants credentials (HTTP 401) and those given were refused" in output.err
     assert "harness:***@127.0.0.1" in output.err
     assert "wrong-Secret-2" not in output.out + output.err
     assert snapshot(runs) == {}
