@@ -462,27 +462,21 @@ class MLflowTracker:
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
         worker, maybe on another host: it is left alone."""
+        from mlflow.entities import RunTag
+
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
             f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
         )
         for run in runs:
-            tags = run.data.tags
-            number = tags.get("optuna.trial_number", "")
-            state, reason = trials.get(int(number), ("", "")) if number.isdigit() else ("", "")
-            if state in ("COMPLETE", "PRUNED", "FAIL"):
-                status = "FAILED" if state == "FAIL" else "FINISHED"
-                reason = reason or "its process ended before it could close this run"
-            elif not state and _owner_gone(tags):
-                state, status = "FAIL", "KILLED"
-                reason = "its process ended before it could close this run"
-            else:
-                continue
-            self.client.set_tag(run.info.run_id, "optuna.trial_state", state)
-            if state == "FAIL":
-                self.client.set_tag(run.info.run_id, "harness.failure_reason", reason[:4000])
-            self.client.set_terminated(run.info.run_id, status)
+            closing = _closing(run.data.tags, trials)
+            if closing is not None:
+                status, tags = closing
+                self.client.log_batch(
+                    run.info.run_id, tags=[RunTag(k, v[:4000]) for k, v in tags.items()]
+                )
+                self.client.set_terminated(run.info.run_id, status)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
@@ -675,6 +669,28 @@ class TrialRun:
             with contextlib.suppress(Exception):  # (a server gone: the resume closes it)
                 self.client.set_terminated(self.run_id, status)
             raise
+
+
+ABANDONED = "its process ended before it could close this run"
+
+
+def _closing(
+    tags: Mapping[str, str], trials: Mapping[int, tuple[str, str]]
+) -> tuple[str, dict[str, str]] | None:
+    """(status, tags) that close a RUNNING run, by what Optuna says of its trial (or, for a
+    run of no trial, such as `harness train`'s, whether its process is gone); None: leave it."""
+    number = tags.get("optuna.trial_number", "")
+    state, reason = trials.get(int(number), ("", "")) if number.isdigit() else ("", "")
+    if state in ("COMPLETE", "PRUNED"):
+        return "FINISHED", {"optuna.trial_state": state}
+    if state == "FAIL":
+        return "FAILED", {
+            "optuna.trial_state": state,
+            "harness.failure_reason": reason or ABANDONED,
+        }
+    if not state and _owner_gone(tags):
+        return "KILLED", {"harness.failure_reason": ABANDONED}
+    return None
 
 
 def _owner() -> dict[str, str]:
