@@ -87,8 +87,9 @@ def _stdout_is_terminal() -> bool:
 def cmd_sweep(args: list[str]) -> int:
     from rich.markup import escape
 
-    from harness.config import load_config
+    from harness.config import load_config, runs_dir
     from harness.display import SweepDisplay, print_summary
+    from harness.storage import stopped_by_full_disk
     from harness.study import Sweep, describe_storage, objectives
     from harness.tracking import redact_text, tracking_uri
 
@@ -113,7 +114,8 @@ def cmd_sweep(args: list[str]) -> int:
     )
     sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
-        sweep.run()
+        with stopped_by_full_disk(runs_dir(cfg)):
+            sweep.run()
         return 0
     say = (lambda *a, **k: None) if quiet else console.print
     workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
@@ -130,7 +132,7 @@ def cmd_sweep(args: list[str]) -> int:
     said = len(sweep.plan.notices)
     for notice in sweep.plan.notices:
         say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
-    with display:
+    with display, stopped_by_full_disk(runs_dir(cfg)):
         study = sweep.run()
     for notice in sweep.plan.notices[said:]:  # found while it ran (a warm start's source)
         say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)

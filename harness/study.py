@@ -41,7 +41,9 @@ from harness.storage import (
     STORAGE_ATTEMPTS,
     StorageGoneError,
     describe_storage,
+    disk_full_error,
     existing_study,
+    full_disk,
     storage_error,
     storage_for,
 )
@@ -517,6 +519,7 @@ class Sweep:
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
+        self.disk_full: BaseException | None = None  # the out-of-space error that stopped it
         self.existing: optuna.Study | None = None  # the study as stored before this sweep
         self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
 
@@ -629,6 +632,8 @@ class Sweep:
                     "and the study stopped. Trials are kept in the Optuna storage: run the same "
                     "command again when the server is back, it resumes."
                 )
+            if self.disk_full is not None:
+                raise disk_full_error(runs_dir(self.cfg), self.disk_full)
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
@@ -636,6 +641,9 @@ class Sweep:
             if not self.is_helper and not self._others_running(study):
                 with contextlib.suppress(Exception):  # the tracking store may be down too
                     tracker.client.set_terminated(parent_id, "KILLED")
+            full = full_disk(exc)
+            if full is not None and not isinstance(exc, ConfigError):
+                raise disk_full_error(runs_dir(self.cfg), full) from exc
             cause = storage_error(exc)
             if cause is not None:
                 first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
@@ -727,7 +735,8 @@ class Sweep:
                 return
             except Exception as exc:
                 cause = storage_error(exc)
-                if cause is None or attempt == STORAGE_ATTEMPTS - 1:
+                # a full disk stays full for longer than any wait: run() says so at once
+                if cause is None or attempt == STORAGE_ATTEMPTS - 1 or full_disk(cause):
                     raise
                 wait = 2.0 * 2**attempt
                 logging.getLogger("harness").warning(
@@ -897,6 +906,9 @@ class Sweep:
             trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
                 self.tracking_gone = describe_failure(exc)
+                trial.study.stop()
+            if full_disk(exc) is not None:  # so would they on a full disk, each one at once
+                self.disk_full = full_disk(exc)
                 trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)

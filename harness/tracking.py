@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
 from harness.data import file_sha256, split_files
+from harness.mlflow_store import ensure_store
 
 # A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
 # password... but not max_new_tokens or tokenizer_source.
@@ -212,7 +213,9 @@ class MLflowTracker:
         check_tracking_server(self.uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
-            fast_sqlite_writes(Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0]))
+            store = Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0])
+            ensure_store(store)  # whole or not at all, whatever stops this process
+            fast_sqlite_writes(store)
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
         self.client = MlflowClient(self.uri)
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
