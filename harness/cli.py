@@ -59,6 +59,9 @@ def _quiet_libraries() -> None:
 
     # model-card and license lookups fail for local checkpoints by design; say nothing
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    # MLflow logs every database error with its traceback, then raises it: harness reports the
+    # error it raises (a full disk: one line), so the logged copy is only noise
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
 
 
