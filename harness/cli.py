@@ -301,6 +301,7 @@ def _exit_on_second_interrupt() -> None:
     """The first Ctrl-C raises KeyboardInterrupt: the running trial stops, is recorded as
     failed, its runs are closed. A second one, while that cleanup runs, exits at once."""
     import signal
+    import threading
 
     interrupted = False
 
@@ -313,8 +314,21 @@ def _exit_on_second_interrupt() -> None:
             interrupted = True
             raise KeyboardInterrupt
 
+    def on_unraisable(unraisable: Any) -> None:
+        # A Ctrl-C that lands in a garbage collector's callback (SQLAlchemy has weakref ones)
+        # is printed and dropped by Python ("Exception ignored in ..."): the command would go
+        # on. It is sent again, as a first Ctrl-C, from a thread a moment later: a signal
+        # raised here would be handled (and dropped) here.
+        nonlocal interrupted
+        if unraisable.exc_type is KeyboardInterrupt:
+            interrupted = False
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            sys.__unraisablehook__(unraisable)
+
     signal.signal(signal.SIGINT, on_interrupt)
     signal.signal(signal.SIGTERM, on_interrupt)  # SLURM and Kubernetes stop jobs with it
+    sys.unraisablehook = on_unraisable
 
 
 def _print_config(rest: list[str]) -> int:
