@@ -989,13 +989,13 @@ class Sweep:
         metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
-            self.tracker.client.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
+            self.tracker.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
         best = best_trial(study)
         if best is not None:
             metrics["best_objective"] = float(best.values[0])
             if is_multi_objective(study):
                 metrics["pareto_front_size"] = float(len(study.best_trials))
-            self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
+            self.tracker.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
         # the last worker to finish closes the parent run; others leave it RUNNING for it
         self.tracker.finish_parent(self.parent_id, metrics, close=not self._others_running(study))
@@ -1022,7 +1022,7 @@ class Sweep:
             name = self.cfg.tracking.registered_model_name or f"{self.cfg.name}-best"
         uri = log_transformers_model(self.tracker.uri, run_id, best_dir, self.cfg.data.task, name)
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
-        self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
+        self.tracker.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
 
 

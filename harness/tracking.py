@@ -17,7 +17,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):
 API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
 
 STUDY_TAG = "harness.study"
-DATASET_ATTEMPTS = 3  # log_inputs tries: concurrent first uses of a dataset collide
+COLLISION_ATTEMPTS = 3  # tries of a write that collides with other workers' (see retried)
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 ROLE_TAG = "harness.role"
 
@@ -296,16 +296,12 @@ class MLflowTracker:
         """The study's data files as the run's dataset inputs (one request)."""
         if self._datasets is None:
             self._datasets = dataset_inputs(self.cfg.data, self.file_hashes)
-        for attempt in range(DATASET_ATTEMPTS):
-            try:
-                self.client.log_inputs(run_id, datasets=self._datasets)
-                return
-            except Exception as exc:
-                # MLflow's store adds an experiment's dataset on first use, by looking and then
-                # inserting: workers logging the same new dataset at once collide on its unique
-                # key ("UNIQUE constraint failed: datasets..."). The loser's next try finds it.
-                if "UNIQUE" not in str(exc).upper() or attempt == DATASET_ATTEMPTS - 1:
-                    raise
+        datasets = self._datasets
+        retried(lambda: self.client.log_inputs(run_id, datasets=datasets))
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        """A tag of a run other workers may tag at the same moment (the parent run)."""
+        retried(lambda: self.client.set_tag(run_id, key, value))
 
     def start_run(
         self,
@@ -356,11 +352,25 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        )
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        retried(lambda: self.client.log_batch(run_id, metrics=batch))  # workers ending together
         if close:
             self.client.set_terminated(run_id, "FINISHED")
+
+
+def retried(write: Callable[[], Any]) -> Any:
+    """``write()``, tried again when it lost a race with another process: MLflow's store adds
+    a row it keeps one of (an experiment's dataset, a run's tag or latest metric) by looking,
+    then inserting, so workers writing the same one at once collide on its unique key
+    ("UNIQUE constraint failed: ..."; the loser's transaction is rolled back whole). The
+    loser's next try finds the row."""
+    for attempt in range(COLLISION_ATTEMPTS):
+        try:
+            return write()
+        except Exception as exc:
+            if "UNIQUE" not in str(exc).upper() or attempt == COLLISION_ATTEMPTS - 1:
+                raise
+    return None
 
 
 class TrialRun:
