@@ -112,7 +112,7 @@ class Forker:
             self.process.wait(timeout=10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def forker():
     forking = Forker()
     try:
@@ -213,7 +213,7 @@ def test_kills_and_interrupts_during_the_first_start_always_resume(forker, tmp_p
     over the whole run. Each study folder takes several stops in a row (the stopped command run
     again, and stopped again: a kill during the recovery of the last one), then the same command
     once more, which must resume to exactly n_trials."""
-    n_trials = 3
+    n_trials = 2
     rng = random.Random(11)
     # How long a first start takes here, and a start that finds the stores made and runs every
     # trial: the windows the random delays spread over.
@@ -221,10 +221,10 @@ def test_kills_and_interrupts_during_the_first_start_always_resume(forker, tmp_p
     first_start = timed_run(forker, sweep_args(calibration, n_trials), out)
     later_start = timed_run(forker, sweep_args(calibration, 2 * n_trials), out)
     kills = interrupts = hits = 0
-    for folder in range(5):
+    for folder in range(4):
         runs = tmp_path / f"study{folder}" / "runs"
         out = tmp_path / f"study{folder}.out"
-        for stop in range(5):
+        for stop in range(6):
             choice = rng.random()
             if choice < 0.3 and not (runs / "mlflow.db").exists():
                 # MLflow's schema being built in this process's temporary file
@@ -234,7 +234,7 @@ def test_kills_and_interrupts_during_the_first_start_always_resume(forker, tmp_p
             else:
                 window = later_start if (runs / "mlflow.db").exists() else first_start
                 moment = ("after", rng.uniform(0.0, window))
-            sig = signal.SIGINT if stop == folder else signal.SIGKILL
+            sig = signal.SIGINT if stop == folder + 1 else signal.SIGKILL
             pid = forker.start(sweep_args(runs, n_trials), out)
             code = stop_at(forker, pid, (moment[0], str(moment[1]).format(pid=pid)), sig)
             kills += sig == signal.SIGKILL
@@ -247,8 +247,9 @@ def test_kills_and_interrupts_during_the_first_start_always_resume(forker, tmp_p
         assert forker.wait(pid) == 0, out.read_text()
         assert_resumed_whole(runs, n_trials, f"folder {folder}")
         assert not list(runs.glob("mlflow.db.building-*"))
+    print(f"{kills} kills and {interrupts} interrupts, {hits} while the command ran")
     assert kills >= 20 and interrupts >= 3
-    assert hits >= 20  # most signals landed while the command was still running
+    assert hits >= 18, hits  # most signals landed while the command was still running
 
 
 def test_four_processes_starting_together_in_an_empty_folder(forker, tmp_path):
