@@ -84,7 +84,18 @@ class TrialSyncedJournal(optuna.storages.journal.BaseJournalBackend):
         self._lock = JournalFileSymlinkLock(path)  # the lock JournalFileBackend takes
 
     def read_logs(self, log_number_from: int) -> Any:
-        return self._file.read_logs(log_number_from)
+        from optuna.storages.journal import JournalFileBackend
+
+        try:  # whole, before Optuna applies any: a failed read applies none
+            return list(self._file.read_logs(log_number_from))
+        except ValueError:  # JSONDecodeError: a line an older harness joined to a torn one
+            self._lock.acquire()
+            try:
+                repair_joined_lines(Path(self._path))
+            finally:
+                self._lock.release()
+            self._file = JournalFileBackend(self._path)  # its line offsets are stale now
+            return list(self._file.read_logs(log_number_from))
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
@@ -114,6 +125,56 @@ def _append_whole(journal: int, data: bytes, sync: bool, path: str) -> None:
         with contextlib.suppress(OSError):  # else the next append cuts it
             os.ftruncate(journal, end)
         raise
+
+
+RECORD_START = b'{"op_code":'  # how every journal line begins (Optuna's json.dumps of a log)
+
+
+def repair_joined_lines(path: Path) -> None:
+    """Repairs a journal in which a record was appended after a torn last line (older
+    harness versions did, after a full disk): each such line is the torn part, never written
+    whole, then a whole record, which is kept. The original is kept beside it (.damaged).
+    A line that is not of that kind is a ConfigError naming it."""
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    repaired = 0
+    for number, line in enumerate(lines):
+        if not line.endswith(b"\n"):
+            continue  # a torn last line: the next append cuts it
+        try:
+            json.loads(line)
+            continue
+        except ValueError:
+            pass
+        start = line.rfind(RECORD_START)
+        try:
+            json.loads(line[start:])
+        except ValueError:
+            start = -1
+        if start <= 0:
+            raise ConfigError(
+                f"{path}:{number + 1}: not a whole Optuna journal record; restore the journal "
+                "from a backup, or delete that line to lose only what it recorded"
+            ) from None
+        lines[number] = line[start:]
+        repaired += 1
+    if not repaired:
+        return
+    damaged = path.with_name(path.name + ".damaged")
+    damaged.write_bytes(original)
+    fresh = path.with_name(path.name + ".repairing")
+    with open(fresh, "wb") as file:
+        file.write(b"".join(lines))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(fresh, path)
+    logging.getLogger("harness").warning(
+        "%s: repaired %d line(s) where a record was appended to a torn one; the journal as it "
+        "was is kept in %s",
+        path,
+        repaired,
+        damaged,
+    )
 
 
 def _cut_torn_line(journal: int, path: str) -> int:
@@ -154,12 +215,11 @@ def existing_study(cfg: DictConfig) -> optuna.Study | None:
 
 def _existing_storage(cfg: DictConfig) -> Any:
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     url = cfg.storage.url
     if not is_rdb(url):
-        path = journal_path(cfg)
-        return JournalStorage(JournalFileBackend(str(path))) if path.exists() else None
+        path = journal_path(cfg)  # read as a sweep reads it: a damaged one is repaired
+        return JournalStorage(TrialSyncedJournal(str(path))) if path.exists() else None
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(str(url))

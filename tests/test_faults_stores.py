@@ -323,6 +323,23 @@ def test_a_torn_last_line_of_the_journal_is_cut_and_the_study_resumes(tmp_path):
     assert_resumed_whole(runs, 4, "torn line")
 
 
+def test_a_journal_an_older_version_appended_to_a_torn_line_is_repaired(tmp_path, caplog):
+    """Older versions appended after a torn last line, joining the two: every read then failed
+    (JSONDecodeError). The torn part is dropped, the whole record after it kept; resumes."""
+    runs = tmp_path / "runs"
+    assert main(sweep_args(runs, 2)) == 0
+    lines = journal(runs).read_bytes().splitlines(keepends=True)
+    torn = b'{"op_code":5,"worker_id":"w","trial_id":1,"user_attr":{"met'
+    joined = [*lines[:-3], torn + lines[-3], *lines[-2:]]
+    journal(runs).write_bytes(b"".join(joined))
+    assert main(sweep_args(runs, 4)) == 0
+    assert "repaired 1 line(s)" in caplog.text
+    assert journal(runs).with_name(f"{STUDY}.log.damaged").read_bytes() == b"".join(joined)
+    for line in journal(runs).read_bytes().splitlines():
+        json.loads(line)
+    assert_resumed_whole(runs, 4, "repaired journal")
+
+
 def mount_tmpfs(folder: Path, size: str) -> None:
     folder.mkdir(parents=True)
     if not shutil.which("mount") or os.geteuid() != 0:
