@@ -907,8 +907,9 @@ class Sweep:
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
                 self.tracking_gone = describe_failure(exc)
                 trial.study.stop()
-            if full_disk(exc) is not None:  # so would they on a full disk, each one at once
-                self.disk_full = full_disk(exc)
+            full = full_disk(exc)
+            if full is not None:  # so would they on a full disk, each one at once
+                self.disk_full = full
                 trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)

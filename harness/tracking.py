@@ -221,10 +221,10 @@ class MLflowTracker:
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         name = cfg.tracking.experiment or cfg.name
         for attempt in range(3):
-            try:  # the first use of a new SQLite store migrates its schema
+            try:  # a SQLite store another process is writing may be locked a moment
                 experiment = self.client.get_experiment_by_name(name)
                 break
-            except Exception:  # two processes migrating a new store at once: one loses
+            except Exception:  # ("database is locked"): tried again
                 if attempt == 2:
                     raise
                 time.sleep(1.0 + attempt)
