@@ -329,17 +329,23 @@ def _register() -> dict[str, str]:
     return broken
 
 
+def yaml_error(exc: Exception, path: Path | str) -> str:
+    """``FILE:LINE: YAML syntax error: PROBLEM`` for a file that does not parse."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return f"{path}: YAML syntax error: {exc}"
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "not YAML"
+    return f"{mark.name}:{mark.line + 1}: YAML syntax error: {problem}; fix that line"
+
+
 def _load_study_file(path: Path) -> DictConfig:
     import yaml
 
     try:
         node = OmegaConf.load(path)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = exc.problem or exc.context or "not YAML"
-        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix that line") from exc
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error(exc, path)) from exc
+    except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{path}: cannot read this study: {exc}") from exc
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a study is a mapping of config keys, not {type(node).__name__}")
@@ -403,6 +409,8 @@ def _empty_value(line: str, key: str) -> str:
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Composes the config a command runs with, search space included, and validates keys."""
+    import yaml
+
     split = split_overrides(overrides)
     GlobalHydra.instance().clear()
     broken = _register()
@@ -411,6 +419,8 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
             cfg = compose(config_name="config", overrides=split.plain)
     except HydraException as exc:
         raise ConfigError(_composition_error(str(exc), broken)) from exc
+    except yaml.YAMLError as exc:  # a file of conf/ that the chosen options load
+        raise ConfigError(yaml_error(exc, CONF_DIR)) from exc
     finally:
         GlobalHydra.instance().clear()
     for key, value in split.replaced.items():

@@ -156,7 +156,7 @@ CONFIG_CASES = [
 def a_study(tmp_path_factory) -> Path:
     """A runs folder holding a 3-trial fake sweep of the default study."""
     runs = tmp_path_factory.mktemp("template") / "runs"
-    assert main(["sweep", "--quiet", *FAKE, f"paths.runs_dir={runs}", "sweep.n_trials=3"]) == 0
+    assert main(["sweep", *FAKE, f"paths.runs_dir={runs}", "sweep.n_trials=3"]) == 0
     return runs
 
 
@@ -285,7 +285,7 @@ def test_a_backend_listed_on_purpose_runs(tmp_path, monkeypatch):
         "sweep.n_trials=1",
         f"paths.runs_dir={tmp_path / 'runs'}",
     ]
-    assert main(["sweep", "--quiet", *words]) == 0
+    assert main(["sweep", *words]) == 0
     study = load_study(config.load_config(words))
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
 
