@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -166,6 +167,8 @@ class ValidRange:
     def holds(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if not math.isfinite(value):  # nan passes every comparison; inf is no setting
+            return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return self.high is None or value <= self.high

@@ -93,6 +93,7 @@ CONFIG_CASES = [
         ["sweep", *FAKE, "train.learning_rate=-0.001"],
         "train.learning_rate must be greater than 0, not -0.001",
     ),
+    ("rate nan", ["sweep", *FAKE, "train.learning_rate=nan"], "must be greater than 0, not nan"),
     ("length 0", ["train", *FAKE, "train.max_length=0"], "train.max_length must be at least 1"),
     (
         "timeout",
@@ -267,6 +268,16 @@ def test_a_broken_study_file_leaves_the_other_studies_working(tmp_path, capsys, 
     broken_studies(tmp_path, monkeypatch)
     assert main(["sweep", "study=spam_tiny", "--cfg", "job"]) == 0
     assert "name: spam_tiny" in capsys.readouterr().out
+
+
+def test_a_broken_conf_file_is_named_with_its_line(tmp_path, capsys, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    (conf / "data" / "broken.yaml").write_text("name: broken\nformat: [jsonl\n")
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    error = refused(["validate", "data=broken"], tmp_path / "runs", capsys)
+    assert f"{conf / 'data' / 'broken.yaml'}:3: YAML syntax error:" in error
+    assert main(["validate", "data=spam", "--cfg", "job"]) == 0  # the other files still load
 
 
 def test_legitimate_plus_overrides_still_work(capsys):
