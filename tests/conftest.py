@@ -28,6 +28,14 @@ import pytest
 from harness.config import load_config
 
 
+@pytest.fixture(autouse=True)
+def _quiet_stays_in_its_test():
+    """`harness sweep --quiet` run in-process sets HARNESS_QUIET for the workers it starts; left
+    set, it would silence the subprocess sweeps of later tests (which pass on os.environ)."""
+    yield
+    os.environ.pop("HARNESS_QUIET", None)
+
+
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     return tmp_path / "runs"
