@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import continuation, search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
+from harness.checks import check_space_ranges
 from harness.config import ConfigError, runs_dir, with_params
 from harness.continuation import holds
 from harness.data import Dataset, example_check, load_dataset
@@ -114,13 +115,14 @@ def plan_study(cfg: DictConfig) -> Plan:
     if check_credentials is not None:  # first: counting tokens for the data checks caches files
         check_credentials()
     for key, dist in distributions.items():  # the schema must accept every value sampled
-        for value in _extremes(dist):
+        for value in search.extremes(dist):
             try:
                 with_params(cfg, {key: value})
             except Exception as exc:
                 raise ConfigError(
                     f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
                 ) from exc
+    check_space_ranges(space, distributions, fixed)
     notices = _check_objectives(cfg)
     metrics = EVAL_METRICS.get(cfg.data.task, ())
     if cfg.sweep.metric not in metrics:
@@ -128,10 +130,6 @@ def plan_study(cfg: DictConfig) -> Plan:
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
             f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
         )
-    if cfg.sweep.n_trials < 1:
-        raise ConfigError(f"sweep.n_trials must be at least 1, not {cfg.sweep.n_trials}")
-    if cfg.sweep.n_workers < 1:
-        raise ConfigError(f"sweep.n_workers must be at least 1, not {cfg.sweep.n_workers}")
     if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
         raise ConfigError(
             "sweep.n_workers > 1 needs a storage that is safe for parallel workers; SQLite is "
@@ -328,12 +326,6 @@ def checked_param_sets(plan: Plan, sets: list[dict[str, Any]]) -> list[dict[str,
         if params:
             kept.append(params)
     return kept
-
-
-def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return list(dist.choices)
-    return [dist.low, dist.high]  # type: ignore[attr-defined]
 
 
 def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:
