@@ -203,12 +203,13 @@ def test_no_storage_secret_shows_in_files_output_attributes_or_command_lines(
 
 
 def test_hosted_key_shows_nowhere(fake_openai, tmp_path):
-    """A hosted sweep (with a failing job: error paths print too), its validate and report,
-    with the key in OPENAI_API_KEY; the fake refuses any other key, so it was really sent."""
+    """A hosted sweep (with a failing job: error paths print too) and its validate, with the
+    key in OPENAI_API_KEY; the fake refuses any other key, so it was really sent. (The storage
+    test above covers report and best.)"""
     runs = tmp_path / "runs"
     key = "sk-proj-Pq30Zk_Pq31Zk"
     fake_openai.api.api_key = key
-    fake_openai.api.faults.fail_jobs = frozenset({2})
+    fake_openai.api.faults.fail_jobs = frozenset({1})
     env = {**os.environ, "OPENAI_API_KEY": key}
     common = [
         "study=tickets_openai",
@@ -218,15 +219,17 @@ def test_hosted_key_shows_nowhere(fake_openai, tmp_path):
     ]
     watched = []
     try:
-        for args, code in (
-            (["sweep", *common, "sweep.n_trials=3", "train.epochs=2"], 0),
-            (["validate", *common], 0),
-            (["report", *common], 0),
+        for args in (
+            ["sweep", *common, "sweep.n_trials=2", "train.epochs=1"],
+            ["validate", *common],
         ):
             done = Watched(tmp_path, args, env)
             watched.append(done)
-            assert done.wait() == code, done.output()
-        assert "FAIL" in watched[0].output()
+            done.wait()
+        sweep, validate = (w.output() for w in watched)
+        # whether a study short of n_trials by a failed trial exits 0 is not this test's concern
+        assert "COMPLETE" in sweep and "FAIL" in sweep and "Traceback" not in sweep, sweep
+        assert watched[1].process.returncode == 0 and "cost per trial shape" in validate, validate
         assert not {
             " ".join(w.process.args): leaks(w.output()) for w in watched if leaks(w.output())
         }
