@@ -127,10 +127,11 @@ def remember_config(container: Any, key: str = "") -> None:
     elif isinstance(container, str):
         if is_secret_name(key):
             remember(container)
-        # a secret also written in the URL's public parts (postgres:postgres@) would mask them
-        public = redact_patterns(container)
-        for secret in secrets_in(container):
+        password, public = parsed_url(container)
+        found = [*secrets_in(container), *password]
+        for secret in found:
             for form in {secret, urllib.parse.unquote(secret)}:
+                # one also written in the URL's public parts (postgres:postgres@) would mask them
                 if form not in public:
                     remember(form)
 
@@ -144,6 +145,21 @@ def secrets_in(text: str) -> list[str]:
             value = value[1:-1]
         found.append(value)
     return [secret for secret in found if secret]
+
+
+def parsed_url(value: str) -> tuple[list[str], str]:
+    """The password of a URL as SQLAlchemy (Optuna's and MLflow's stores) reads it, which may
+    hold what the patterns stop at (a raw space), and the value's public parts: all but its
+    secrets, by position."""
+    if re.match(r"[a-z][a-z0-9+.-]*://", value, re.IGNORECASE):
+        import sqlalchemy
+
+        with contextlib.suppress(Exception):  # not a URL SQLAlchemy reads: nothing reads it
+            url = sqlalchemy.engine.make_url(value)
+            if url.password:
+                public = url.render_as_string(hide_password=True)
+                return [str(url.password)], redact_patterns(public)
+    return [], redact_patterns(value)
 
 
 def remember_resolved(cfg: Any) -> None:

@@ -312,3 +312,20 @@ def test_redaction_reads_urls_as_a_url_parser_does(text, shown):
     assert shown in redacted
     for secret in ("pa/ss", "p%40ss", "x1", "x2", "x3", "'a b'"):
         assert secret not in redacted
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["Pq60Zk Pq61Zk", "Pq62Zk#Pq63Zk", "Pq64Zk:Pq65Zk?Pq66Zk", "Pq67Zk%20Pq68Zk"],
+)
+def test_a_password_the_patterns_cannot_delimit_is_masked_as_sqlalchemy_reads_it(
+    password, runs, capsys
+):
+    """A raw space ends a URL for any pattern, not for SQLAlchemy, which reads the password
+    up to the '@': the config's own passwords are masked wherever they show."""
+    url = f"postgresql://postgres:{password}@127.0.0.1:1/test"
+    assert main(["sweep", "backend=fake", f"storage.url='{url}'", f"paths.runs_dir={runs}",
+                 "--cfg", "job"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "url: postgresql://postgres:***@127.0.0.1:1/test" in printed, printed
+    assert not leaks(printed)
