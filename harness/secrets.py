@@ -39,6 +39,7 @@ SECRET_PARAM = re.compile(
 )
 # API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
 API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
+URL_DELIMITERS = re.compile(r"[/?#:@&=\s]")
 # Values remembered as secrets are masked wherever they appear; shorter ones would mask common
 # words too (they are still masked where a pattern above finds them).
 MIN_REMEMBERED = 4
@@ -130,10 +131,18 @@ def remember_config(container: Any, key: str = "") -> None:
         password, public = parsed_url(container)
         found = [*secrets_in(container), *password]
         for secret in found:
-            for form in {secret, urllib.parse.unquote(secret)}:
+            for form in forms(secret):
                 # one also written in the URL's public parts (postgres:postgres@) would mask them
                 if form not in public:
                     remember(form)
+
+
+def forms(secret: str) -> set[str]:
+    """A secret as it may be shown: as written, %-decoded, and the pieces between a URL's
+    delimiters, which another parser may show alone (http.client reads `u:pw/x@h` as the host
+    `u` with the port `pw`)."""
+    shown = {secret, urllib.parse.unquote(secret)}
+    return shown | {piece for form in shown for piece in URL_DELIMITERS.split(form)}
 
 
 def secrets_in(text: str) -> list[str]:

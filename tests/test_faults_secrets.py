@@ -329,3 +329,13 @@ def test_a_password_the_patterns_cannot_delimit_is_masked_as_sqlalchemy_reads_it
     printed = capsys.readouterr().out
     assert "url: postgresql://postgres:***@127.0.0.1:1/test" in printed, printed
     assert not leaks(printed)
+
+
+def test_a_tracking_uri_password_never_shows_in_its_reachability_error(runs, capsys):
+    """http.client reads `user:a/b@host` as the host `user` with the port `a`: that piece of
+    the password is masked too."""
+    uri = f"http://user:Pq76Zk/Pq77Zk@127.0.0.1:{free_port()}"
+    assert main(["sweep", "backend=fake", f"tracking.uri={uri}", f"paths.runs_dir={runs}"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot reach the MLflow tracking server at http://user:***@127.0.0.1" in captured.err
+    assert not leaks(captured.out + captured.err), captured.err
