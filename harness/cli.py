@@ -95,12 +95,14 @@ def cmd_sweep(args: list[str]) -> int:
     from harness.storage import stopped_by_full_disk
     from harness.study import Sweep, describe_storage, objectives
     from harness.tracking import redact_text, tracking_uri
+    from harness.workers import inherited_overrides
 
     # workers started by this sweep inherit the environment: quiet too
     quiet = "--quiet" in args or os.environ.get("HARNESS_QUIET") == "1"
     if quiet:
         os.environ["HARNESS_QUIET"] = "1"
-    overrides = [a for a in args if a != "--quiet"]
+    # a worker of `sweep.n_workers` gets the sweep's overrides through its environment
+    overrides = [*inherited_overrides(), *(a for a in args if a != "--quiet")]
     console = _console()
     cfg = load_config(overrides)
     # the plan's checks (config, search space, data) before the storage is read
@@ -284,17 +286,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.config import ConfigError
     from harness.data import DataError
     from harness.search import SearchSpaceError
+    from harness.secrets import redact_error
 
+    _redact_uncaught(rest)
     try:
         if "--cfg" in rest:
             return _print_config(rest)
         return COMMANDS[command](rest)
     except (ConfigError, DataError, SearchSpaceError, UntunableKeyError) as exc:
-        print(f"harness {command}: error: {exc}", file=sys.stderr)
+        print(f"harness {command}: error: {redact_error(str(exc), rest)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _redact_uncaught(overrides: list[str]) -> None:
+    """A traceback this process dies with (or a thread of it) is printed with secrets
+    redacted: its messages and frames may quote a storage URL or a key."""
+    import threading
+    import traceback
+
+    from harness.secrets import redact_error
+
+    def print_redacted(kind: Any, value: Any, tb: Any) -> None:
+        text = "".join(traceback.format_exception(kind, value, tb))
+        print(redact_error(text, overrides), file=sys.stderr, end="", flush=True)
+
+    def print_thread_error(args: Any) -> None:
+        if args.exc_type is not SystemExit:  # as threading's own hook: a thread's exit is quiet
+            print_redacted(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = print_redacted
+    threading.excepthook = print_thread_error
 
 
 def _exit_on_second_interrupt() -> None:

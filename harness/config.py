@@ -28,6 +28,8 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from harness.secrets import remember_resolved
+
 PROJECT_ROOT = Path(os.environ.get("HARNESS_HOME", Path(__file__).resolve().parent.parent))
 CONF_DIR = PROJECT_ROOT / "conf"
 STUDIES_DIR = PROJECT_ROOT / "studies"
@@ -432,6 +434,7 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
         except Exception as exc:  # a type the schema refuses
             raise ConfigError(f"bad override {key}={value!r}: {exc}") from exc
     _apply_search_overrides(cfg, split)
+    remember_resolved(cfg)  # its secrets are masked from now on, wherever they show up
     from harness.checks import check_config  # it reads VALID_RANGES from here
 
     check_config(cfg)

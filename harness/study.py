@@ -57,7 +57,15 @@ from harness.tracking import (
     redact_text,
     tracking_uri,
 )
-from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_for
+from harness.workers import (
+    HELPER_ENV,
+    PARENT_ENV,
+    alive,
+    locked,
+    overrides_env,
+    stop,
+    wait_for,
+)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -475,7 +483,7 @@ def run_trial(
         with contextlib.suppress(Exception):
             run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
         with contextlib.suppress(Exception):
-            run.log_text(traceback.format_exc(), "error.txt")
+            run.log_text(redact_text(traceback.format_exc()), "error.txt")
         with contextlib.suppress(Exception):  # the original error is the one to report
             run.end("FAILED")
         raise
@@ -771,12 +779,14 @@ class Sweep:
         extra = self.cfg.sweep.n_workers - 1
         if extra <= 0 or self.is_helper:
             return []
-        command = [sys.executable, "-m", "harness.cli", "sweep", *self.raw_overrides]
+        # the overrides go in the environment: they may hold secrets (workers.OVERRIDES_ENV)
+        command = [sys.executable, "-m", "harness.cli", "sweep", "sweep.n_workers=1"]
         return [
             subprocess.Popen(
-                [*command, "sweep.n_workers=1"],
+                command,
                 env={
                     **os.environ,
+                    **overrides_env(self.raw_overrides),
                     HELPER_ENV: "1",
                     # seeds apart from this host's other workers and from other hosts'
                     "HARNESS_WORKER_INDEX": str(self.seed_index + index),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sqlite3
 import tempfile
 import time
@@ -26,45 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from harness.config import ConfigError, runs_dir
 from harness.data import file_sha256, split_files
 from harness.mlflow_store import ensure_store
-
-# A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
-# password... but not max_new_tokens or tokenizer_source.
-SECRET_KEY = re.compile(
-    r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
-)
-QUERY_PASSWORD = re.compile(r"\b(password|passwd|pwd)=[^&\s]+", re.I)  # ?password=... in DSNs
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
-# API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
-API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
+from harness.secrets import redact, redact_override, redact_text  # noqa: F401 (moved there)
 
 STUDY_TAG = "harness.study"
 COLLISION_ATTEMPTS = 3  # tries of a write that collides with other workers' (see retried)
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 ROLE_TAG = "harness.role"
-
-
-def redact_text(text: str) -> str:
-    text = URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-    return API_KEY.sub("sk-***", QUERY_PASSWORD.sub(r"\1=***", text))
-
-
-def redact_override(line: str) -> str:
-    """A command-line override safe to log or print: `backend.api_key=***`."""
-    key, sep, _ = line.partition("=")
-    if sep and SECRET_KEY.search(key.lstrip("+~")):
-        return f"{key}=***"
-    return redact_text(line)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of a plain container with secret-looking keys masked and URL passwords removed."""
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value is not None and SECRET_KEY.search(key):
-        return "***"
-    return redact_text(value) if isinstance(value, str) else value
 
 
 def config_yaml(cfg: DictConfig) -> str:
