@@ -74,6 +74,7 @@ STEP_METRICS = {
     "valid_mean_token_accuracy": "valid/batch_token_accuracy",
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+KEY_FILE_MAX_BYTES = 4096  # what is read of backend.api_key_file: its first line at most
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
@@ -228,10 +229,16 @@ class OpenAIBackend:
             path = Path(self.api_key_file).expanduser()
             if not path.exists():
                 raise MissingApiKeyError(f"backend.api_key_file: {path} does not exist")
-            lines = path.read_text(encoding="utf-8").strip().splitlines()
-            if lines and lines[0].strip():
-                remember(lines[0].strip())  # masked wherever it might show up
-                return lines[0].strip()
+            if not path.is_file():  # a folder, or a device such as /dev/zero (read forever)
+                raise MissingApiKeyError(
+                    f"backend.api_key_file: {path} is not a regular file; give the file that "
+                    "holds the key on its first line"
+                )
+            with path.open("rb") as handle:  # a key is short: the first line, bounded
+                first = handle.readline(KEY_FILE_MAX_BYTES).decode("utf-8", "replace").strip()
+            if first:
+                remember(first)  # masked wherever it might show up
+                return first
             raise MissingApiKeyError(f"backend.api_key_file: {path} is empty")
         key = os.environ.get(self.api_key_env, "").strip()
         if key:
