@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import continuation, search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
+from harness.checks import check_space_ranges
 from harness.config import ConfigError, runs_dir, with_params
 from harness.continuation import holds
 from harness.data import Dataset, example_check, load_dataset
@@ -41,7 +42,9 @@ from harness.storage import (
     STORAGE_ATTEMPTS,
     StorageGoneError,
     describe_storage,
+    disk_full_error,
     existing_study,
+    full_disk,
     storage_error,
     storage_for,
 )
@@ -56,7 +59,15 @@ from harness.tracking import (
     tracking_uri,
     unreachable_reason,
 )
-from harness.workers import HELPER_ENV, PARENT_ENV, alive, locked, stop, wait_for
+from harness.workers import (
+    HELPER_ENV,
+    PARENT_ENV,
+    alive,
+    locked,
+    overrides_env,
+    stop,
+    wait_for,
+)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -114,13 +125,14 @@ def plan_study(cfg: DictConfig) -> Plan:
     if check_credentials is not None:  # first: counting tokens for the data checks caches files
         check_credentials()
     for key, dist in distributions.items():  # the schema must accept every value sampled
-        for value in _extremes(dist):
+        for value in search.extremes(dist):
             try:
                 with_params(cfg, {key: value})
             except Exception as exc:
                 raise ConfigError(
                     f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
                 ) from exc
+    check_space_ranges(space, distributions, fixed)
     notices = _check_objectives(cfg)
     metrics = EVAL_METRICS.get(cfg.data.task, ())
     if cfg.sweep.metric not in metrics:
@@ -128,10 +140,6 @@ def plan_study(cfg: DictConfig) -> Plan:
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
             f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
         )
-    if cfg.sweep.n_trials < 1:
-        raise ConfigError(f"sweep.n_trials must be at least 1, not {cfg.sweep.n_trials}")
-    if cfg.sweep.n_workers < 1:
-        raise ConfigError(f"sweep.n_workers must be at least 1, not {cfg.sweep.n_workers}")
     if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
         raise ConfigError(
             "sweep.n_workers > 1 needs a storage that is safe for parallel workers; SQLite is "
@@ -330,12 +338,6 @@ def checked_param_sets(plan: Plan, sets: list[dict[str, Any]]) -> list[dict[str,
     return kept
 
 
-def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return list(dist.choices)
-    return [dist.low, dist.high]  # type: ignore[attr-defined]
-
-
 def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:
     """The `harness train` line that repeats a trial: the sweep's plain overrides + its params."""
     dropped = set(params) | SWEEP_ONLY_KEYS
@@ -483,7 +485,7 @@ def run_trial(
         with contextlib.suppress(Exception):
             run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
         with contextlib.suppress(Exception):
-            run.log_text(traceback.format_exc(), "error.txt")
+            run.log_text(redact_text(traceback.format_exc()), "error.txt")
         with contextlib.suppress(Exception):  # the original error is the one to report
             run.end("FAILED")
         raise
@@ -519,6 +521,7 @@ class Sweep:
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
+        self.disk_full: BaseException | None = None  # the out-of-space error that stopped it
         self.existing: optuna.Study | None = None  # the study as stored before this sweep
         self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
 
@@ -627,6 +630,8 @@ class Sweep:
                     self._optimize(study, missing)
             if self.tracking_gone:
                 raise self._tracking_gone_error(self.tracking_gone)
+            if self.disk_full is not None:
+                raise disk_full_error(runs_dir(self.cfg), self.disk_full)
             if not self.is_helper:
                 self._finish(study)
         except BaseException as exc:
@@ -634,6 +639,9 @@ class Sweep:
             if not self.is_helper and not self._others_running(study):
                 with contextlib.suppress(Exception):  # the tracking store may be down too
                     tracker.client.set_terminated(parent_id, "KILLED")
+            full = full_disk(exc)
+            if full is not None and not isinstance(exc, ConfigError):
+                raise disk_full_error(runs_dir(self.cfg), full) from exc
             cause = storage_error(exc)
             if cause is not None:
                 first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
@@ -750,7 +758,8 @@ class Sweep:
                 return
             except Exception as exc:
                 cause = storage_error(exc)
-                if cause is None or attempt == STORAGE_ATTEMPTS - 1:
+                # a full disk stays full for longer than any wait: run() says so at once
+                if cause is None or attempt == STORAGE_ATTEMPTS - 1 or full_disk(cause):
                     raise
                 wait = 2.0 * 2**attempt
                 logging.getLogger("harness").warning(
@@ -793,12 +802,14 @@ class Sweep:
         extra = self.cfg.sweep.n_workers - 1
         if extra <= 0 or self.is_helper:
             return []
-        command = [sys.executable, "-m", "harness.cli", "sweep", *self.raw_overrides]
+        # the overrides go in the environment: they may hold secrets (workers.OVERRIDES_ENV)
+        command = [sys.executable, "-m", "harness.cli", "sweep", "sweep.n_workers=1"]
         return [
             subprocess.Popen(
-                [*command, "sweep.n_workers=1"],
+                command,
                 env={
                     **os.environ,
+                    **overrides_env(self.raw_overrides),
                     HELPER_ENV: "1",
                     # seeds apart from this host's other workers and from other hosts'
                     "HARNESS_WORKER_INDEX": str(self.seed_index + index),
@@ -921,6 +932,10 @@ class Sweep:
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
                 self.tracking_gone = unreachable_reason(exc)
                 trial.study.stop()
+            full = full_disk(exc)
+            if full is not None:  # so would they on a full disk, each one at once
+                self.disk_full = full
+                trial.study.stop()
             raise
         trial.set_user_attr("mlflow_run_id", run.run_id)
         trial.set_user_attr("metrics", result.metrics)
@@ -1000,13 +1015,13 @@ class Sweep:
         metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
-            self.tracker.client.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
+            self.tracker.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
         best = best_trial(study)
         if best is not None:
             metrics["best_objective"] = float(best.values[0])
             if is_multi_objective(study):
                 metrics["pareto_front_size"] = float(len(study.best_trials))
-            self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
+            self.tracker.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
         # the last worker to finish closes the parent run; others leave it RUNNING for it
         self.tracker.finish_parent(self.parent_id, metrics, close=not self._others_running(study))
@@ -1033,7 +1048,7 @@ class Sweep:
             name = self.cfg.tracking.registered_model_name or f"{self.cfg.name}-best"
         uri = log_transformers_model(self.tracker.uri, run_id, best_dir, self.cfg.data.task, name)
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
-        self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
+        self.tracker.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
 
 

@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
 from harness.data import file_sha256, split_files
+from harness.mlflow_store import ensure_store
+from harness.secrets import redact, redact_override, redact_text  # noqa: F401 (moved there)
 from harness.workers import alive
 
-# A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
-# password... but not max_new_tokens or tokenizer_source.
-SECRET_KEY = re.compile(
-    r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
-)
-QUERY_PASSWORD = re.compile(r"\b(password|passwd|pwd)=[^&\s]+", re.I)  # ?password=... in DSNs
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
-# API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
-API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
-
 STUDY_TAG = "harness.study"
-DATASET_ATTEMPTS = 3  # log_inputs tries: concurrent first uses of a dataset collide
+COLLISION_ATTEMPTS = 3  # tries of a write that collides with other workers' (see retried)
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 ROLE_TAG = "harness.role"
-
-
-def redact_text(text: str) -> str:
-    text = URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-    return API_KEY.sub("sk-***", QUERY_PASSWORD.sub(r"\1=***", text))
-
-
-def redact_override(line: str) -> str:
-    """A command-line override safe to log or print: `backend.api_key=***`."""
-    key, sep, _ = line.partition("=")
-    if sep and SECRET_KEY.search(key.lstrip("+~")):
-        return f"{key}=***"
-    return redact_text(line)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of a plain container with secret-looking keys masked and URL passwords removed."""
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value is not None and SECRET_KEY.search(key):
-        return "***"
-    return redact_text(value) if isinstance(value, str) else value
 
 
 def config_yaml(cfg: DictConfig) -> str:
@@ -382,16 +350,18 @@ class MLflowTracker:
         self.uri = use_server_credentials(uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
-            fast_sqlite_writes(Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0]))
+            store = Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0])
+            ensure_store(store)  # whole or not at all, whatever stops this process
+            fast_sqlite_writes(store)
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
         self.client = GuardedClient(MlflowClient(self.uri))
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         name = cfg.tracking.experiment or cfg.name
         for attempt in range(3):
-            try:  # the first use of a new SQLite store migrates its schema
+            try:  # a SQLite store another process is writing may be locked a moment
                 experiment = self.client.get_experiment_by_name(name)
                 break
-            except Exception:  # two processes migrating a new store at once: one loses
+            except Exception:  # ("database is locked"): tried again
                 if attempt == 2:
                     raise
                 time.sleep(1.0 + attempt)
@@ -485,16 +455,12 @@ class MLflowTracker:
         """The study's data files as the run's dataset inputs (one request)."""
         if self._datasets is None:
             self._datasets = dataset_inputs(self.cfg.data, self.file_hashes)
-        for attempt in range(DATASET_ATTEMPTS):
-            try:
-                self.client.log_inputs(run_id, datasets=self._datasets)
-                return
-            except Exception as exc:
-                # MLflow's store adds an experiment's dataset on first use, by looking and then
-                # inserting: workers logging the same new dataset at once collide on its unique
-                # key ("UNIQUE constraint failed: datasets..."). The loser's next try finds it.
-                if "UNIQUE" not in str(exc).upper() or attempt == DATASET_ATTEMPTS - 1:
-                    raise
+        datasets = self._datasets
+        retried(lambda: self.client.log_inputs(run_id, datasets=datasets))
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        """A tag of a run other workers may tag at the same moment (the parent run)."""
+        retried(lambda: self.client.set_tag(run_id, key, value))
 
     def start_run(
         self,
@@ -545,11 +511,25 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        )
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        retried(lambda: self.client.log_batch(run_id, metrics=batch))  # workers ending together
         if close:
             self.client.set_terminated(run_id, "FINISHED")
+
+
+def retried(write: Callable[[], Any]) -> Any:
+    """``write()``, tried again when it lost a race with another process: MLflow's store adds
+    a row it keeps one of (an experiment's dataset, a run's tag or latest metric) by looking,
+    then inserting, so workers writing the same one at once collide on its unique key
+    ("UNIQUE constraint failed: ..."; the loser's transaction is rolled back whole). The
+    loser's next try finds the row."""
+    for attempt in range(COLLISION_ATTEMPTS):
+        try:
+            return write()
+        except Exception as exc:
+            if "UNIQUE" not in str(exc).upper() or attempt == COLLISION_ATTEMPTS - 1:
+                raise
+    return None
 
 
 class TrialRun:

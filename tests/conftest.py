@@ -9,6 +9,11 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# The test suite's own backends, allowed as a user allows theirs (harness.checks.ALLOW_ENV):
+# configs may name only harness's backends and these in backend._target_.
+os.environ["HARNESS_BACKENDS"] = (
+    "tests.artifact_backend.ArtifactBackend,tests.flaky_backend.FlakyBackend"
+)
 
 import hashlib
 import signal
@@ -22,6 +27,14 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def _quiet_stays_in_its_test():
+    """`harness sweep --quiet` run in-process sets HARNESS_QUIET for the workers it starts; left
+    set, it would silence the subprocess sweeps of later tests (which pass on os.environ)."""
+    yield
+    os.environ.pop("HARNESS_QUIET", None)
 
 
 @pytest.fixture
