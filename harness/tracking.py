@@ -6,6 +6,9 @@ buffered and sent in batches: with the first metric logged ``tracking.flush_ever
 after the last batch, and when the run ends. Every run lists the study's data files as MLflow
 dataset inputs (the runs table's Dataset column). Secrets never reach MLflow: config values
 under secret-looking keys and passwords in URLs are redacted before the config is logged.
+An http(s) tracking server that stops answering fails a request in about
+``tracking.server_timeout_s`` (MLflow's retries are sized to it), and this process then sends it
+nothing more; a resume closes the runs that were left RUNNING.
 """
 
 from __future__ import annotations
