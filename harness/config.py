@@ -234,6 +234,7 @@ VALID_RANGES: dict[str, ValidRange] = {
     "pruner.reduction_factor": ValidRange(low=2),
     "tracking.flush_every_s": AT_LEAST_0,
     "tracking.log_every_steps": AT_LEAST_1,
+    "tracking.server_timeout_s": ABOVE_0,
     "storage.heartbeat_s": AT_LEAST_0,  # 0: no heartbeat
     "storage.grace_s": AT_LEAST_1,
     "sweep.n_trials": AT_LEAST_1,

@@ -149,8 +149,6 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     credentials MLflow would send (``user:pass@`` in the URI included)."""
     if not uri.startswith(("http://", "https://")):
         return
-    if not timeout_s > 0:
-        raise ConfigError(f"tracking.server_timeout_s must be more than 0 seconds, not {timeout_s}")
     import urllib.error
     import urllib.parse
     import urllib.request
