@@ -21,6 +21,8 @@ import socket
 import sqlite3
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -530,6 +532,16 @@ def retried(write: Callable[[], Any]) -> Any:
         except Exception as exc:
             if "UNIQUE" not in str(exc).upper() or attempt == COLLISION_ATTEMPTS - 1:
                 raise
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when it is on this machine (the default store's
+    `file://` or plain path), else None (a server's `mlflow-artifacts:` and the like)."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "":  # a bare path
+        return Path(artifact_uri)
     return None
 
 
@@ -619,6 +631,12 @@ class TrialRun:
 
     def log_text(self, text: str, name: str) -> None:
         folder, _, file_name = name.rpartition("/")
+        local = local_artifact_dir(self.artifact_uri)
+        if local is not None:  # written in place: no temporary file to copy (~2 ms a trial)
+            target = local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / file_name
             path.write_text(text, encoding="utf-8")
