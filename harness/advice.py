@@ -23,26 +23,17 @@ from optuna.distributions import (
 )
 
 from harness import continuation
-from harness.search import SearchSpaceError, to_distribution
+from harness.config import VALID_RANGES
+from harness.search import SearchSpaceError, extremes, to_distribution
 
 EDGE_FRACTION = 0.1  # "at the edge": within this fraction of the range from an end
 MIN_TRIALS_FOR_ADVICE = 5  # fewer complete trials than this: the advice is tentative
 MORE_TRIALS = 10  # trials the command that follows the advice adds to the study
 
-# Values each key can take (low, high; None: unbounded). A suggestion is clamped to these, and an
-# edge already at one is a hard limit, not a reason to widen.
+# Values each key can take (low, high; None: unbounded), from the one table of valid ranges. A
+# suggestion is clamped to these, and an edge already at one is a hard limit, not a reason to widen.
 LIMITS: dict[str, tuple[float | None, float | None]] = {
-    "train.learning_rate": (0.0, None),
-    "train.learning_rate_multiplier": (0.0, None),
-    "train.dropout": (0.0, 1.0),
-    "train.weight_decay": (0.0, 1.0),
-    "train.warmup_ratio": (0.0, 1.0),
-    "train.epochs": (1, None),
-    "train.batch_size": (1, None),
-    "train.trainable_blocks": (-1, None),  # -1 (train everything) is the bottom
-    "train.max_length": (1, None),
-    "train.grad_clip": (0.0, None),
-    "train.patience": (0, None),
+    key: (valid.low, valid.high) for key, valid in VALID_RANGES.items()
 }
 # The OpenAI fine-tuning API's ranges (n_epochs 1-50, batch_size 1-256)
 HOSTED_LIMITS: dict[str, tuple[float | None, float | None]] = {
@@ -190,6 +181,9 @@ def widen(
         parsed = to_distribution(key, text)
     except SearchSpaceError:
         return None
+    valid = VALID_RANGES.get(key)
+    if valid is not None and not all(valid.holds(v) for v in extremes(wider)):
+        return None  # an open limit (a learning rate of 0): the sweep would refuse it
     return text if type(parsed) is type(wider) else None
 
 

@@ -16,13 +16,11 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, load_config, split_overrides
+from harness.config import SWITCHES, ConfigError, load_config, split_overrides
 from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, override_value, train_once
-from harness.tracking import redact_text, tracking_uri
+from harness.tracking import redact_text, tracking_uri, use_server_credentials
 
 ALIAS = "champion"
-# switches of this command, not config values: never passed on to the config of the run
-SWITCHES = ("from_best", "with_validation")
 
 
 def wants_champion(cfg: DictConfig) -> bool:
@@ -55,7 +53,7 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
     with_validation = bool(OmegaConf.select(first, "with_validation", default=False))
     name = str(first.name)
     cfg = load_config(champion_overrides(overrides, best))
-    uri = tracking_uri(cfg)
+    uri = use_server_credentials(tracking_uri(cfg))  # user:pass@ as MLflow's basic auth
     objective = f"{best.values[0]:.4f}"
     say(f"champion of study {name}: trial {best.number}'s params ({objective})")
 

@@ -59,6 +59,9 @@ def _quiet_libraries() -> None:
 
     # model-card and license lookups fail for local checkpoints by design; say nothing
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    # MLflow logs every database error with its traceback, then raises it: harness reports the
+    # error it raises (a full disk: one line), so the logged copy is only noise
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
 
 
@@ -87,16 +90,19 @@ def _stdout_is_terminal() -> bool:
 def cmd_sweep(args: list[str]) -> int:
     from rich.markup import escape
 
-    from harness.config import load_config
+    from harness.config import load_config, runs_dir
     from harness.display import SweepDisplay, print_summary
+    from harness.storage import stopped_by_full_disk
     from harness.study import Sweep, describe_storage, objectives
     from harness.tracking import redact_text, tracking_uri
+    from harness.workers import inherited_overrides
 
     # workers started by this sweep inherit the environment: quiet too
     quiet = "--quiet" in args or os.environ.get("HARNESS_QUIET") == "1"
     if quiet:
         os.environ["HARNESS_QUIET"] = "1"
-    overrides = [a for a in args if a != "--quiet"]
+    # a worker of `sweep.n_workers` gets the sweep's overrides through its environment
+    overrides = [*inherited_overrides(), *(a for a in args if a != "--quiet")]
     console = _console()
     cfg = load_config(overrides)
     # the plan's checks (config, search space, data) before the storage is read
@@ -113,7 +119,8 @@ def cmd_sweep(args: list[str]) -> int:
     )
     sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
-        sweep.run()
+        with stopped_by_full_disk(runs_dir(cfg)):
+            sweep.run()
         return 0
     say = (lambda *a, **k: None) if quiet else console.print
     workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
@@ -130,7 +137,7 @@ def cmd_sweep(args: list[str]) -> int:
     said = len(sweep.plan.notices)
     for notice in sweep.plan.notices:
         say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
-    with display:
+    with display, stopped_by_full_disk(runs_dir(cfg)):
         study = sweep.run()
     for notice in sweep.plan.notices[said:]:  # found while it ran (a warm start's source)
         say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
@@ -284,23 +291,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.config import ConfigError
     from harness.data import DataError
     from harness.search import SearchSpaceError
+    from harness.secrets import redact_error
 
+    _redact_uncaught(rest)
     try:
         if "--cfg" in rest:
             return _print_config(rest)
         return COMMANDS[command](rest)
     except (ConfigError, DataError, SearchSpaceError, UntunableKeyError) as exc:
-        print(f"harness {command}: error: {exc}", file=sys.stderr)
+        print(f"harness {command}: error: {redact_error(str(exc), rest)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
 
 
+def _redact_uncaught(overrides: list[str]) -> None:
+    """A traceback this process dies with (or a thread of it) is printed with secrets
+    redacted: its messages and frames may quote a storage URL or a key."""
+    import threading
+    import traceback
+
+    from harness.secrets import redact_error
+
+    def print_redacted(kind: Any, value: Any, tb: Any) -> None:
+        text = "".join(traceback.format_exception(kind, value, tb))
+        print(redact_error(text, overrides), file=sys.stderr, end="", flush=True)
+
+    def print_thread_error(args: Any) -> None:
+        if args.exc_type is not SystemExit:  # as threading's own hook: a thread's exit is quiet
+            print_redacted(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = print_redacted
+    threading.excepthook = print_thread_error
+
+
 def _exit_on_second_interrupt() -> None:
-    """The first Ctrl-C raises KeyboardInterrupt: the running trial stops, is recorded as
-    failed, its runs are closed. A second one, while that cleanup runs, exits at once."""
+    """The first Ctrl-C (or SIGTERM) raises KeyboardInterrupt: the running trial stops, is
+    recorded as failed, its runs are closed. A second one, while that cleanup runs, exits at
+    once. The interrupt also cuts an MLflow request that is retrying short (a tracking server
+    gone), and the requests that close the runs get one short try each."""
     import signal
+    import threading
 
     interrupted = False
 
@@ -311,10 +343,26 @@ def _exit_on_second_interrupt() -> None:
             os._exit(130)
         else:
             interrupted = True
+            tracking = sys.modules.get("harness.tracking")  # not loaded: no request to hurry
+            if tracking is not None:
+                tracking.hurry_server_requests()
             raise KeyboardInterrupt
+
+    def on_unraisable(unraisable: Any) -> None:
+        # A Ctrl-C that lands in a garbage collector's callback (SQLAlchemy has weakref ones)
+        # is printed and dropped by Python ("Exception ignored in ..."): the command would go
+        # on. It is sent again, as a first Ctrl-C, from a thread a moment later: a signal
+        # raised here would be handled (and dropped) here.
+        nonlocal interrupted
+        if unraisable.exc_type is KeyboardInterrupt:
+            interrupted = False
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            sys.__unraisablehook__(unraisable)
 
     signal.signal(signal.SIGINT, on_interrupt)
     signal.signal(signal.SIGTERM, on_interrupt)  # SLURM and Kubernetes stop jobs with it
+    sys.unraisablehook = on_unraisable
 
 
 def _print_config(rest: list[str]) -> int:

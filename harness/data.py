@@ -17,12 +17,17 @@ plan, the hosted backends' data rules through its ``check`` hook), so a file get
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import itertools
 import json
 import random
+import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,47 +71,97 @@ def resolve_path(path: str) -> Path:
     """A relative path is looked up in the current directory, then in the project root."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute() or candidate.exists():
-        return candidate.resolve()
+        return _absolute(candidate)
     in_project = PROJECT_ROOT / candidate
-    return in_project if in_project.exists() else candidate.resolve()
+    return in_project if in_project.exists() else _absolute(candidate)
+
+
+def _absolute(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: the loader reports it, naming the file
+        return path.absolute()
+
+
+# The longest line (a JSONL record, a CSV row) read: a file without line breaks (/dev/zero, a
+# binary file) would otherwise be read whole into memory. An example this long is far past any
+# model's context; hosted APIs take 65,536 tokens (~256 KB) at most.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+def check_regular_file(path: Path) -> None:
+    """A data file must be a regular file: a directory, a device (/dev/zero), a FIFO or a
+    symlink loop is refused naming the path, before a byte is read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except OSError as exc:  # a symlink loop, no permission
+        why = "a loop of symbolic links" if exc.errno == errno.ELOOP else exc.strerror
+        raise DataError(f"{path}: cannot open: {why}") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device or pipe)"
+        raise DataError(f"{path}: {kind}; a dataset file is one JSONL or CSV file")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines as text (line endings kept, a UTF-8 BOM dropped), each read with a
+    bound (MAX_LINE_BYTES); a line that is not UTF-8 or too long is refused with its number."""
+    check_regular_file(path)
+    offset = 0
+    with path.open("rb") as handle:
+        for number in itertools.count(1):
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(
+                    f"{path}:{number}: line longer than {MAX_LINE_BYTES:,} bytes; a record is "
+                    "one line of text (is this a binary file?)"
+                )
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                start = offset + exc.start
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                    f"{start}); save the file as UTF-8"
+                ) from exc
+            offset += len(raw)
 
 
 def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs; the line number is where the record starts in the file."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-            f"{exc.start}); save the file as UTF-8"
-        ) from exc
     fmt = fmt if fmt != "auto" else ("csv" if path.suffix.lower() == ".csv" else "jsonl")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        if fmt == "csv":
-            reader = csv.DictReader(handle)
-            while True:
-                # a quoted field may span lines: the record starts after the previous one ended
-                start = max(reader.line_num, 1) + 1
-                row = next(reader, None)
-                if row is None:
-                    return
-                yield start, dict(row)
-        if fmt != "jsonl":
-            raise DataError(f"{path}: unknown format {fmt!r} (use jsonl or csv)")
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {record!r:.60}")
-            yield number, record
+    if fmt == "csv":
+        yield from _csv_records(path)
+        return
+    if fmt != "jsonl":
+        raise DataError(f"{path}: unknown format {fmt!r} (use jsonl or csv)")
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {record!r:.60}")
+        yield number, record
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(_lines(path))
+    while True:
+        # a quoted field may span lines: the record starts after the previous one ended
+        start = max(reader.line_num, 1) + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:  # a field past csv's size limit: an unclosed quote, mostly
+            raise DataError(f"{path}:{start}: bad CSV: {exc}") from exc
+        if row is None:
+            return
+        yield start, dict(row)
 
 
 def _field(record: dict[str, Any], name: str, where: str) -> str:
@@ -119,6 +174,39 @@ def _field(record: dict[str, Any], name: str, where: str) -> str:
     if not text:
         raise DataError(f"{where}: field {name!r} is empty")
     return text
+
+
+# A label written as a number (JSON 1 or 1.0, CSV "1.0") names the class of that number: 1 and
+# 1.0 are one class, "1". Leading zeros ("007") make a code, not a number: kept as written.
+NUMBER = re.compile(r"[+-]?(0|[1-9]\d*)(\.\d*)?([eE][+-]?\d+)?|[+-]?\.\d+([eE][+-]?\d+)?")
+NOT_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _label(record: dict[str, Any], name: str, where: str) -> str:
+    """A classification label as text; numbers normalised, NaN and infinities refused."""
+    number = _as_number(record.get(name))
+    if number is None:
+        return _field(record, name, where)
+    if not number.is_finite():
+        raise DataError(
+            f"{where}: label {record[name]!r} is not a finite number (a missing value?); give "
+            "the row a label or remove it"
+        )
+    if number == number.to_integral_value():
+        return str(int(number))
+    return str(number.normalize())
+
+
+def _as_number(value: Any) -> Decimal | None:
+    """The number a label is written as (exactly: big integer ids stay apart), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    text = value.strip() if isinstance(value, str) else ""
+    return Decimal(text) if NUMBER.fullmatch(text) or NOT_FINITE.fullmatch(text) else None
 
 
 def check_chat(messages: Any, where: str) -> tuple[dict[str, str], ...]:
@@ -201,7 +289,7 @@ def load_examples(path: Path, data: DictConfig) -> list[Example]:
                 examples.append(Example(text, target, where, messages))
         elif data.task == "classification":
             text = _field(record, data.text_field, where)
-            examples.append(Example(text, _field(record, data.label_field, where), where))
+            examples.append(Example(text, _label(record, data.label_field, where), where))
         else:
             prompt = _field(record, data.prompt_field, where)
             completion = _field(record, data.completion_field, where)
@@ -288,7 +376,8 @@ def _stratified_split(
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def file_labels(examples: Sequence[Example], task: str) -> list[str]:

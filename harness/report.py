@@ -35,7 +35,7 @@ from harness.study import (
     stored_objectives,
     study_spend,
 )
-from harness.tracking import redact_text, tracking_uri
+from harness.tracking import redact_text, tracking_uri, use_server_credentials
 
 SUMMARY = "summary.md"
 HTML = "report.html"
@@ -694,7 +694,8 @@ def log_report(cfg: DictConfig, parent_id: str, folder: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(tracking_uri(cfg)).log_artifacts(parent_id, str(folder), "report")
+        uri = use_server_credentials(tracking_uri(cfg))  # user:pass@ as MLflow's basic auth
+        MlflowClient(uri).log_artifacts(parent_id, str(folder), "report")
     except Exception as exc:  # the files are written: a tracking problem is reported, not fatal
         return f"not logged to MLflow run {parent_id}: {redact_text(str(exc))[:300]}"
     return f"logged to MLflow run {parent_id} under report/"

@@ -141,6 +141,13 @@ def _checked(key: str, expression: str, cls: Any, *args: Any, **kwargs: Any) -> 
     return distribution
 
 
+def extremes(dist: BaseDistribution) -> list[Any]:
+    """The values of a distribution that bound what it samples: its ends, or every choice."""
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    return [dist.low, dist.high]  # type: ignore[attr-defined]
+
+
 def to_distribution(key: str, expression: str) -> BaseDistribution | None:
     """One expression's distribution, or None when the expression is a plain (fixed) value."""
     text = "" if expression is None else str(expression)  # `key:` with nothing, in YAML: None

@@ -6,12 +6,16 @@ SQLite); ``storage.url`` names any RDB storage, such as PostgreSQL shared by man
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
+import logging
+import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,29 +134,135 @@ class TrialSyncedJournal(optuna.storages.journal.BaseJournalBackend):
     for a trial's params, reported values and attributes: 2 syncs a trial instead of ~18. A
     sync also carries every write before it to the disk. A crashed process loses nothing (its
     writes are in the OS's cache, which writes them out within ~30 s); a power cut may lose
-    what the trials then running wrote since, and a resume fails and retries those anyway."""
+    what the trials then running wrote since, and a resume fails and retries those anyway.
+
+    An append never leaves a part of a line behind: one that fails (a full disk) is cut back
+    to the last whole line, and a torn last line left by a process stopped mid-write is cut
+    before the next append. Optuna's reader skips a torn last line, but a line appended after
+    it would join it into one that is not JSON, and every later read would fail on it."""
 
     def __init__(self, path: str) -> None:
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-        self._file = JournalFileBackend(path)  # reads, and the synced appends
+        self._file = JournalFileBackend(path)  # reads; creates the file
         self._path = path
         self._lock = JournalFileSymlinkLock(path)  # the lock JournalFileBackend takes
 
     def read_logs(self, log_number_from: int) -> Any:
-        return self._file.read_logs(log_number_from)
+        from optuna.storages.journal import JournalFileBackend
+
+        try:  # whole, before Optuna applies any: a failed read applies none
+            return list(self._file.read_logs(log_number_from))
+        except ValueError:  # JSONDecodeError: a line an older harness joined to a torn one
+            self._lock.acquire()
+            try:
+                repair_joined_lines(Path(self._path))
+            finally:
+                self._lock.release()
+            self._file = JournalFileBackend(self._path)  # its line offsets are stale now
+            return list(self._file.read_logs(log_number_from))
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        if any(log["op_code"] in SYNCED_OPS for log in logs):
-            self._file.append_logs(logs)
-            return
         lines = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+        sync = any(log["op_code"] in SYNCED_OPS for log in logs)
         self._lock.acquire()
         try:
-            with open(self._path, "ab") as journal:
-                journal.write(lines.encode("utf-8"))
+            journal = os.open(self._path, os.O_RDWR | os.O_APPEND)
+            try:
+                _append_whole(journal, lines.encode("utf-8"), sync, self._path)
+            finally:
+                os.close(journal)
         finally:
             self._lock.release()
+
+
+def _append_whole(journal: int, data: bytes, sync: bool, path: str) -> None:
+    """Appends ``data`` (whole lines) to the open journal, which the caller has locked: all of
+    it, or none of it."""
+    end = _cut_torn_line(journal, path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(journal, view) :]
+        if sync:
+            os.fsync(journal)
+    except BaseException:  # a full disk, Ctrl-C: back to the last whole line
+        with contextlib.suppress(OSError):  # else the next append cuts it
+            os.ftruncate(journal, end)
+        raise
+
+
+RECORD_START = b'{"op_code":'  # how every journal line begins (Optuna's json.dumps of a log)
+
+
+def repair_joined_lines(path: Path) -> None:
+    """Repairs a journal in which a record was appended after a torn last line (older
+    harness versions did, after a full disk): each such line is the torn part, never written
+    whole, then a whole record, which is kept. The original is kept beside it (.damaged).
+    A line that is not of that kind is a ConfigError naming it."""
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    repaired = 0
+    for number, line in enumerate(lines):
+        if not line.endswith(b"\n"):
+            continue  # a torn last line: the next append cuts it
+        try:
+            json.loads(line)
+            continue
+        except ValueError:
+            pass
+        start = line.rfind(RECORD_START)
+        try:
+            json.loads(line[start:])
+        except ValueError:
+            start = -1
+        if start <= 0:
+            raise ConfigError(
+                f"{path}:{number + 1}: not a whole Optuna journal record; restore the journal "
+                "from a backup, or delete that line to lose only what it recorded"
+            ) from None
+        lines[number] = line[start:]
+        repaired += 1
+    if not repaired:
+        return
+    damaged = path.with_name(path.name + ".damaged")
+    damaged.write_bytes(original)
+    fresh = path.with_name(path.name + ".repairing")
+    with open(fresh, "wb") as file:
+        file.write(b"".join(lines))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(fresh, path)
+    logging.getLogger("harness").warning(
+        "%s: repaired %d line(s) where a record was appended to a torn one; the journal as it "
+        "was is kept in %s",
+        path,
+        repaired,
+        damaged,
+    )
+
+
+def _cut_torn_line(journal: int, path: str) -> int:
+    """The journal's size once a torn last line (no newline: its writer was stopped
+    mid-write) is cut off."""
+    size = os.fstat(journal).st_size
+    if size == 0 or os.pread(journal, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:  # back to the last newline, a block at a time
+        start = max(0, end - 65536)
+        found = os.pread(journal, end - start, start).rfind(b"\n")
+        if found >= 0:
+            end = start + found + 1
+            break
+        end = start
+    os.ftruncate(journal, end)
+    logging.getLogger("harness").warning(
+        "%s: cut a torn last line (%d bytes) left by a write that was stopped midway",
+        path,
+        size - end,
+    )
+    return end
 
 
 def existing_study(cfg: DictConfig) -> optuna.Study | None:
@@ -170,12 +280,11 @@ def existing_study(cfg: DictConfig) -> optuna.Study | None:
 
 def _existing_storage(cfg: DictConfig) -> Any:
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     url = cfg.storage.url
     if not is_rdb(url):
-        path = journal_path(cfg)
-        return JournalStorage(JournalFileBackend(str(path))) if path.exists() else None
+        path = journal_path(cfg)  # read as a sweep reads it: a damaged one is repaired
+        return JournalStorage(TrialSyncedJournal(str(path))) if path.exists() else None
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(str(url))
@@ -248,3 +357,49 @@ def storage_error(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+class DiskFullError(ConfigError):
+    """A disk the study writes to is full: the study stops (every next write would fail too)."""
+
+
+def full_disk(exc: BaseException) -> BaseException | None:
+    """The out-of-space error ``exc`` is or arose from, if any: an OSError ENOSPC (or EDQUOT,
+    a quota), or SQLite's SQLITE_FULL as SQLAlchemy or MLflow re-raise it (in their text)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a bounded walk down the chain
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        text = str(seen)
+        if "database or disk is full" in text or "No space left on device" in text:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_full_error(place: Path, cause: BaseException) -> DiskFullError:
+    """One message for a full disk: what is full, what to do, and that the command resumes."""
+    where = getattr(cause, "filename", None) or place
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return DiskFullError(
+        f"the disk holding {where} is full ({type(cause).__name__}: "
+        f"{redact_text(first_line)[:200]}). The study stopped; finished trials are kept. Free "
+        f"space there (`df -h {place}` shows it), then run the same command again: it resumes."
+    )
+
+
+@contextlib.contextmanager
+def stopped_by_full_disk(place: Path) -> Iterator[None]:
+    """Turns a full disk met anywhere inside (opening the stores too) into DiskFullError's
+    one message; ``place``: the folder whose disk it most likely is (runs/)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        full = full_disk(exc)
+        if full is None:
+            raise
+        raise disk_full_error(place, full) from exc

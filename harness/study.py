@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import continuation, search
 from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
+from harness.checks import check_space_ranges
 from harness.config import ConfigError, runs_dir, with_params
 from harness.continuation import holds
 from harness.data import Dataset, example_check, load_dataset
@@ -44,7 +45,9 @@ from harness.storage import (
     WORKER_ATTR,
     StorageGoneError,
     describe_storage,
+    disk_full_error,
     existing_study,
+    full_disk,
     storage_error,
     storage_for,
 )
@@ -54,9 +57,11 @@ from harness.tracking import (
     TrialRun,
     check_store_writable,
     check_tracking_server,
+    is_unreachable,
     redact_override,
     redact_text,
     tracking_uri,
+    unreachable_reason,
     unwritable_store_message,
 )
 from harness.workers import (
@@ -64,6 +69,7 @@ from harness.workers import (
     PARENT_ENV,
     alive,
     locked,
+    overrides_env,
     stop,
     wait_for,
     worker_identity,
@@ -125,13 +131,14 @@ def plan_study(cfg: DictConfig) -> Plan:
     if check_credentials is not None:  # first: counting tokens for the data checks caches files
         check_credentials()
     for key, dist in distributions.items():  # the schema must accept every value sampled
-        for value in _extremes(dist):
+        for value in search.extremes(dist):
             try:
                 with_params(cfg, {key: value})
             except Exception as exc:
                 raise ConfigError(
                     f"search space {key}={space[key]}: {value!r} is not valid for this key: {exc}"
                 ) from exc
+    check_space_ranges(space, distributions, fixed)
     notices = _check_objectives(cfg)
     metrics = EVAL_METRICS.get(cfg.data.task, ())
     if cfg.sweep.metric not in metrics:
@@ -139,10 +146,6 @@ def plan_study(cfg: DictConfig) -> Plan:
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
             f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
         )
-    if cfg.sweep.n_trials < 1:
-        raise ConfigError(f"sweep.n_trials must be at least 1, not {cfg.sweep.n_trials}")
-    if cfg.sweep.n_workers < 1:
-        raise ConfigError(f"sweep.n_workers must be at least 1, not {cfg.sweep.n_workers}")
     if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
         raise ConfigError(
             "sweep.n_workers > 1 needs a storage that is safe for parallel workers; SQLite is "
@@ -341,12 +344,6 @@ def checked_param_sets(plan: Plan, sets: list[dict[str, Any]]) -> list[dict[str,
     return kept
 
 
-def _extremes(dist: optuna.distributions.BaseDistribution) -> list[Any]:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return list(dist.choices)
-    return [dist.low, dist.high]  # type: ignore[attr-defined]
-
-
 def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:
     """The `harness train` line that repeats a trial: the sweep's plain overrides + its params."""
     dropped = set(params) | SWEEP_ONLY_KEYS
@@ -494,7 +491,7 @@ def run_trial(
         with contextlib.suppress(Exception):
             run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
         with contextlib.suppress(Exception):
-            run.log_text(traceback.format_exc(), "error.txt")
+            run.log_text(redact_text(traceback.format_exc()), "error.txt")
         with contextlib.suppress(Exception):  # the original error is the one to report
             run.end("FAILED")
         raise
@@ -531,6 +528,7 @@ class Sweep:
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
         self.store_unwritable = ""  # the message for an MLflow store that refused a write
+        self.disk_full: BaseException | None = None  # the out-of-space error that stopped it
         self.existing: optuna.Study | None = None  # the study as stored before this sweep
         self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
         self.failed: list[TrialOutcome] = []  # trials this invocation ran that failed
@@ -558,7 +556,7 @@ class Sweep:
                 f"continuing study {source.study_name!r}: {len(self.carried)} of its finished "
                 f"trials carried over{left_out}"
             )
-        check_tracking_server(tracking_uri(self.cfg))
+        check_tracking_server(tracking_uri(self.cfg), self.cfg.tracking.server_timeout_s)
         check_store_writable(tracking_uri(self.cfg))
         if finished < self.cfg.sweep.n_trials:
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
@@ -602,7 +600,7 @@ class Sweep:
             return self._run_study()
         except Exception as exc:
             cause = storage_error(exc)
-            if cause is None:
+            if cause is None or isinstance(exc, ConfigError):  # said already (a full disk)
                 raise
             first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise StorageGoneError(
@@ -631,6 +629,7 @@ class Sweep:
         tracker = MLflowTracker(self.cfg, self.plan.dataset.file_hashes)
         self.tracker = tracker
         self._fail_stale_trials(study)
+        self._close_abandoned_runs(study)
         missing = self.cfg.sweep.n_trials - count_finished(study)
         tags = {
             "optuna.study_name": study.study_name,
@@ -651,15 +650,12 @@ class Sweep:
             wait_for(workers)
             if workers:  # a helper that died left its trial RUNNING: fail it and run the retry
                 self._fail_stale_trials(study)
-                if not self._enough(study):
+                if not self._enough(study) and not self.tracking_gone:
                     self._optimize(study, missing)
             if self.tracking_gone:
-                raise TrackingServerError(
-                    f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
-                    f"answering ({self.tracking_gone[:300]}); the trial it was recording failed "
-                    "and the study stopped. Trials are kept in the Optuna storage: run the same "
-                    "command again when the server is back, it resumes."
-                )
+                raise self._tracking_gone_error(self.tracking_gone)
+            if self.disk_full is not None:
+                raise disk_full_error(runs_dir(self.cfg), self.disk_full)
             if self.store_unwritable:
                 raise TrackingServerError(self.store_unwritable)
             if not self.is_helper:
@@ -667,6 +663,11 @@ class Sweep:
         except BaseException as exc:
             stop(workers)
             self._close_parent(study, exc)
+            full = full_disk(exc)
+            if full is not None and not isinstance(exc, ConfigError):
+                raise disk_full_error(runs_dir(self.cfg), full) from exc
+            if _tracking_unreachable(exc) and not self.tracking_gone:  # outside a trial
+                raise self._tracking_gone_error(unreachable_reason(exc)) from exc
             raise
         return study
 
@@ -685,6 +686,29 @@ class Sweep:
                 gone = True
         with contextlib.suppress(Exception):  # the tracking store may be down too
             self.tracker.client.set_terminated(self.parent_id, "FAILED" if gone else "KILLED")
+
+    def _tracking_gone_error(self, reason: str) -> TrackingServerError:
+        waited = self.cfg.tracking.server_timeout_s
+        return TrackingServerError(
+            f"the MLflow tracking server {redact_text(tracking_uri(self.cfg))} stopped "
+            f"answering ({reason}, retried for tracking.server_timeout_s={waited:g} s); the "
+            "trial it was recording failed and the study stopped. Trials are kept in the Optuna "
+            "storage: run the same command again when the server is back, it resumes (and "
+            "closes the runs left open)."
+        )
+
+    def _close_abandoned_runs(self, study: optuna.Study) -> None:
+        """MLflow runs left RUNNING by processes that ended (see MLflowTracker)."""
+        trials = {
+            t.number: (t.state.name, str(t.user_attrs.get("fail_reason", "")))
+            for t in study.get_trials(deepcopy=False)
+        }
+        try:
+            self.tracker.close_abandoned_runs(trials)
+        except Exception as exc:  # the runs stay as they are; the study goes on
+            logging.getLogger("harness").warning(
+                "could not close MLflow runs left open: %s", describe_failure(exc)
+            )
 
     def _warm_sets(self) -> list[dict[str, Any]]:
         """sweep.enqueue: param sets to try before the sampler's own. ``{from_study: OTHER,
@@ -765,7 +789,8 @@ class Sweep:
                 return
             except Exception as exc:
                 cause = storage_error(exc)
-                if cause is None or attempt == STORAGE_ATTEMPTS - 1:
+                # a full disk stays full for longer than any wait: run() says so at once
+                if cause is None or attempt == STORAGE_ATTEMPTS - 1 or full_disk(cause):
                     raise
                 # storage.retry_s in all, doubling: 2, 4, 8 s of 14 s
                 wait = (
@@ -811,12 +836,14 @@ class Sweep:
         extra = self.cfg.sweep.n_workers - 1
         if extra <= 0 or self.is_helper:
             return []
-        command = [sys.executable, "-m", "harness.cli", "sweep", *self.raw_overrides]
+        # the overrides go in the environment: they may hold secrets (workers.OVERRIDES_ENV)
+        command = [sys.executable, "-m", "harness.cli", "sweep", "sweep.n_workers=1"]
         return [
             subprocess.Popen(
-                [*command, "sweep.n_workers=1"],
+                command,
                 env={
                     **os.environ,
+                    **overrides_env(self.raw_overrides),
                     HELPER_ENV: "1",
                     # seeds apart from this host's other workers and from other hosts'
                     "HARNESS_WORKER_INDEX": str(self.seed_index + index),
@@ -936,7 +963,11 @@ class Sweep:
         except Exception as exc:
             trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
             if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
-                self.tracking_gone = describe_failure(exc)
+                self.tracking_gone = unreachable_reason(exc)
+                trial.study.stop()
+            full = full_disk(exc)
+            if full is not None:  # so would they on a full disk, each one at once
+                self.disk_full = full
                 trial.study.stop()
             elif _store_unwritable(exc):  # ... or at once: the study stops here
                 self.store_unwritable = unwritable_store_message(
@@ -1049,13 +1080,13 @@ class Sweep:
         metrics = {f"trials_{k}": float(v) for k, v in counts.items() if k != "waiting"}
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
-            self.tracker.client.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
+            self.tracker.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
         best = best_trial(study)
         if best is not None:
             metrics["best_objective"] = float(best.values[0])
             if is_multi_objective(study):
                 metrics["pareto_front_size"] = float(len(study.best_trials))
-            self.tracker.client.set_tag(self.parent_id, "best_trial", str(best.number))
+            self.tracker.set_tag(self.parent_id, "best_trial", str(best.number))
             self._log_best_model(study, best)
         # the last worker to finish closes the parent run; others leave it RUNNING for it
         self.tracker.finish_parent(self.parent_id, metrics, close=not self._others_running(study))
@@ -1082,7 +1113,7 @@ class Sweep:
             name = self.cfg.tracking.registered_model_name or f"{self.cfg.name}-best"
         uri = log_transformers_model(self.tracker.uri, run_id, best_dir, self.cfg.data.task, name)
         self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
-        self.tracker.client.set_tag(self.parent_id, "best_model_uri", uri)
+        self.tracker.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
 
 
@@ -1123,11 +1154,8 @@ def _store_unwritable(exc: BaseException) -> bool:
 
 def _tracking_unreachable(exc: BaseException) -> bool:
     """MLflow's client gave up on a tracking server that does not answer (after its own
-    retries with backoff)."""
-    text = str(exc)
-    return type(exc).__name__ == "MlflowException" and (
-        "API request to" in text and "failed with exception" in text
-    )
+    retries with backoff, bounded by tracking.server_timeout_s)."""
+    return is_unreachable(exc)
 
 
 class BudgetExceededError(RuntimeError):

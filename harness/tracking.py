@@ -6,6 +6,9 @@ buffered and sent in batches: with the first metric logged ``tracking.flush_ever
 after the last batch, and when the run ends. Every run lists the study's data files as MLflow
 dataset inputs (the runs table's Dataset column). Secrets never reach MLflow: config values
 under secret-looking keys and passwords in URLs are redacted before the config is logged.
+An http(s) tracking server that stops answering fails a request in about
+``tracking.server_timeout_s`` (MLflow's retries are sized to it), and this process then sends it
+nothing more; a resume closes the runs that were left RUNNING.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,45 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, runs_dir
 from harness.data import file_sha256, split_files
-
-# A key whose last word names a secret: api_key, openai_api_key, token, client_secret,
-# password... but not max_new_tokens or tokenizer_source.
-SECRET_KEY = re.compile(
-    r"(^|[._-])(api_?key|access_?key|token|secret|password|passwd)$", re.IGNORECASE
-)
-QUERY_PASSWORD = re.compile(r"\b(password|passwd|pwd)=[^&\s]+", re.I)  # ?password=... in DSNs
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
-# API keys quoted in provider error messages ("Incorrect API key provided: sk-proj-****abcd")
-API_KEY = re.compile(r"(?<![\w-])sk-[A-Za-z0-9_*-]{4,}")
+from harness.mlflow_store import ensure_store
+from harness.secrets import redact, redact_override, redact_text  # noqa: F401 (moved there)
+from harness.workers import alive
 
 STUDY_TAG = "harness.study"
-DATASET_ATTEMPTS = 3  # log_inputs tries: concurrent first uses of a dataset collide
+COLLISION_ATTEMPTS = 3  # tries of a write that collides with other workers' (see retried)
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 ROLE_TAG = "harness.role"
-
-
-def redact_text(text: str) -> str:
-    text = URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-    return API_KEY.sub("sk-***", QUERY_PASSWORD.sub(r"\1=***", text))
-
-
-def redact_override(line: str) -> str:
-    """A command-line override safe to log or print: `backend.api_key=***`."""
-    key, sep, _ = line.partition("=")
-    if sep and SECRET_KEY.search(key.lstrip("+~")):
-        return f"{key}=***"
-    return redact_text(line)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of a plain container with secret-looking keys masked and URL passwords removed."""
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value is not None and SECRET_KEY.search(key):
-        return "***"
-    return redact_text(value) if isinstance(value, str) else value
 
 
 def config_yaml(cfg: DictConfig) -> str:
@@ -92,28 +67,121 @@ class TrackingServerError(ConfigError):
     pass
 
 
+class TrackingUnreachableError(RuntimeError):
+    """The tracking server did not answer an earlier request of this process: this one was not
+    sent (each would wait out MLflow's retries again)."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """MLflow's client gave up on a tracking server that does not answer (after its retries),
+    or an earlier request of this process did (TrackingUnreachableError)."""
+    if isinstance(exc, TrackingUnreachableError):
+        return True
+    text = str(exc)
+    return type(exc).__name__ == "MlflowException" and (
+        "API request to" in text
+        and ("failed with exception" in text or "failed with timeout exception" in text)
+    )
+
+
+# the OS's reason inside MLflow's long message: "[Errno 111] Connection refused"
+OS_ERROR = re.compile(r"\[Errno -?\d+\] [^\"'()\]]+")
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """Why the tracking server did not answer, in a few words (is_unreachable's errors quote
+    the URL, urllib3's pool and its retries around it)."""
+    text = redact_text(str(exc))
+    found = OS_ERROR.search(text)
+    if found:
+        return found.group(0).strip()
+    found = re.search(r"too many (\d+) error responses", text)  # a proxy before a dead server
+    if found:
+        return f"HTTP {found.group(1)} to every try"
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "no answer in time"
+    return text[:300]
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pass@host:port/path`` -> (``http://host:port/path``, user, pass), the two
+    %-decoded; other URIs as they are, with (None, None)."""
+    import urllib.parse
+
+    if not uri.startswith(("http://", "https://")):
+        return uri, None, None
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return bare, urllib.parse.unquote(user), urllib.parse.unquote(password)
+
+
+def use_server_credentials(uri: str) -> str:
+    """The tracking URI without ``user:pass@``, whose parts go to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which worker processes inherit):
+    MLflow then sends them as basic auth, to its artifact endpoints too, and no URL it prints
+    in an error or keeps carries the password."""
+    bare, user, password = split_userinfo(uri)
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
+    return bare
+
+
+def _authorization(user: str | None, password: str | None) -> str | None:
+    """The Authorization header MLflow's REST client sends: basic auth from the URI's userinfo
+    or MLFLOW_TRACKING_USERNAME/PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN."""
+    import base64
+
+    if not user:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return "Basic " + base64.standard_b64encode(f"{user}:{password}".encode()).decode()
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return f"Bearer {token}" if token else None
+
+
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """An http(s) tracking URI must answer MLflow's /health before a study starts: MLflow's
-    own client would otherwise retry for minutes, then fail in the middle of a trial."""
+    own client would otherwise retry, then fail in the middle of a trial. Sends the
+    credentials MLflow would send (``user:pass@`` in the URI included)."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.parse
     import urllib.request
 
+    secrets: list[str] = []
+    with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
+        secrets = [s for s in (split_userinfo(uri)[2], urllib.parse.urlsplit(uri).password) if s]
+    authorization = None
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+        bare, user, password = split_userinfo(uri)
+        request = urllib.request.Request(f"{bare.rstrip('/')}/health")
+        authorization = _authorization(user, password)
+        if authorization:
+            request.add_header("Authorization", authorization)
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = "none were given" if authorization is None else "those given were refused"
+            raise TrackingServerError(
+                f"the MLflow tracking server at {redact_text(uri)} wants credentials (HTTP "
+                f"{exc.code}) and {given}: put them in tracking.uri (user:password@host) or in "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
         problem = f"HTTP {exc.code}"
     except Exception as exc:  # a refused connection, a bad URL (http.client.InvalidURL)...
         problem = f"{type(exc).__name__}: {exc}"
-    with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
-        password = urllib.parse.urlsplit(uri).password
-        if password:
-            problem = problem.replace(password, "***")
+    for secret in secrets:
+        problem = problem.replace(secret, "***")
     raise TrackingServerError(
         f"cannot reach the MLflow tracking server at {redact_text(uri)} ({redact_text(problem)}). "
         "Start it (`mlflow server --host 127.0.0.1 --port 5000 ...`) or fix tracking.uri."
@@ -147,6 +215,76 @@ def unwritable_store_message(uri: str, problem: str) -> str:
         "Make the file and its folder writable by this user (e.g. chmod u+w), or point "
         "tracking.uri at another store; then run the same command again: it resumes."
     )
+
+
+# MLflow's HTTP client retries a request up to 7 times with 2 s x 2^n backoff (about 4 minutes,
+# MLFLOW_HTTP_REQUEST_*), each try waiting up to 120 s for an answer: a trial took 12 minutes
+# to fail on a server that was gone. harness sizes them to tracking.server_timeout_s.
+RETRY_SHARE = 1 / 3  # of tracking.server_timeout_s spent waiting between tries
+MAX_RETRIES = 7  # MLflow's default, whatever the timeout (it refuses more than 10)
+BACKOFF_JITTER_S = 0.5  # random extra wait before a retry: workers do not retry in step
+
+
+def request_settings(timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP retry variables for requests that give up after about ``timeout_s`` in
+    all: retries with backoff 0, 2, 4, 8 ... s (urllib3's, factor 1) while their waits fit
+    RETRY_SHARE of it, each try waiting an equal share of the rest for an answer."""
+    retries, waited = 0, 0.0
+    while True:
+        wait = 0.0 if retries == 0 else 2.0**retries + BACKOFF_JITTER_S
+        if waited + wait > timeout_s * RETRY_SHARE or retries == MAX_RETRIES:
+            break
+        retries, waited = retries + 1, waited + wait
+    per_try = max(1, int((timeout_s - waited) / (retries + 1)))
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(BACKOFF_JITTER_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(per_try),
+    }
+
+
+HURRIED_TIMEOUT_S = 3  # an interrupted process: one try per request, this long at most
+
+
+def bound_server_requests(timeout_s: float) -> None:
+    """Sets MLflow's request retries (process-wide; worker processes inherit them) so that a
+    tracking server that stopped answering fails a request in about ``timeout_s``."""
+    os.environ.update(request_settings(timeout_s))
+
+
+def hurry_server_requests() -> None:
+    """The process is stopping (Ctrl-C, SIGTERM): what it still sends to close runs gets one
+    short try, so a tracking server that is gone cannot hold the exit for minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    timeout = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HURRIED_TIMEOUT_S))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(min(timeout, HURRIED_TIMEOUT_S))
+
+
+class GuardedClient:
+    """An ``MlflowClient`` that stops asking a tracking server which did not answer: after a
+    request failed that way, each next one raises TrackingUnreachableError at once, so closing
+    a trial's run, its tags and the parent run do not each wait out the retries again."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.gone = ""  # why the server was given up on, once it was
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: self.call(attribute, *args, **kwargs)
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.gone:
+            raise TrackingUnreachableError(self.gone)
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            if is_unreachable(exc):
+                self.gone = redact_text(f"{type(exc).__name__}: {exc}")
+            raise
 
 
 # MLflow SQLite store files of this process whose connections get fast_sqlite_writes' pragmas
@@ -237,20 +375,25 @@ class MLflowTracker:
         self.file_hashes = dict(file_hashes or {})
 
         self.cfg = cfg
-        self.uri = tracking_uri(cfg)
-        check_tracking_server(self.uri)
+        uri = tracking_uri(cfg)
+        check_tracking_server(uri, cfg.tracking.server_timeout_s)
+        if uri.startswith(("http://", "https://")):
+            bound_server_requests(cfg.tracking.server_timeout_s)
+        self.uri = use_server_credentials(uri)
         if self.uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
-            fast_sqlite_writes(Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0]))
+            store = Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0])
+            ensure_store(store)  # whole or not at all, whatever stops this process
+            fast_sqlite_writes(store)
         mlflow.set_tracking_uri(self.uri)  # for log_model, which only has a fluent API
-        self.client = MlflowClient(self.uri)
+        self.client = GuardedClient(MlflowClient(self.uri))
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         name = cfg.tracking.experiment or cfg.name
         for attempt in range(3):
-            try:  # the first use of a new SQLite store migrates its schema
+            try:  # a SQLite store another process is writing may be locked a moment
                 experiment = self.client.get_experiment_by_name(name)
                 break
-            except Exception:  # two processes migrating a new store at once: one loses
+            except Exception:  # ("database is locked"): tried again
                 if attempt == 2:
                     raise
                 time.sleep(1.0 + attempt)
@@ -315,6 +458,28 @@ class MLflowTracker:
             self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
             self.client.set_terminated(run.info.run_id, "FAILED")
 
+    def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
+        """Closes this study's runs left RUNNING by a process that ended without closing them
+        (a tracking server that was gone then, a kill): runs whose Optuna trial is finished or
+        failed (``trials``: number -> (state, fail reason)), and runs started on this host by
+        a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
+        worker, maybe on another host: it is left alone."""
+        from mlflow.entities import RunTag
+
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
+            f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            closing = _closing(run.data.tags, trials)
+            if closing is not None:
+                status, tags = closing
+                self.client.log_batch(
+                    run.info.run_id, tags=[RunTag(k, v[:4000]) for k, v in tags.items()]
+                )
+                self.client.set_terminated(run.info.run_id, status)
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
@@ -322,16 +487,12 @@ class MLflowTracker:
         """The study's data files as the run's dataset inputs (one request)."""
         if self._datasets is None:
             self._datasets = dataset_inputs(self.cfg.data, self.file_hashes)
-        for attempt in range(DATASET_ATTEMPTS):
-            try:
-                self.client.log_inputs(run_id, datasets=self._datasets)
-                return
-            except Exception as exc:
-                # MLflow's store adds an experiment's dataset on first use, by looking and then
-                # inserting: workers logging the same new dataset at once collide on its unique
-                # key ("UNIQUE constraint failed: datasets..."). The loser's next try finds it.
-                if "UNIQUE" not in str(exc).upper() or attempt == DATASET_ATTEMPTS - 1:
-                    raise
+        datasets = self._datasets
+        retried(lambda: self.client.log_inputs(run_id, datasets=datasets))
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        """A tag of a run other workers may tag at the same moment (the parent run)."""
+        retried(lambda: self.client.set_tag(run_id, key, value))
 
     def start_run(
         self,
@@ -341,7 +502,7 @@ class MLflowTracker:
         cfg: DictConfig,
         parent_id: str | None = None,
     ) -> TrialRun:
-        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags}
+        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags, **_owner()}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -382,11 +543,35 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        )
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        retried(lambda: self.client.log_batch(run_id, metrics=batch))  # workers ending together
         if close:
             self.client.set_terminated(run_id, "FINISHED")
+
+
+def retried(write: Callable[[], Any]) -> Any:
+    """``write()``, tried again when it lost a race with another process: MLflow's store adds
+    a row it keeps one of (an experiment's dataset, a run's tag or latest metric) by looking,
+    then inserting, so workers writing the same one at once collide on its unique key
+    ("UNIQUE constraint failed: ..."; the loser's transaction is rolled back whole). The
+    loser's next try finds the row."""
+    for attempt in range(COLLISION_ATTEMPTS):
+        try:
+            return write()
+        except Exception as exc:
+            if "UNIQUE" not in str(exc).upper() or attempt == COLLISION_ATTEMPTS - 1:
+                raise
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when it is on this machine (the default store's
+    `file://` or plain path), else None (a server's `mlflow-artifacts:` and the like)."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "":  # a bare path
+        return Path(artifact_uri)
+    return None
 
 
 class TrialRun:
@@ -467,10 +652,20 @@ class TrialRun:
 
         # MlflowClient.log_artifact would first fetch the whole run to learn its artifact URI
         store = get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
-        store.log_artifact(str(path), folder)
+        call = getattr(self.client, "call", None)  # GuardedClient: not when the server is gone
+        if call is None:
+            store.log_artifact(str(path), folder)
+        else:
+            call(store.log_artifact, str(path), folder)
 
     def log_text(self, text: str, name: str) -> None:
         folder, _, file_name = name.rpartition("/")
+        local = local_artifact_dir(self.artifact_uri)
+        if local is not None:  # written in place: no temporary file to copy (~2 ms a trial)
+            target = local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / file_name
             path.write_text(text, encoding="utf-8")
@@ -489,15 +684,54 @@ class TrialRun:
                 self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
                 self.pending = self.pending[1000:]
             self.flush()
-        finally:  # whatever happened to the last metrics, the run does not stay RUNNING
-            self.terminate(status)
+        except BaseException:  # whatever happened to the last metrics, the run does not stay
+            with contextlib.suppress(Exception):  # RUNNING; the first error is the one to raise
+                self.terminate(status)
+            raise
+        self.terminate(status)
 
     def terminate(self, status: str) -> None:
         try:
             self.client.set_terminated(self.run_id, status)
         except KeyboardInterrupt:  # Ctrl-C cut the request short: close the run, then stop
-            self.client.set_terminated(self.run_id, status)
+            with contextlib.suppress(Exception):  # (a server gone: the resume closes it)
+                self.client.set_terminated(self.run_id, status)
             raise
+
+
+ABANDONED = "its process ended before it could close this run"
+
+
+def _closing(
+    tags: Mapping[str, str], trials: Mapping[int, tuple[str, str]]
+) -> tuple[str, dict[str, str]] | None:
+    """(status, tags) that close a RUNNING run, by what Optuna says of its trial (or, for a
+    run of no trial, such as `harness train`'s, whether its process is gone); None: leave it."""
+    number = tags.get("optuna.trial_number", "")
+    state, reason = trials.get(int(number), ("", "")) if number.isdigit() else ("", "")
+    if state in ("COMPLETE", "PRUNED"):
+        return "FINISHED", {"optuna.trial_state": state}
+    if state == "FAIL":
+        return "FAILED", {
+            "optuna.trial_state": state,
+            "harness.failure_reason": reason or ABANDONED,
+        }
+    if not state and _owner_gone(tags):
+        return "KILLED", {"harness.failure_reason": ABANDONED}
+    return None
+
+
+def _owner() -> dict[str, str]:
+    """Tags naming the process that runs a run: a resume closes runs whose process is gone."""
+    return {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+
+
+def _owner_gone(tags: Mapping[str, str]) -> bool:
+    """The run's process was on this host and is no longer running (elsewhere: unknown)."""
+    pid = tags.get("harness.pid", "")
+    return (
+        tags.get("harness.host") == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+    )
 
 
 def log_transformers_model(

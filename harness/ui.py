@@ -25,9 +25,20 @@ from harness.tracking import redact_text, tracking_uri
 HOST = "127.0.0.1"
 
 
+# The servers get the store's URL through their environment, never on their command line: a
+# password in it would show in `ps` to every user of the host.
+MLFLOW_STORE_ENV = "MLFLOW_BACKEND_STORE_URI"  # `mlflow server --backend-store-uri`'s variable
+DASHBOARD_STORAGE_ENV = "_HARNESS_DASHBOARD_STORAGE"  # read by DASHBOARD_MAIN
+# optuna-dashboard's own command line, with the storage argument taken from the environment
+DASHBOARD_MAIN = (
+    "import os, sys; from optuna_dashboard._cli import main; "
+    f"sys.argv.insert(1, os.environ.pop({DASHBOARD_STORAGE_ENV!r})); sys.exit(main())"
+)
+
+
 def mlflow_command(cfg: DictConfig, port: int) -> list[str] | None:
-    """The `mlflow server` line for the configured store; None when tracking.uri is already a
-    server (there is nothing to start: its URL is the UI)."""
+    """The `mlflow server` line for the configured store (its URL in MLFLOW_STORE_ENV); None
+    when tracking.uri is already a server (there is nothing to start: its URL is the UI)."""
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         return None
@@ -48,36 +59,28 @@ def mlflow_command(cfg: DictConfig, port: int) -> list[str] | None:
         HOST,
         "--port",
         str(port),
-        "--backend-store-uri",
-        uri,
         "--workers",
         "1",
     ]
 
 
 def dashboard_command(cfg: DictConfig, port: int) -> list[str]:
-    """optuna-dashboard on the study's storage: the journal file, or the storage URL."""
+    """optuna-dashboard on the study's storage (its URL in DASHBOARD_STORAGE_ENV)."""
+    return [sys.executable, "-c", DASHBOARD_MAIN, "--host", HOST, "--port", str(port)]
+
+
+def dashboard_storage(cfg: DictConfig) -> str:
+    """The study's Optuna storage as optuna-dashboard takes it: the storage URL, or the journal
+    file."""
     url = cfg.storage.url
     if url:
-        target = str(url)
-    else:
-        journal = runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
-        if not journal.exists():
-            raise ConfigError(
-                f"no Optuna journal at {journal}: run `harness sweep study={cfg.name}` first"
-            )
-        target = str(journal)
-    # the dashboard module runs with this interpreter: the one harness (and optuna) live in
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
-        target,
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-    ]
+        return str(url)
+    journal = runs_dir(cfg) / "optuna" / f"{cfg.name}.log"
+    if not journal.exists():
+        raise ConfigError(
+            f"no Optuna journal at {journal}: run `harness sweep study={cfg.name}` first"
+        )
+    return str(journal)
 
 
 def check_port(port: int) -> None:
@@ -114,7 +117,9 @@ def serve(cfg: DictConfig, port: int, optuna: bool, say: Callable[[str], None]) 
     user presses Ctrl-C (which stops it too)."""
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if optuna:
+        env[DASHBOARD_STORAGE_ENV] = dashboard_storage(cfg)
         command: list[str] | None = dashboard_command(cfg, port)
         url, health = f"http://{HOST}:{port}", f"http://{HOST}:{port}/api/meta"
         what = f"optuna-dashboard on {redact_text(str(cfg.storage.url or 'the journal file'))}"
@@ -123,11 +128,11 @@ def serve(cfg: DictConfig, port: int, optuna: bool, say: Callable[[str], None]) 
         if command is None:
             say(f"tracking.uri is a server already: open {redact_text(tracking_uri(cfg))}")
             return 0
+        env[MLFLOW_STORE_ENV] = tracking_uri(cfg)
         url, health = f"http://{HOST}:{port}", f"http://{HOST}:{port}/health"
         what = f"MLflow UI on {redact_text(tracking_uri(cfg))}"
     assert command is not None
     check_port(port)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     process: subprocess.Popen[bytes] | None = None
     with _SignalTrap(lambda: process) as trap:
         try:

@@ -4,6 +4,7 @@ share on this host; whether a process of this host is still alive."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,20 @@ from typing import Any
 
 HELPER_ENV = "_HARNESS_HELPER"  # set in processes a sweep starts for sweep.n_workers
 PARENT_ENV = "_HARNESS_PARENT_RUN"  # ... with the MLflow parent run they record under
+# ... and the sweep's overrides (a JSON list): a storage URL's password or a key given on the
+# command line would show in `ps` to every user of the host; a process's environment does not
+OVERRIDES_ENV = "_HARNESS_OVERRIDES"
+
+
+def overrides_env(overrides: list[str]) -> dict[str, str]:
+    """The environment entry that hands ``overrides`` to a worker process."""
+    return {OVERRIDES_ENV: json.dumps(overrides)}
+
+
+def inherited_overrides() -> list[str]:
+    """The overrides a sweep handed to this worker process (none elsewhere), taken out of the
+    environment so that no process this one starts inherits them."""
+    return list(json.loads(os.environ.pop(OVERRIDES_ENV, "[]")))
 
 
 @contextlib.contextmanager

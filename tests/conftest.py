@@ -9,8 +9,14 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# The test suite's own backends, allowed as a user allows theirs (harness.checks.ALLOW_ENV):
+# configs may name only harness's backends and these in backend._target_.
+os.environ["HARNESS_BACKENDS"] = (
+    "tests.artifact_backend.ArtifactBackend,tests.flaky_backend.FlakyBackend"
+)
 
 import hashlib
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +27,14 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def _quiet_stays_in_its_test():
+    """`harness sweep --quiet` run in-process sets HARNESS_QUIET for the workers it starts; left
+    set, it would silence the subprocess sweeps of later tests (which pass on os.environ)."""
+    yield
+    os.environ.pop("HARNESS_QUIET", None)
 
 
 @pytest.fixture
@@ -108,10 +122,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:``port`` with its store and artifacts in ``folder`` (a
+    second one on the same folder and port is the first one restarted); returns once it
+    answers. The caller stops it (stop_process)."""
+    log = (folder / "server.log").open("a")
     server = subprocess.Popen(
         [
             sys.executable,
@@ -123,38 +138,79 @@ def mlflow_server(tmp_path):
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{folder / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(folder / "server-artifacts"),
             "--workers",
             "1",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,  # its own process group: kill_group ends its workers too
     )
+    log.close()  # the child has its own copy
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield ServerURL(url, server)
-    finally:
-        server.terminate()
+    deadline = time.monotonic() + 90
+    while True:
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-        log.close()
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server)
+            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()}")
+        time.sleep(0.5)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL (to its process group, if it leads one) if it has not ended
+    within 20 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to a process and, when it leads a process group (start_mlflow_server's), every
+    process of it: `mlflow server` serves from worker processes, which outlive their parent."""
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+# what a tracker on an http(s) URI sets process-wide (harness.tracking): undone after each test
+MLFLOW_CLIENT_ENV = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    for name in MLFLOW_CLIENT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        yield ServerURL(f"http://127.0.0.1:{port}", server)
+    finally:
+        stop_process(server)
 
 
 def wait_for_running(study_name: str, storage, ready, what: str, timeout: float = 120.0) -> None:

@@ -42,18 +42,6 @@ SLOW = ("backend.seconds_per_epoch=0.05", "train.epochs=3")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_stays_here():
-    """`harness sweep --quiet` in this process sets HARNESS_QUIET for the workers it starts:
-    restored after each test, so later tests' processes print their trial lines."""
-    before = os.environ.get("HARNESS_QUIET")
-    yield
-    if before is None:
-        os.environ.pop("HARNESS_QUIET", None)
-    else:
-        os.environ["HARNESS_QUIET"] = before
-
-
 def command(runs: Path, *overrides: str) -> list[str]:
     return [*FAKE, f"paths.runs_dir={runs}", *overrides]
 

@@ -77,6 +77,12 @@ def rows(data: Path, runs: Path) -> list[tuple[str, list[str], str, bool]]:
         ("one class", [*fake, f"data.path={data / 'one_class.jsonl'}"], "only one class", False),
         ("no API key", ["sweep", "study=tickets_openai"], "no API key", False),
         (
+            "API key file a device",  # read whole, it never ended
+            ["sweep", "study=tickets_openai", "backend.api_key_file=/dev/zero"],
+            "backend.api_key_file: /dev/zero is not a regular file",
+            False,
+        ),
+        (
             "storage unreachable",
             [*fake, f"storage.url=postgresql://u:pw@127.0.0.1:{free_port()}/x"],
             "cannot open the Optuna storage postgresql://u:***@",

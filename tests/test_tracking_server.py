@@ -26,18 +26,16 @@ def test_sweep_records_to_a_tracking_server(mlflow_server, make_cfg, runs):
     assert not (runs / "mlflow.db").exists()  # nothing went to the local default store
 
 
-def test_tracking_server_gone_mid_study_stops_it_with_a_clear_message(
-    mlflow_server, make_cfg, monkeypatch
-):
+def test_tracking_server_gone_mid_study_stops_it_with_a_clear_message(mlflow_server, make_cfg):
     """The server stops answering after trial 1: the next trial fails (after MLflow's own
-    retries, cut short here), and the study stops at once with one message, rather than
-    failing every remaining trial slowly. The Optuna storage keeps what finished."""
+    retries, bounded by tracking.server_timeout_s), and the study stops at once with one
+    message, rather than failing every remaining trial slowly. The Optuna storage keeps what
+    finished."""
     from harness.study import TrialOutcome, load_study
     from harness.tracking import TrackingServerError
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    overrides = ["backend=fake", "sweep.n_trials=6", "pruner=none", f"tracking.uri={mlflow_server}"]
+    overrides = ["backend=fake", "sweep.n_trials=6", "pruner=none", f"tracking.uri={mlflow_server}",
+                 "tracking.server_timeout_s=2"]  # fmt: skip
     cfg = make_cfg(*overrides)
 
     def on_trial(outcome: TrialOutcome) -> None:

@@ -78,8 +78,9 @@ class PaidBackend(Protocol):
         what that work billed in USD once stopped (None: unknown), for the caller to record."""
 
     def check_credentials(self) -> None:
-        """Raises a ConfigError when the provider's credentials are missing; reads no file
-        under runs/ and calls no network, so a sweep can check it before anything else."""
+        """Raises a ConfigError when the provider's credentials are missing or refused; reads
+        no file under runs/ and makes at most one request, so a sweep can check it before
+        anything else."""
 
 
 class UntunableKeyError(ValueError):

@@ -59,6 +59,7 @@ from harness.chat_data import (
 from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
+from harness.secrets import remember
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
@@ -73,6 +74,7 @@ STEP_METRICS = {
     "valid_mean_token_accuracy": "valid/batch_token_accuracy",
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+KEY_FILE_MAX_BYTES = 4096  # what is read of backend.api_key_file: its first line at most
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
@@ -93,6 +95,10 @@ class HostedJobError(RuntimeError):
 
 class MissingApiKeyError(ConfigError):
     pass
+
+
+class RefusedApiKeyError(ConfigError):
+    """The provider answered 401 or 403 to the key: wrong, revoked, or without fine-tuning."""
 
 
 @dataclass(frozen=True)
@@ -184,20 +190,59 @@ class OpenAIBackend:
 
     # the client ------------------------------------------------------------------------------
     def check_credentials(self) -> None:
-        """A sweep's first check: no key is refused before anything is written or counted."""
+        """A sweep's first check, before anything is written or counted: no key, or one the
+        provider refuses, is a one-line error saying where the key was read from."""
         self.api_key()
+        self._check_key_accepted()
+
+    def _check_key_accepted(self) -> None:
+        """One request that needs the key (listing fine-tuning jobs, which the sweep needs
+        too), not retried: a 401 or 403 is a RefusedApiKeyError. Any other failure (the server
+        unreachable, a 5xx) is left to the study's own requests, which retry it."""
+        import openai
+
+        try:
+            self.client.with_options(max_retries=0).fine_tuning.jobs.list(limit=1)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            where = self.azure_endpoint or self.base_url or "api.openai.com"
+            raise RefusedApiKeyError(
+                f"{where} refused the API key read from {self.key_source()} "
+                f"(HTTP {exc.status_code}): set a valid key there; a key needs the fine-tuning "
+                "permission"
+            ) from None
+        except openai.OpenAIError:
+            pass
+
+    def key_source(self) -> str:
+        """Where ``api_key`` reads the key from, in words (never the key)."""
+        if self.api_key_file:
+            return f"the file {Path(self.api_key_file).expanduser()} (backend.api_key_file)"
+        if os.environ.get(self.api_key_env, "").strip():
+            return f"the environment variable {self.api_key_env} (backend.api_key_env)"
+        return (
+            f"nowhere: {self.api_key_env} is not set (backend.api_key_env), so a placeholder "
+            "was sent to the loopback server"
+        )
 
     def api_key(self) -> str:
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
             if not path.exists():
                 raise MissingApiKeyError(f"backend.api_key_file: {path} does not exist")
-            lines = path.read_text(encoding="utf-8").strip().splitlines()
-            if lines and lines[0].strip():
-                return lines[0].strip()
+            if not path.is_file():  # a folder, or a device such as /dev/zero (read forever)
+                raise MissingApiKeyError(
+                    f"backend.api_key_file: {path} is not a regular file; give the file that "
+                    "holds the key on its first line"
+                )
+            with path.open("rb") as handle:  # a key is short: the first line, bounded
+                first = handle.readline(KEY_FILE_MAX_BYTES).decode("utf-8", "replace").strip()
+            if first:
+                remember(first)  # masked wherever it might show up
+                return first
             raise MissingApiKeyError(f"backend.api_key_file: {path} is empty")
         key = os.environ.get(self.api_key_env, "").strip()
         if key:
+            remember(key)
             return key
         if self.base_url and urlsplit(self.base_url).hostname in LOOPBACK_HOSTS:
             return "harness-loopback"  # a local server (harness fake-openai) needs no real key
