@@ -238,6 +238,7 @@ VALID_RANGES: dict[str, ValidRange] = {
     "tracking.server_timeout_s": ABOVE_0,
     "storage.heartbeat_s": AT_LEAST_0,  # 0: no heartbeat
     "storage.grace_s": AT_LEAST_1,
+    "storage.retry_s": AT_LEAST_0,  # 0: a storage failure stops the study at once
     "sweep.n_trials": AT_LEAST_1,
     "sweep.timeout_s": ValidRange(low=0, low_open=True, nullable=True),
     "sweep.budget_usd": ValidRange(low=0, nullable=True),

@@ -152,26 +152,18 @@ def test_a_queued_trial_popped_by_a_process_that_died_before_naming_itself(runs)
     assert study.trials[2].state.name == "FAIL"
 
 
-def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys):
-    """A RUNNING trial that records no owner (made by a script's own ask(), or an older
-    harness): left alone while it may be live, failed and retried after storage.grace_s."""
-    words = command(runs, "storage.grace_s=600")
-    assert main(["sweep", "--quiet", *words, "sweep.n_trials=2"]) == 0
-    cfg = load_config(words)
+def ownerless_trial(cfg, started: datetime.datetime) -> None:
+    """A RUNNING trial that names no owner, as a script's own study.ask() or an older harness
+    made it, started at ``started``."""
     plain = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal_path(cfg)))
     )
     study = optuna.load_study(study_name=cfg.name, storage=plain)
-    study.ask()  # just now: its maker may be alive
-    capsys.readouterr()
-    assert main(["sweep", "--quiet", *words, "sweep.n_trials=3"]) == 0  # the 3rd is its maker's
-    assert "3 trials: 2 complete, 0 pruned, 0 failed, 1 running" in capsys.readouterr().out
-    hour_ago = datetime.datetime.now() - datetime.timedelta(hours=1)
-    old = optuna.trial.FrozenTrial(
+    template = optuna.trial.FrozenTrial(
         number=-1,
         state=optuna.trial.TrialState.RUNNING,
         value=None,
-        datetime_start=hour_ago,
+        datetime_start=started,
         datetime_complete=None,
         params={},
         distributions={},
@@ -180,12 +172,25 @@ def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys
         intermediate_values={},
         trial_id=-1,
     )
-    plain.create_new_trial(study._study_id, template_trial=old)  # an hour in RUNNING, no owner
-    words = [w for w in words if not w.startswith("storage.grace_s")]
+    plain.create_new_trial(study._study_id, template_trial=template)
+
+
+def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys):
+    """A RUNNING trial that records no owner is left alone while it may be live (it counts as
+    another process's), and failed and retried once it has been RUNNING for storage.grace_s."""
+    words = command(runs)
+    assert main(["sweep", "--quiet", *words, "sweep.n_trials=2"]) == 0
+    cfg = load_config(words)
+    now = datetime.datetime.now()
+    ownerless_trial(cfg, now - datetime.timedelta(minutes=2))
+    capsys.readouterr()
+    assert main(["sweep", "--quiet", *words, "storage.grace_s=600", "sweep.n_trials=3"]) == 0
+    assert "3 trials: 2 complete, 0 pruned, 0 failed, 1 running" in capsys.readouterr().out
+    ownerless_trial(cfg, now - datetime.timedelta(hours=1))
     assert main(["sweep", "--quiet", *words, "storage.grace_s=1800", "sweep.n_trials=3"]) == 0
     states = [t.state.name for t in existing_study(cfg).trials]  # type: ignore[union-attr]
-    assert states[2:4] == ["RUNNING", "FAIL"], states  # asked just now: may be live; an hour: gone
-    assert main(["sweep", "--quiet", *words, "storage.grace_s=0", "sweep.n_trials=3"]) == 0
+    assert states[2:4] == ["RUNNING", "FAIL"], states  # 2 minutes: may be live; an hour: gone
+    assert main(["sweep", "--quiet", *words, "storage.grace_s=60", "sweep.n_trials=3"]) == 0
     check_whole(words, 3)
 
 
