@@ -34,13 +34,17 @@ def test_unreachable_tracking_server_is_one_clear_error(make_cfg, runs):
     assert "mlflow server" in str(error.value)
 
 
-def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monkeypatch):
-    """A full disk (simulated: the artifact write raises ENOSPC) fails the trial with a clear
-    reason; the study goes on and both stores stay readable."""
+def test_disk_full_while_logging_artifacts_stops_the_study_and_the_command_resumes(
+    make_cfg, monkeypatch
+):
+    """A full disk (simulated: the artifact write raises ENOSPC) fails that trial with a clear
+    reason and stops the study with one message (every next trial would fail the same way);
+    both stores stay readable and, space freed, the same command resumes to n_trials."""
     import errno
 
     from mlflow.tracking import MlflowClient
 
+    from harness.storage import DiskFullError
     from harness.study import load_study
     from harness.tracking import TrialRun, tracking_uri
 
@@ -59,16 +63,21 @@ def test_disk_full_while_logging_artifacts_fails_that_trial_alone(make_cfg, monk
         "pruner=none",
     ]
     cfg = make_cfg(*overrides)
-    Sweep(cfg, overrides).run()
+    with pytest.raises(DiskFullError, match=r"is full .*run the same command again: it resumes"):
+        Sweep(cfg, overrides).run()
     study = load_study(cfg)  # readable
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     assert "the disk is full" in study.trials[1].user_attrs["fail_reason"]
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.name)
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert runs["trial-0001"].info.status == "FAILED"
     assert "No space left on device" in runs["trial-0001"].data.tags["harness.failure_reason"]
-    assert runs["trial-0002"].info.status == "FINISHED"
+
+    monkeypatch.setattr(TrialRun, "log_artifact", real_log_artifact)  # space freed
+    Sweep(cfg, overrides).run()
+    states = [t.state.name for t in load_study(cfg).trials]
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
 
 
 def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
