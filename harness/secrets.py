@@ -55,6 +55,12 @@ def redact_text(text: str) -> str:
     return text
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text, secrets masked: what a one-line message quotes."""
+    text = str(exc).strip()
+    return redact_text(text.splitlines()[0]) if text else ""
+
+
 def redact_patterns(text: str) -> str:
     """``text`` with the secrets its own form shows (URL passwords, secret parameters, sk- keys)
     replaced by ***."""

@@ -23,7 +23,7 @@ import optuna
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, runs_dir
-from harness.tracking import redact_text
+from harness.secrets import first_line, redact_text
 from harness.workers import worker_identity
 
 STORAGE_ATTEMPTS = 4  # opening an RDB storage: 0.5 + 1 + 2 s of backoff between tries
@@ -315,10 +315,9 @@ def _with_retries(url: str, connect: Callable[[], Any]) -> Any:
         except Exception as exc:
             attempt += 1
             if isinstance(exc, ImportError) or attempt == STORAGE_ATTEMPTS:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ConfigError(
                     f"cannot open the Optuna storage {redact_text(url)}: "
-                    f"{type(exc).__name__}: {redact_text(first_line)[:300]}. Check "
+                    f"{type(exc).__name__}: {first_line(exc)[:300]}. Check "
                     "storage.url, that the database server is up and reachable, and its driver "
                     "is installed."
                 ) from None
@@ -382,10 +381,9 @@ def full_disk(exc: BaseException) -> BaseException | None:
 def disk_full_error(place: Path, cause: BaseException) -> DiskFullError:
     """One message for a full disk: what is full, what to do, and that the command resumes."""
     where = getattr(cause, "filename", None) or place
-    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return DiskFullError(
         f"the disk holding {where} is full ({type(cause).__name__}: "
-        f"{redact_text(first_line)[:200]}). The study stopped; finished trials are kept. Free "
+        f"{first_line(cause)[:200]}). The study stopped; finished trials are kept. Free "
         f"space there (`df -h {place}` shows it), then run the same command again: it resumes."
     )
 

@@ -39,6 +39,7 @@ from harness.data import Dataset, example_check, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
+from harness.secrets import first_line
 from harness.storage import (
     CLAIM_PREFIX,
     STORAGE_ATTEMPTS,
@@ -602,10 +603,9 @@ class Sweep:
             cause = storage_error(exc)
             if cause is None or isinstance(exc, ConfigError):  # said already (a full disk)
                 raise
-            first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise StorageGoneError(
                 f"the Optuna storage {describe_storage(self.cfg)} failed during the study: "
-                f"{type(cause).__name__}: {redact_text(first_line)[:300]}. The study stopped; "
+                f"{type(cause).__name__}: {first_line(cause)[:300]}. The study stopped; "
                 "finished trials are kept. Run the same command again when the storage is "
                 "back: it resumes."
             ) from exc
@@ -799,7 +799,7 @@ class Sweep:
                 logging.getLogger("harness").warning(
                     "the Optuna storage failed (%s: %s); retrying in %.3g s",
                     type(cause).__name__,
-                    redact_text(str(cause).strip().splitlines()[0] if str(cause).strip() else ""),
+                    first_line(cause),
                     wait,
                 )
                 time.sleep(wait)
