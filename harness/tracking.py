@@ -464,8 +464,6 @@ class MLflowTracker:
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
         worker, maybe on another host: it is left alone."""
-        from mlflow.entities import RunTag
-
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
@@ -474,11 +472,26 @@ class MLflowTracker:
         for run in runs:
             closing = _closing(run.data.tags, trials)
             if closing is not None:
-                status, tags = closing
-                self.client.log_batch(
-                    run.info.run_id, tags=[RunTag(k, v[:4000]) for k, v in tags.items()]
-                )
-                self.client.set_terminated(run.info.run_id, status)
+                self._close(run.info.run_id, *closing)
+        # A run FINISHED for a trial Optuna has as FAIL: its process ended (kill -9), or the
+        # storage failed, after the run was closed and before Optuna recorded the result; the
+        # trial was failed and retried. The run fails too, so MLflow counts what Optuna counts.
+        for number, (state, _) in trials.items():
+            if state != "FAIL":
+                continue
+            for run in self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
+                f"tags.`optuna.trial_number` = '{number}' and attributes.status = 'FINISHED'",
+            ):
+                tags = {"optuna.trial_state": "FAIL", "harness.failure_reason": UNRECORDED}
+                self._close(run.info.run_id, "FAILED", tags)
+
+    def _close(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v[:4000]) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
@@ -700,6 +713,10 @@ class TrialRun:
 
 
 ABANDONED = "its process ended before it could close this run"
+UNRECORDED = (
+    "its process ended (or the Optuna storage failed) before Optuna recorded this result; "
+    "Optuna failed the trial and retried it"
+)
 
 
 def _closing(

@@ -88,6 +88,8 @@ def check_whole(words: list[str], n_trials: int) -> optuna.Study:
     finished = {str(t.number) for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
     by_number = {r.data.tags.get("optuna.trial_number"): r for r in runs}
     assert {n for n in finished if by_number[n].info.status != "FINISHED"} == set()
+    failed = {str(t.number) for t in study.trials if t.state.name == "FAIL"}
+    assert {n for n in failed if n in by_number and by_number[n].info.status == "FINISHED"} == set()
     parents = [r for r in runs if "optuna.trial_number" not in r.data.tags]
     assert [p.info.status for p in parents] == ["FINISHED"]
     return study
@@ -191,6 +193,35 @@ def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys
     states = [t.state.name for t in existing_study(cfg).trials]  # type: ignore[union-attr]
     assert states[2:4] == ["RUNNING", "FAIL"], states  # 2 minutes: may be live; an hour: gone
     assert main(["sweep", "--quiet", *words, "storage.grace_s=60", "sweep.n_trials=3"]) == 0
+    check_whole(words, 3)
+
+
+def test_a_run_closed_before_optuna_recorded_its_trial_fails_with_it(runs):
+    """A kill -9 after a trial's MLflow run was closed FINISHED and before Optuna recorded the
+    result: the resume fails the trial (its process is gone) and retries it; the run fails
+    too, saying why, so MLflow does not count a result Optuna threw away."""
+    words = command(runs)
+    assert main(["sweep", "--quiet", *words, "sweep.n_trials=2"]) == 0
+    cfg = load_config(words)
+    ownerless_trial(cfg, datetime.datetime.now() - datetime.timedelta(hours=1))  # trial 2
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    closed = client.create_run(
+        experiment.experiment_id,
+        run_name="trial-0002",
+        tags={
+            "harness.study": cfg.name,
+            "harness.role": "trial",
+            "optuna.trial_number": "2",
+            "optuna.trial_state": "COMPLETE",
+        },
+    )
+    client.set_terminated(closed.info.run_id, "FINISHED")
+    assert main(["sweep", "--quiet", *words, "storage.grace_s=60", "sweep.n_trials=3"]) == 0
+    run = client.get_run(closed.info.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["optuna.trial_state"] == "FAIL"
+    assert "before Optuna recorded this result" in run.data.tags["harness.failure_reason"]
     check_whole(words, 3)
 
 
