@@ -5,17 +5,15 @@ the key, the value and what to do."""
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 from collections.abc import Iterator, Mapping
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from harness.config import VALID_RANGES, ConfigError
+from harness.config import CONF_DIR, VALID_RANGES, ConfigError
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -31,7 +29,10 @@ def _is_number(value: Any) -> bool:
 def check_ranges(cfg: DictConfig) -> None:
     """Every knob of VALID_RANGES holds a value its range allows."""
     for key, valid in VALID_RANGES.items():
-        value = OmegaConf.select(cfg, key)
+        try:
+            value = OmegaConf.select(cfg, key)
+        except InterpolationResolutionError as exc:  # ${oc.env:UNSET}
+            raise ConfigError(f"{key}: {exc}".splitlines()[0]) from None
         if (value is None or _is_number(value)) and not valid.holds(value):
             raise ConfigError(f"{key} must be {valid.describe()}, not {value}")
 
@@ -78,22 +79,16 @@ def check_study_names(cfg: DictConfig) -> None:
 # Classes a config may name in a `_target_` beyond harness's own backends: set on purpose by
 # whoever runs harness, never by a config or an override (which are what is checked).
 ALLOW_ENV = "HARNESS_BACKENDS"
-BACKENDS_DIR = Path(__file__).resolve().parent / "backends"
 
 
-@cache
 def harness_classes() -> frozenset[str]:
-    """`harness.backends.MODULE.CLASS` for every class defined in harness/backends/*.py, read
-    from the source (importing the local backend would load torch)."""
-    names = set()
-    for path in BACKENDS_DIR.glob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        names |= {
-            f"harness.backends.{path.stem}.{node.name}"
-            for node in tree.body
-            if isinstance(node, ast.ClassDef)
-        }
-    return frozenset(names)
+    """The backends harness ships: the `_target_` of each conf/backend/*.yaml (what
+    `backend=NAME` picks), read as text (a broken file there is reported where it is used)."""
+    found = (
+        re.search(r"^_target_:\s*(\S+)", path.read_text(encoding="utf-8"), re.MULTILINE)
+        for path in (CONF_DIR / "backend").glob("*.yaml")
+    )
+    return frozenset(match[1] for match in found if match)
 
 
 def allowed_targets() -> frozenset[str]:

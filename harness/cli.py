@@ -154,7 +154,8 @@ def cmd_sweep(args: list[str]) -> int:
         reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
         last = next((r for r in reversed(reasons) if r), "no reason recorded")
         console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
-        console.print(short, markup=False, soft_wrap=True)
+        if short:
+            console.print(short, markup=False, soft_wrap=True)
         return 1
     print_summary(console, study, goals)
     from harness.study import reproduce_command

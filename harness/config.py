@@ -173,7 +173,8 @@ class ValidRange:
     def holds(self, value: Any) -> bool:
         if value is None:
             return self.nullable
-        if not math.isfinite(value):  # nan passes every comparison; inf is no setting
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every
+            # comparison; inf is no setting (an int is finite: isfinite overflows on a huge one)
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False

@@ -182,6 +182,11 @@ NUMBER = re.compile(r"[+-]?(0|[1-9]\d*)(\.\d*)?([eE][+-]?\d+)?|[+-]?\.\d+([eE][+
 NOT_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
+# A numeric label is normalised (1.0 -> 1) up to this many digits; a longer one (an id, or
+# 1e5000, which would expand to 5000 digits) is kept as written.
+MAX_LABEL_DIGITS = 40
+
+
 def _label(record: dict[str, Any], name: str, where: str) -> str:
     """A classification label as text; numbers normalised, NaN and infinities refused."""
     number = _as_number(record.get(name))
@@ -192,6 +197,8 @@ def _label(record: dict[str, Any], name: str, where: str) -> str:
             f"{where}: label {record[name]!r} is not a finite number (a missing value?); give "
             "the row a label or remove it"
         )
+    if abs(number.adjusted()) > MAX_LABEL_DIGITS:  # 1e5000: kept as written, not expanded
+        return _field(record, name, where)
     if number == number.to_integral_value():
         return str(int(number))
     return str(number.normalize())

@@ -73,6 +73,10 @@ def _schema_state(store: Path) -> str:
                 row = db.execute("SELECT version_num FROM alembic_version").fetchone()
                 revision = row[0] if row else ""
             has_runs = "runs" in tables and db.execute("SELECT 1 FROM runs LIMIT 1").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):  # in use by a process writing it: built, whole (stores are
+            return "whole"  # only built under other names, then renamed into place)
+        raise
     except sqlite3.DatabaseError as exc:  # not a database at all (a torn or foreign file)
         return "empty" if store.stat().st_size == 0 else f"unreadable ({exc})"
     if revision == _latest_revision() and _expected_tables() <= tables:

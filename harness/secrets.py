@@ -43,6 +43,10 @@ URL_DELIMITERS = re.compile(r"[/?#:@&=\s]")
 # Values remembered as secrets are masked wherever they appear; shorter ones would mask common
 # words too (they are still masked where a pattern above finds them).
 MIN_REMEMBERED = 4
+# A piece of a secret (between URL delimiters; see forms) is remembered only from this long:
+# short pieces (`train` of `train/2024`) are words of configs and paths too, which they would
+# mask in config.yaml and messages.
+MIN_PIECE = 8
 
 _known: set[str] = set()
 
@@ -70,11 +74,14 @@ def redact_patterns(text: str) -> str:
 
 
 def redact_override(line: str) -> str:
-    """A command-line override safe to log or print: `backend.api_key=***`."""
+    """A command-line override safe to log, print or store: `backend.api_key=***`. By its own
+    form only (a secret key's value, URL passwords, secret parameters), not by remembered
+    values: stored overrides are replayed (`+from_best`, reproduce commands), and a
+    remembered value that is also a word of them (a password `train`) would mangle them."""
     key, sep, _ = line.partition("=")
     if sep and is_secret_name(key.lstrip("+~")):
         return f"{key}={MASK}"
-    return redact_text(line)
+    return redact_patterns(line)
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -148,7 +155,8 @@ def forms(secret: str) -> set[str]:
     delimiters, which another parser may show alone (http.client reads `u:pw/x@h` as the host
     `u` with the port `pw`)."""
     shown = {secret, urllib.parse.unquote(secret)}
-    return shown | {piece for form in shown for piece in URL_DELIMITERS.split(form)}
+    pieces = {piece for form in shown for piece in URL_DELIMITERS.split(form)}
+    return shown | {piece for piece in pieces if len(piece) >= MIN_PIECE}
 
 
 def secrets_in(text: str) -> list[str]:

@@ -184,12 +184,12 @@ def _append_whole(journal: int, data: bytes, sync: bool, path: str) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(journal, view) :]
-        if sync:
-            os.fsync(journal)
     except BaseException:  # a full disk, Ctrl-C: back to the last whole line
         with contextlib.suppress(OSError):  # else the next append cuts it
             os.ftruncate(journal, end)
         raise
+    if sync:  # written whole: other processes may have read it already, so it stays
+        os.fsync(journal)
 
 
 RECORD_START = b'{"op_code":'  # how every journal line begins (Optuna's json.dumps of a log)
@@ -268,7 +268,9 @@ def _cut_torn_line(journal: int, path: str) -> int:
 def existing_study(cfg: DictConfig) -> optuna.Study | None:
     """The study ``cfg.name`` if its storage already holds it, else None. Creates nothing: no
     journal file, no SQLite file, no database table (every check of a sweep runs before the
-    first write). An unreachable database is a ConfigError, as in ``storage_for``."""
+    first write). An unreachable database is a ConfigError, as in ``storage_for``. (The one
+    write it may make: a journal damaged by an older harness is repaired as it is read, its
+    original kept beside it; see ``repair_joined_lines``.)"""
     storage = _existing_storage(cfg)
     if storage is None:
         return None

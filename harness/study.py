@@ -600,6 +600,9 @@ class Sweep:
         try:
             return self._run_study()
         except Exception as exc:
+            full = full_disk(exc)
+            if full is not None and not isinstance(exc, ConfigError):  # creating the study too
+                raise disk_full_error(runs_dir(self.cfg), full) from exc
             cause = storage_error(exc)
             if cause is None or isinstance(exc, ConfigError):  # said already (a full disk)
                 raise
@@ -666,7 +669,7 @@ class Sweep:
             full = full_disk(exc)
             if full is not None and not isinstance(exc, ConfigError):
                 raise disk_full_error(runs_dir(self.cfg), full) from exc
-            if _tracking_unreachable(exc) and not self.tracking_gone:  # outside a trial
+            if is_unreachable(exc) and not self.tracking_gone:  # outside a trial
                 raise self._tracking_gone_error(unreachable_reason(exc)) from exc
             raise
         return study
@@ -962,7 +965,7 @@ class Sweep:
             raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
-            if _tracking_unreachable(exc):  # every next trial would fail the same way, slowly
+            if is_unreachable(exc):  # every next trial would fail the same way, slowly
                 self.tracking_gone = unreachable_reason(exc)
                 trial.study.stop()
             full = full_disk(exc)
@@ -1150,12 +1153,6 @@ def describe_failure(exc: BaseException) -> str:
 def _store_unwritable(exc: BaseException) -> bool:
     """The MLflow SQLite store refused a write: a read-only file, folder or file system."""
     return "readonly database" in str(exc) or "read-only file system" in str(exc).lower()
-
-
-def _tracking_unreachable(exc: BaseException) -> bool:
-    """MLflow's client gave up on a tracking server that does not answer (after its own
-    retries with backoff, bounded by tracking.server_timeout_s)."""
-    return is_unreachable(exc)
 
 
 class BudgetExceededError(RuntimeError):

@@ -105,18 +105,17 @@ def unreachable_reason(exc: BaseException) -> str:
 
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
     """``http://user:pass@host:port/path`` -> (``http://host:port/path``, user, pass), the two
-    %-decoded; other URIs as they are, with (None, None)."""
-    import urllib.parse
-
-    if not uri.startswith(("http://", "https://")):
+    %-decoded; other URIs as they are, with (None, None). The userinfo runs to the URI's last
+    '@', as SQLAlchemy and harness's redaction read it: urllib would end it at a '/' in the
+    password and take the rest of the password for the host."""
+    scheme, sep, rest = uri.partition("://")
+    if scheme not in ("http", "https") or not sep or "@" not in rest:
         return uri, None, None
-    parts = urllib.parse.urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri, None, None
-    userinfo, _, host = parts.netloc.rpartition("@")
+    userinfo, _, host = rest.rpartition("@")
     user, _, password = userinfo.partition(":")
-    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
-    return bare, urllib.parse.unquote(user), urllib.parse.unquote(password)
+    if "/" in user:  # an '@' in the path, not userinfo
+        return uri, None, None
+    return f"{scheme}://{host}", urllib.parse.unquote(user), urllib.parse.unquote(password)
 
 
 def use_server_credentials(uri: str) -> str:
@@ -145,15 +144,13 @@ def _authorization(user: str | None, password: str | None) -> str | None:
     return f"Bearer {token}" if token else None
 
 
-def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+def check_tracking_server(uri: str, timeout_s: float) -> None:
     """An http(s) tracking URI must answer MLflow's /health before a study starts: MLflow's
     own client would otherwise retry, then fail in the middle of a trial. Sends the
     credentials MLflow would send (``user:pass@`` in the URI included)."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
-    import urllib.parse
-    import urllib.request
 
     secrets: list[str] = []
     with contextlib.suppress(ValueError):  # errors may quote the URL's parts, password too
@@ -476,8 +473,8 @@ class MLflowTracker:
         # A run FINISHED for a trial Optuna has as FAIL: its process ended (kill -9), or the
         # storage failed, after the run was closed and before Optuna recorded the result; the
         # trial was failed and retried. The run fails too, so MLflow counts what Optuna counts.
-        for number, (state, _) in trials.items():
-            if state != "FAIL":
+        for number, (state, reason) in trials.items():
+            if state != "FAIL" or reason:  # a trial that failed with a reason closed its run so
                 continue
             for run in self.client.search_runs(
                 [self.experiment_id],
@@ -488,9 +485,12 @@ class MLflowTracker:
                 self._close(run.info.run_id, "FAILED", tags)
 
     def _close(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """Closes a run another process left; workers starting together close the same ones
+        (the loser of a tag's insert retries, and writes the same)."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, v[:4000]) for k, v in tags.items()])
+        batch = [RunTag(k, v[:4000]) for k, v in tags.items()]
+        retried(lambda: self.client.log_batch(run_id, tags=batch))
         self.client.set_terminated(run_id, status)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
