@@ -1053,8 +1053,12 @@ class Sweep:
         failed trials count toward the trials one invocation runs, so a resume runs more.
         Trials other processes still run (other hosts' workers) are theirs to finish: they
         make no shortfall of this process."""
-        wanted, finished = self.cfg.sweep.n_trials, count_finished(study)
-        running = len(study.get_trials(deepcopy=False, states=(RUNNING,)))
+        # one read for both counts: a trial another worker finishes between two reads would
+        # count in neither (RUNNING in the first, COMPLETE by the second)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        wanted = self.cfg.sweep.n_trials
+        finished = sum(1 for state in states if state in FINISHED_STATES)
+        running = states.count(RUNNING)
         if finished + running >= wanted:
             return ""
         why = []
