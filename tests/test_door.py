@@ -150,6 +150,13 @@ CONFIG_CASES = [
         ["sweep", *FAKE, "backend._target_=tests.flaky_backend.FlakyBackend"],
         "backend._target_='tests.flaky_backend.FlakyBackend' is not a class",
     ),
+    (
+        "unset environment variable",
+        ["sweep", *FAKE, "seed=${oc.env:HARNESS_TEST_UNSET}"],
+        'seed: KeyError raised while resolving interpolation: "Environment variable '
+        "'HARNESS_TEST_UNSET' not found\"",
+    ),
+    ("huge integer", ["sweep", *FAKE, "seed=1" + "0" * 400], "seed must be"),
 ]
 
 
@@ -235,11 +242,11 @@ def test_a_bad_data_file_gets_one_verdict_from_every_command(
 def test_numeric_labels_name_one_class_each(tmp_path, capsys):
     """1, 1.0 and "1.0" are one class, "1"; 0.50 is "0.5"; a code with leading zeros stays."""
     path = tmp_path / "numbers.jsonl"
-    path.write_text(rows([1, 1.0, "1.0", 0.50, "0.5", "007"]))
+    path.write_text(rows([1, 1.0, "1.0", 0.50, "0.5", "007", "1e5000"]))
     assert main(["validate", *FAKE, str(path), f"paths.runs_dir={tmp_path / 'runs'}"]) == 0
     out = capsys.readouterr().out
     table = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 5]
-    assert sorted(table) == ["0.5", "007", "1"]
+    assert sorted(table) == ["0.5", "007", "1", "1e5000"]  # 1e5000: kept as written
 
 
 def broken_studies(tmp_path: Path, monkeypatch) -> Path:

@@ -23,6 +23,8 @@ import psutil
 import pytest
 
 from harness.cli import main
+from harness.config import load_config
+from harness.storage import existing_study
 from tests.conftest import OPENAI_TEST_SETTINGS, free_port, snapshot
 from tests.test_many_hosts import postgres  # noqa: F401 (the fixture)
 
@@ -339,3 +341,18 @@ def test_a_tracking_uri_password_never_shows_in_its_reachability_error(runs, cap
     captured = capsys.readouterr()
     assert "cannot reach the MLflow tracking server at http://user:***@127.0.0.1" in captured.err
     assert not leaks(captured.out + captured.err), captured.err
+
+
+def test_a_password_sharing_words_with_the_overrides_leaves_them_as_written(postgres, runs):  # noqa: F811
+    """Stored overrides are replayed (`+from_best`, reproduce commands): a password whose
+    pieces are also words of them (`train`, `2024`) masks the URL's password, not the words."""
+    url = pg_url("train/2024")
+    words = ["backend=fake", "sweep.n_trials=1", "seed=2024", "train.epochs=1"]
+    words += [f"storage.url={url}", f"name=words_{uuid.uuid4().hex[:8]}", f"paths.runs_dir={runs}"]
+    assert main(["sweep", "--quiet", *words]) == 0
+    study = existing_study(load_config(words))
+    assert study is not None
+    stored = study.user_attrs["overrides"]
+    assert "seed=2024" in stored and "train.epochs=1" in stored, stored
+    assert f"storage.url={pg_url('***')}" in stored, stored
+    assert not any("train/2024" in o for o in stored), stored
