@@ -53,6 +53,7 @@ from harness.storage import (
     storage_for,
 )
 from harness.tracking import (
+    UNRECORDED,
     MLflowTracker,
     TrackingServerError,
     TrialRun,
@@ -978,9 +979,15 @@ class Sweep:
                 )
                 trial.study.stop()
             raise
-        trial.set_user_attr("mlflow_run_id", run.run_id)
-        trial.set_user_attr("metrics", result.metrics)
-        trial.set_user_attr("steps", result.steps)
+        try:
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            trial.set_user_attr("metrics", result.metrics)
+            trial.set_user_attr("steps", result.steps)
+        except BaseException:  # the storage failed: the trial fails after its run FINISHED
+            with contextlib.suppress(Exception):
+                run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": UNRECORDED})
+                run.terminate("FAILED")
+            raise
         values = [float(result.metrics[metric]) for metric, _ in objectives(self.cfg)]
         return values[0] if len(values) == 1 else values
 

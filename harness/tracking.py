@@ -444,16 +444,19 @@ class MLflowTracker:
         return run_id
 
     def fail_stale_run(self, trial_number: int, reason: str) -> None:
-        """Closes the run of a trial whose process died, if it was left RUNNING."""
+        """Fails the run of a trial Optuna failed because its process died: one left RUNNING,
+        or one already closed FINISHED whose result Optuna never recorded (the process was
+        killed, or the storage failed, between the two), so MLflow counts what Optuna does."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
-            f"tags.`optuna.trial_number` = '{trial_number}' and attributes.status = 'RUNNING'",
+            f"tags.`optuna.trial_number` = '{trial_number}'",
         )
         for run in runs:
-            self.client.set_tag(run.info.run_id, "harness.failure_reason", reason)
-            self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
-            self.client.set_terminated(run.info.run_id, "FAILED")
+            if run.info.status in ("RUNNING", "FINISHED"):
+                why = reason if run.info.status == "RUNNING" else UNRECORDED
+                tags = {"optuna.trial_state": "FAIL", "harness.failure_reason": why}
+                self._close(run.info.run_id, "FAILED", tags)
 
     def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
         """Closes this study's runs left RUNNING by a process that ended without closing them
@@ -470,19 +473,6 @@ class MLflowTracker:
             closing = _closing(run.data.tags, trials)
             if closing is not None:
                 self._close(run.info.run_id, *closing)
-        # A run FINISHED for a trial Optuna has as FAIL: its process ended (kill -9), or the
-        # storage failed, after the run was closed and before Optuna recorded the result; the
-        # trial was failed and retried. The run fails too, so MLflow counts what Optuna counts.
-        for number, (state, reason) in trials.items():
-            if state != "FAIL" or reason:  # a trial that failed with a reason closed its run so
-                continue
-            for run in self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
-                f"tags.`optuna.trial_number` = '{number}' and attributes.status = 'FINISHED'",
-            ):
-                tags = {"optuna.trial_state": "FAIL", "harness.failure_reason": UNRECORDED}
-                self._close(run.info.run_id, "FAILED", tags)
 
     def _close(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
         """Closes a run another process left; workers starting together close the same ones
