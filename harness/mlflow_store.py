@@ -131,9 +131,11 @@ def _build(store: Path) -> None:
     try:
         _initialize_tables(engine)
         _verify_schema(engine)
-    except BaseException:
+    except BaseException as exc:
         engine.dispose()
         building.unlink(missing_ok=True)
+        if _interrupted(exc):  # a Ctrl-C that a migration's cleanup buried under its own error
+            raise KeyboardInterrupt from exc
         raise
     engine.dispose()
     with open(building, "rb+") as built:  # on disk before the rename makes it the store
@@ -144,6 +146,20 @@ def _build(store: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A KeyboardInterrupt is ``exc`` or what it arose from. (Alembic's batch migrations run
+    more SQL as their context exits: a Ctrl-C inside one surfaces as SQLAlchemy's
+    PendingRollbackError, which would print a traceback and exit 1, not 130.)"""
+    seen: BaseException | None = exc
+    for _ in range(20):  # a bounded walk down the chain
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _unsynced(path: Path) -> sqlite3.Connection:

@@ -385,3 +385,26 @@ def test_a_full_disk_stops_the_study_with_one_message_and_the_command_resumes(tm
         assert_resumed_whole(runs, n_trials, "after a full disk")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_ctrl_c_a_migration_buries_under_its_own_error_still_exits_as_an_interrupt(
+    tmp_path, monkeypatch, capsys
+):
+    """Alembic's batch migrations run more SQL as their context exits: a Ctrl-C inside one
+    surfaces as SQLAlchemy's PendingRollbackError (seen in the kill loop). It is still an
+    interrupt: exit 130 with the resume hint, no traceback, no store or temporary file left."""
+    import mlflow.store.db.utils
+
+    def interrupted_migration(engine):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("Can't reconnect until invalid transaction is rolled back")
+
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", interrupted_migration)
+    runs = tmp_path / "runs"
+    assert main(["sweep", "backend=fake", "sweep.n_trials=1", f"paths.runs_dir={runs}"]) == 130
+    captured = capsys.readouterr()
+    assert "run the same command again to resume" in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert not list(runs.glob("mlflow.db*"))
