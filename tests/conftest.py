@@ -15,6 +15,7 @@ os.environ["HARNESS_BACKENDS"] = (
     "tests.artifact_backend.ArtifactBackend,tests.flaky_backend.FlakyBackend"
 )
 
+import gc
 import hashlib
 import signal
 import socket
@@ -213,21 +214,48 @@ def mlflow_server(tmp_path, monkeypatch):
         stop_process(server)
 
 
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def postgres():
+    """The machine's PostgreSQL: a failure in CI, a skip with the reason elsewhere. Afterwards the
+    connections of storages the test dropped are closed: an Optuna RDBStorage's pool lives in a
+    reference cycle, so only the cyclic collector closes it, and left to run whenever, a whole
+    suite's worth exhausted the server's 100 connections in CI ("too many clients already")."""
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 (database test) in CI: {exc}")
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+    yield POSTGRES
+    gc.collect()
+
+
 def wait_for_running(study_name: str, storage, ready, what: str, timeout: float = 120.0) -> None:
     """Polls a study another process runs until ``ready(running_trials)``; fails the test with
     ``what`` if that does not happen within ``timeout`` seconds."""
     import optuna
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:  # not created yet
-            continue
-        if ready(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))):
-            return
-    pytest.fail(f"timed out waiting until {what}")
+    if isinstance(storage, str):  # one storage for the whole wait: each holds a connection
+        storage = optuna.storages.RDBStorage(storage)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                study = optuna.load_study(study_name=study_name, storage=storage)
+            except KeyError:  # not created yet
+                continue
+            if ready(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))):
+                return
+        pytest.fail(f"timed out waiting until {what}")
+    finally:
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.engine.dispose()
 
 
 def reported(running) -> bool:

@@ -394,18 +394,8 @@ class CuttableProxy:
 
 
 @pytest.fixture
-def postgres_proxy():
-    """A CuttableProxy in front of the machine's PostgreSQL: a failure in CI, a skip with the
-    reason elsewhere."""
-    import psycopg
-
-    url = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
-    try:
-        psycopg.connect(url, connect_timeout=5).close()
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 (database test) in CI: {exc}")
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+def postgres_proxy(postgres):
+    """A CuttableProxy in front of the machine's PostgreSQL."""
     proxy = CuttableProxy((POSTGRES_HOST, POSTGRES_PORT))
     try:
         yield proxy
@@ -413,7 +403,9 @@ def postgres_proxy():
         proxy.cut()
 
 
-def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(postgres_proxy, runs):
+def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(
+    postgres, postgres_proxy, runs
+):
     name = f"outage_{uuid.uuid4().hex[:8]}"
     url = f"postgresql://postgres@127.0.0.1:{postgres_proxy.port}/test"
     words = command(runs, *SLOW, f"name={name}", f"storage.url={url}", "sweep.n_trials=5")
@@ -423,7 +415,7 @@ def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(postg
     try:
         wait_for_running(
             name,
-            f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test",
+            postgres,
             lambda running: reported(running) and running[0].number >= 1,
             "the second trial has reported an evaluation",
         )

@@ -26,7 +26,6 @@ from harness.cli import main
 from harness.config import load_config
 from harness.storage import existing_study
 from tests.conftest import OPENAI_TEST_SETTINGS, free_port, snapshot
-from tests.test_many_hosts import postgres  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.faults
 
@@ -123,7 +122,7 @@ def files_leaks(runs: Path) -> dict[str, list[str]]:
 
 
 def test_no_storage_secret_shows_in_files_output_attributes_or_command_lines(
-    postgres,  # noqa: F811
+    postgres,
     tmp_path,
 ):
     """A sweep with two worker processes, its report and best, a validate, --cfg job, a storage
@@ -343,7 +342,7 @@ def test_a_tracking_uri_password_never_shows_in_its_reachability_error(runs, cap
     assert not leaks(captured.out + captured.err), captured.err
 
 
-def test_a_password_sharing_words_with_the_overrides_leaves_them_as_written(postgres, runs):  # noqa: F811
+def test_a_password_sharing_words_with_the_overrides_leaves_them_as_written(postgres, runs):
     """Stored overrides are replayed (`+from_best`, reproduce commands): a password whose
     pieces are also words of them (`train`, `2024`) masks the URL's password, not the words."""
     url = pg_url("train/2024")

@@ -12,27 +12,11 @@ import uuid
 from pathlib import Path
 
 import optuna
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import reported, wait_for_running
 
 ROOT = Path(__file__).resolve().parent.parent
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def postgres() -> str:
-    """The machine's PostgreSQL: a failure in CI, a skip with the reason elsewhere."""
-    import psycopg
-
-    try:
-        psycopg.connect(POSTGRES, connect_timeout=5).close()
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 (database test) in CI: {exc}")
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
-    return POSTGRES
 
 
 def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
