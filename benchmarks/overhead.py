@@ -56,7 +56,7 @@ class PruningReporter:
 
 def bare_loop(cfg: Any, n_trials: int) -> float:
     distributions = search.to_distributions(dict(cfg.search.space))
-    backend = FakeBackend()
+    backend = FakeBackend(seconds_per_epoch=cfg.backend.seconds_per_epoch)  # backend=fake
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     study = optuna.create_study(
         direction=cfg.sweep.direction,

@@ -2,6 +2,14 @@
 
 The dataclasses below are registered in Hydra's ConfigStore as the schema of conf/config.yaml, so
 a value of the wrong type fails at composition and, with struct mode, so does an unknown key.
+
+Every default is written once, in the YAML of conf/, and the dataclasses are types only: the
+YAML is where users read a default, override it and find what it means (its comment), and
+Hydra merges it over the schema anyway, so a default in both places was a second copy that
+could drift. A schema field has no default (tests/test_config.py checks it): a key no YAML sets
+composes as missing and fails where it is read. conf/config.yaml says which file holds which
+section; a backend's arguments live in conf/backend/NAME.yaml and its class takes them without
+defaults.
 Sweep expressions (``choice(...)``, ``interval(...)``...) on the command line are not config
 values: they are split off here and become the search space (see ``split_overrides``).
 """
@@ -39,125 +47,121 @@ class ConfigError(ValueError):
     """A config or override the user must fix; the message says what and where."""
 
 
+# The schema: types only (``| None`` where null is a legal value). Each key's value and the
+# comment that explains it: conf/config.yaml, or the group file it names.
+
+
 @dataclass
 class ModelConfig:
-    # A Hub id or local directory loaded with from_pretrained; null builds a tiny GPT-2 from
-    # scratch with a byte-level BPE tokenizer trained on the training texts.
-    name_or_path: str | None = None
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64
-    n_positions: int = 128
-    vocab_size: int = 2000
+    name_or_path: str | None
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
 
 
 @dataclass
 class DataConfig:
-    name: str = "sentiment"
-    task: str = "classification"  # classification | generation
-    path: str | None = None  # one file, split with split_seed...
-    train: str | None = None  # ...or explicit split files
-    validation: str | None = None
-    test: str | None = None
-    format: str = "auto"  # auto (by extension) | jsonl | csv
-    text_field: str = "text"
-    label_field: str = "label"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    messages_field: str = "messages"
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    split_seed: int = 0
-    min_rows: int = 10
+    name: str
+    task: str
+    path: str | None
+    train: str | None
+    validation: str | None
+    test: str | None
+    format: str
+    text_field: str
+    label_field: str
+    prompt_field: str
+    completion_field: str
+    messages_field: str
+    validation_fraction: float
+    test_fraction: float
+    split_seed: int
+    min_rows: int
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 5e-4
-    batch_size: int = 16
-    epochs: int = 3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    dropout: float = 0.1  # GPT-2's resid_pdrop, embd_pdrop and attn_pdrop together
-    trainable_blocks: int = -1  # -1 trains everything; 0 only the head; k the last k blocks + head
-    max_length: int = 64
-    group_by_length: bool = True  # batches of similar length (less padding); order stays random
-    grad_clip: float = 1.0
-    eval_every_steps: int = 0  # 0: evaluate once per epoch
-    patience: int = 2  # early stopping: evaluations without improvement; 0 disables
-    max_steps: int = 0  # 0: no cap (benchmarks cap steps)
-    max_new_tokens: int = 32  # generation: greedy completion length on the test split
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
-    learning_rate_multiplier: float = 1.0  # hosted fine-tuning: scales the provider's rate
+    """One section for every backend, its keys grouped by the backends that read them (every
+    backend, the local one, the hosted one: conf/config.yaml names the groups). Not moved under
+    ``backend:``: ``train.X`` is user-facing (search spaces, command lines, MLflow params)."""
+
+    batch_size: int
+    epochs: int
+    max_new_tokens: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    dropout: float
+    trainable_blocks: int
+    max_length: int
+    group_by_length: bool
+    grad_clip: float
+    eval_every_steps: int
+    patience: int
+    max_steps: int
+    device: str
+    precision: str
+    learning_rate_multiplier: float
 
 
 @dataclass
 class SearchConfig:
-    # dotted config key -> Hydra sweep expression; a plain value fixes the key
-    space: dict[str, str] = field(default_factory=dict)
+    space: dict[str, str]
 
 
 @dataclass
 class SamplerConfig:
-    name: str = "tpe"  # tpe | random | grid | cmaes | gp
-    n_startup_trials: int = 5
+    name: str
+    n_startup_trials: int
 
 
 @dataclass
 class PrunerConfig:
-    name: str = "median"  # median | hyperband | none
-    n_startup_trials: int = 3
-    n_warmup_steps: int = 0
-    min_resource: int = 1
-    reduction_factor: int = 3
+    name: str
+    n_startup_trials: int
+    n_warmup_steps: int
+    min_resource: int
+    reduction_factor: int
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # null: sqlite file under paths.runs_dir
-    experiment: str | None = None  # null: the study name
-    flush_every_s: float = 5.0  # a trial's metrics are sent in batches, about this often
-    log_every_steps: int = 10  # train/loss is logged as its mean over this many steps
-    log_best_model: bool = True
-    register_best_model: bool = True
-    registered_model_name: str | None = None  # null: <study>-best
-    # an http(s) tracking server that does not answer for about this long (MLflow's retries
-    # included) fails the request: the trial fails and the study stops
-    server_timeout_s: float = 30.0
+    uri: str | None
+    experiment: str | None
+    flush_every_s: float
+    log_every_steps: int
+    log_best_model: bool
+    register_best_model: bool
+    registered_model_name: str | None
+    server_timeout_s: float
 
 
 @dataclass
 class StorageConfig:
-    url: str | None = None  # null: an Optuna journal file under paths.runs_dir
-    heartbeat_s: int = 60  # RDB storages: running trials beat this often; 0 turns it off
-    grace_s: int = 180  # a trial whose heartbeat is older than this is failed (and retried)
-    retry_s: float = 14.0  # mid-study, a storage failing this long in all stops the study
+    url: str | None
+    heartbeat_s: int
+    grace_s: int
+    retry_s: float
 
 
 @dataclass
 class SweepConfig:
-    n_trials: int = 20
-    timeout_s: float | None = None
-    metric: str = "eval/f1"
-    direction: str = "maximize"
-    budget_usd: float | None = None  # hosted backends: no trial starts that would pass this spend
-    n_workers: int = 1  # processes on this host sharing the study (journal or RDB storage)
-    # Multi-objective: metric -> direction, e.g. {eval/f1: maximize, train/seconds: minimize}.
-    # Empty: one objective, `metric` in `direction`. Pruning is off for several objectives.
-    objectives: dict[str, str] = field(default_factory=dict)
-    # Warm start: param sets tried first ({train.learning_rate: 1e-3, ...}), and/or the string
-    # {from_study: OTHER, top: 3}: the best trials of another study in the same storage.
-    enqueue: list[Any] = field(default_factory=list)
-    # A new study that starts with the finished trials of this one (same data, model, backend
-    # and objective) whose values its space holds: how a space Optuna cannot change in place
-    # (a choice list) goes on. See harness/continuation.py.
-    continue_from: str | None = None
+    n_trials: int
+    timeout_s: float | None
+    metric: str
+    direction: str
+    budget_usd: float | None
+    n_workers: int
+    objectives: dict[str, str]
+    enqueue: list[Any]
+    continue_from: str | None
 
 
 @dataclass
 class PathsConfig:
-    runs_dir: str = "runs"
+    runs_dir: str
 
 
 @dataclass(frozen=True)
@@ -249,19 +253,19 @@ VALID_RANGES: dict[str, ValidRange] = {
 
 @dataclass
 class HarnessConfig:
-    name: str = "default"
-    seed: int = 0
-    backend: Any = field(default_factory=dict)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    name: str
+    seed: int
+    backend: Any  # the backend's own arguments, free-form: conf/backend/NAME.yaml
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    search: SearchConfig
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    tracking: TrackingConfig
+    storage: StorageConfig
+    sweep: SweepConfig
+    paths: PathsConfig
 
 
 # Switches of a command (`harness train +from_best=true`), added with `+`: the only keys outside

@@ -16,4 +16,4 @@ class ArtifactBackend(FakeBackend):
         return result
 
 
-_: Backend = ArtifactBackend()
+_: type[Backend] = ArtifactBackend

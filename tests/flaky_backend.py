@@ -13,4 +13,4 @@ class FlakyBackend(FakeBackend):
         return super().run(spec, reporter)
 
 
-_: Backend = FlakyBackend()
+_: type[Backend] = FlakyBackend

@@ -13,8 +13,6 @@ import pytest
 from omegaconf import DictConfig
 
 from harness.backends.base import Backend, TrialSpec
-from harness.backends.fake import FakeBackend
-from harness.backends.local import LocalBackend
 from harness.backends.openai_ft import OpenAIBackend
 from harness.config import with_params
 from harness.data import load_dataset
@@ -75,8 +73,8 @@ def setup(request, make_cfg):
         backend: Backend = make_backend(cfg)
         assert isinstance(backend, OpenAIBackend)
     else:
-        backend = {"fake": FakeBackend(), "local": LocalBackend()}[request.param]
         cfg = make_cfg(f"backend={request.param}")
+        backend = make_backend(cfg)  # built from conf/backend/NAME.yaml, as a sweep builds it
     cfg = with_params(cfg, PARAMS)
     dataset = load_dataset(cfg.data)
     return Setup(request.param, backend, cfg, backend.prepare(cfg, dataset))

@@ -1,9 +1,20 @@
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR, STUDIES_DIR, ConfigError, load_config, with_params
+from harness.config import (
+    CONF_DIR,
+    STUDIES_DIR,
+    ConfigError,
+    HarnessConfig,
+    load_config,
+    with_params,
+)
 from harness.search import to_distributions
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -99,3 +110,35 @@ def test_studies_carry_their_launch_command_and_global_package():
         text = path.read_text()
         assert text.startswith("# @package _global_"), path
         assert "harness sweep" in text, path
+
+
+def schema_fields(node=HarnessConfig, prefix=""):
+    """(dotted key, dataclass field) for every field of the schema, sections' fields included."""
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        yield prefix + f.name, f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from schema_fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+def test_the_schema_has_no_defaults_every_value_is_in_the_yaml():
+    with_default = [
+        key
+        for key, f in schema_fields()
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_default == []
+    assert len(list(schema_fields())) > 80  # the walk reached every section's fields
+
+
+BACKENDS = sorted(path.stem for path in (CONF_DIR / "backend").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_backend_takes_every_argument_from_its_yaml_and_has_no_defaults(name):
+    cfg = load_config([f"backend={name}"])
+    cls = get_class(cfg.backend._target_)
+    parameters = inspect.signature(cls).parameters.values()
+    assert [p.name for p in parameters if p.default is not inspect.Parameter.empty] == []
+    assert {p.name for p in parameters} == set(cfg.backend) - {"_target_"}
+    assert isinstance(instantiate(cfg.backend), cls)  # the YAML's values are what it takes

@@ -431,11 +431,14 @@ class TestDataAndCost:
         with pytest.raises(MissingApiKeyError, match="export OPENAI_API_KEY"):
             OpenAIBackend(**{k: v for k, v in cfg.backend.items() if k != "_target_"}).api_key()
 
-    def test_api_key_file(self, tmp_path):
+    def test_api_key_file(self, make_cfg, tmp_path):
+        def backend(key_file):
+            return make_backend(make_cfg("backend=openai", f"backend.api_key_file='{key_file}'"))
+
         path = write(tmp_path / "key", "sk-from-file\n")
-        assert OpenAIBackend(api_key_file=str(path)).api_key() == "sk-from-file"
+        assert backend(path).api_key() == "sk-from-file"
         with pytest.raises(MissingApiKeyError, match="does not exist"):
-            OpenAIBackend(api_key_file=str(tmp_path / "nope")).api_key()
+            backend(tmp_path / "nope").api_key()
 
 
 PRICE = 3.0 / 1e6  # tickets_openai's model, gpt-4o-mini, at USD 3 per 1M training tokens

@@ -30,7 +30,7 @@ def quality(train: DictConfig) -> float:
 class FakeBackend:
     tunable_keys = frozenset({"train.*"})
 
-    def __init__(self, seconds_per_epoch: float = 0.0) -> None:
+    def __init__(self, *, seconds_per_epoch: float) -> None:  # conf/backend/fake.yaml
         self.seconds_per_epoch = float(seconds_per_epoch)
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> dict[str, Any]:
@@ -72,4 +72,4 @@ class FakeBackend:
         return TrialResult(metrics={**metrics, **test}, steps=step)
 
 
-_: Backend = FakeBackend()
+_: type[Backend] = FakeBackend  # mypy checks the protocol; conf/backend/fake.yaml builds one

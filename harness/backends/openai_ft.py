@@ -140,29 +140,30 @@ class Prepared:
 class OpenAIBackend:
     tunable_keys = frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
 
-    def __init__(
+    def __init__(  # no defaults: conf/backend/openai.yaml holds each value and says what it is
         self,
-        model: str = "gpt-4o-mini-2024-07-18",
-        base_url: str | None = None,
-        azure_endpoint: str | None = None,
-        api_version: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        api_key_file: str | None = None,
-        organization: str | None = None,
-        system_prompt: str = "Classify the text as one of: {labels}. Answer with the label only.",
-        poll_interval_s: float = 5.0,
-        max_poll_interval_s: float = 60.0,
-        max_job_hours: float = 24.0,
-        request_retries: int = 5,
-        request_timeout_s: float = 60.0,
-        create_attempts: int = 5,
-        poll_failures: int = 5,
-        cancel_wait_s: float = 60.0,
-        eval_concurrency: int = 4,
-        eval_max_examples: int | None = None,
-        create_grace_s: float = 30.0,
-        prices_per_1m_training_tokens: Mapping[str, float] | None = None,
-        example_token_limits: Mapping[str, int] | None = None,
+        *,
+        model: str,
+        base_url: str | None,
+        azure_endpoint: str | None,
+        api_version: str | None,
+        api_key_env: str,
+        api_key_file: str | None,
+        organization: str | None,
+        system_prompt: str,
+        poll_interval_s: float,
+        max_poll_interval_s: float,
+        max_job_hours: float,
+        request_retries: int,
+        request_timeout_s: float,
+        create_attempts: int,
+        poll_failures: int,
+        cancel_wait_s: float,
+        eval_concurrency: int,
+        eval_max_examples: int | None,
+        create_grace_s: float,
+        prices_per_1m_training_tokens: Mapping[str, float],
+        example_token_limits: Mapping[str, int],
     ) -> None:
         self.model = model
         self.base_url = base_url
@@ -183,8 +184,8 @@ class OpenAIBackend:
         self.eval_concurrency = max(1, eval_concurrency)
         self.eval_max_examples = eval_max_examples
         self.create_grace_s = create_grace_s
-        self.prices = _plain(prices_per_1m_training_tokens or {})
-        self.token_limits = _plain(example_token_limits or {"default": 65536})
+        self.prices = _plain(prices_per_1m_training_tokens)
+        self.token_limits = _plain(example_token_limits)
         self._client: Any = None
         self._counted: TokenCounts = {}  # chats' token counts: the file check's, reused by describe
 
@@ -832,5 +833,6 @@ def _plain(mapping: Any) -> dict[str, Any]:
     return dict(mapping)
 
 
-_: Backend = OpenAIBackend()
-_paid: PaidBackend = OpenAIBackend()
+# the protocols, checked by mypy without building one (every argument comes from the YAML)
+_: type[Backend] = OpenAIBackend
+_paid: type[PaidBackend] = OpenAIBackend
