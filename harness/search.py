@@ -243,30 +243,16 @@ def make_sampler(
 
 
 def pruner_from(pruner_cfg: Any, name: str | None = None) -> optuna.pruners.BasePruner:
-    """The pruner a config's ``pruner`` group describes (``name`` replaces its name)."""
-    return make_pruner(
-        name or pruner_cfg.name,
-        pruner_cfg.n_startup_trials,
-        pruner_cfg.n_warmup_steps,
-        pruner_cfg.min_resource,
-        pruner_cfg.reduction_factor,
-    )
-
-
-def make_pruner(
-    name: str,
-    n_startup_trials: int = 3,
-    n_warmup_steps: int = 0,
-    min_resource: int = 1,
-    reduction_factor: int = 3,
-) -> optuna.pruners.BasePruner:
+    """The pruner a config's ``pruner`` group describes (``name`` replaces its name); its
+    settings' defaults are conf/config.yaml's ``pruner:``."""
+    name = name or pruner_cfg.name
     if name == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps
+            n_startup_trials=pruner_cfg.n_startup_trials, n_warmup_steps=pruner_cfg.n_warmup_steps
         )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=min_resource, reduction_factor=reduction_factor
+            min_resource=pruner_cfg.min_resource, reduction_factor=pruner_cfg.reduction_factor
         )
     if name == "none":
         return optuna.pruners.NopPruner()

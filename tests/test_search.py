@@ -11,8 +11,8 @@ from harness.search import (
     SearchSpaceError,
     fixed_values,
     grid_of,
-    make_pruner,
     make_sampler,
+    pruner_from,
     suggest,
     to_distributions,
 )
@@ -99,12 +99,13 @@ def test_grid_refuses_continuous_intervals():
     assert grid_of("b", IntDistribution(1, 5, step=2)) == [1, 3, 5]
 
 
-def test_pruners_and_unknown_names():
-    assert isinstance(make_pruner("median"), optuna.pruners.MedianPruner)
-    assert isinstance(make_pruner("hyperband"), optuna.pruners.HyperbandPruner)
-    assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
+def test_pruners_and_unknown_names(make_cfg):
+    pruners = make_cfg().pruner
+    assert isinstance(pruner_from(pruners, "median"), optuna.pruners.MedianPruner)
+    assert isinstance(pruner_from(pruners, "hyperband"), optuna.pruners.HyperbandPruner)
+    assert isinstance(pruner_from(pruners, "none"), optuna.pruners.NopPruner)
     with pytest.raises(SearchSpaceError, match="unknown pruner 'asha'"):
-        make_pruner("asha")
+        pruner_from(pruners, "asha")
     with pytest.raises(SearchSpaceError, match="unknown sampler 'bohb'"):
         make_sampler("bohb", 0, 1, {})
 
