@@ -208,7 +208,8 @@ def test_best_and_reproduce_command(make_cfg):
 
 
 def test_secrets_are_redacted_from_logged_config(make_cfg):
-    from harness.tracking import config_yaml, redact, redact_override
+    from harness.secrets import redact, redact_override
+    from harness.tracking import config_yaml
 
     cfg = make_cfg("backend=fake", "storage.url=postgresql://bob:hunter2@db:5432/optuna")
     text = config_yaml(cfg)
