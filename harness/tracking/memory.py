@@ -14,13 +14,13 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from harness.data import split_files
 from harness.secrets import redact_text
-from harness.tracking.protocol import as_model_logger
+from harness.tracking.protocol import TrackerFactory, as_model_logger
 from harness.tracking.records import (
     ROLE_TAG,
     STUDY_TAG,
@@ -220,3 +220,7 @@ class InMemoryTracker:
         uri = f"models:/{registered_name}/{version}" if registered_name else f"runs:/{run_id}/model"
         self.store.models.append(LoggedModel(run_id, model_dir, task, registered_name, uri))
         return uri
+
+
+if TYPE_CHECKING:  # mypy holds the in-memory tracker to the Tracker protocol
+    _factory: TrackerFactory = InMemoryStore().tracker
