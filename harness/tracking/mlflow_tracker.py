@@ -124,12 +124,7 @@ class MLflowTracker(MLflowStore):
     def fail_stale_run(self, trial_number: int, reason: str) -> None:
         """Fails the runs of a trial Optuna failed because its process died (see
         stale_run_tags)."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
-            f"tags.`optuna.trial_number` = '{trial_number}'",
-        )
-        for run in runs:
+        for run in self._study_runs(f"tags.`optuna.trial_number` = '{trial_number}'"):
             tags = stale_run_tags(run.info.status, reason)
             if tags is not None:
                 self._close(run.info.run_id, "FAILED", tags)
@@ -140,15 +135,20 @@ class MLflowTracker(MLflowStore):
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
         worker, maybe on another host: it is left alone."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and "
-            f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
-        )
-        for run in runs:
+        running = f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+        for run in self._study_runs(running):
             closing = closing_of(run.data.tags, trials)
             if closing is not None:
                 self._close(run.info.run_id, *closing)
+
+    def _study_runs(self, condition: str) -> list[Any]:
+        """This study's runs that meet ``condition`` (an MLflow filter)."""
+        return list(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{STUDY_TAG}` = '{self.cfg.name}' and {condition}",
+            )
+        )
 
     def _close(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
         """Closes a run another process left; workers starting together close the same ones
