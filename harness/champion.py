@@ -17,8 +17,9 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import SWITCHES, ConfigError, load_config, split_overrides
+from harness.secrets import redact_text
 from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, override_value, train_once
-from harness.tracking import redact_text, tracking_uri, use_server_credentials
+from harness.tracking import MLflowStore
 
 ALIAS = "champion"
 
@@ -53,13 +54,13 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
     with_validation = bool(OmegaConf.select(first, "with_validation", default=False))
     name = str(first.name)
     cfg = load_config(champion_overrides(overrides, best))
-    uri = use_server_credentials(tracking_uri(cfg))  # user:pass@ as MLflow's basic auth
+    store = MLflowStore.of(cfg)  # its user:pass@ as MLflow's basic auth
     objective = f"{best.values[0]:.4f}"
     say(f"champion of study {name}: trial {best.number}'s params ({objective})")
 
-    hosted = _hosted_model_of(uri, best)
+    hosted = _hosted_model_of(store, best)
     if hosted is not None and not with_validation:
-        version = _register_hosted(uri, name, hosted, best)
+        version = _register_hosted(store, name, hosted, best)
         say(
             f"champion: {hosted['id']} (the fine-tuned model of trial {best.number}; "
             f"no new job)\nregistered: models:/{name}@{ALIAS} (version {version})\n"
@@ -78,7 +79,7 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
         say("(eval/* were measured on validation data this run trained on; test/* are held out)")
     if hosted is not None or trained.result.hosted_model:
         model_id = (trained.result.hosted_model or {}).get("id", "")
-        version = _register_hosted(uri, name, {"run": trained.run_id, "id": model_id}, best)
+        version = _register_hosted(store, name, {"run": trained.run_id, "id": model_id}, best)
         say(f"champion: {model_id}\nregistered: models:/{name}@{ALIAS} (version {version})")
         return 0
     if trained.model_uri is None:
@@ -88,26 +89,24 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
         )
         return 1
     version = trained.model_uri.rsplit("/", 1)[-1]
-    _set_alias(uri, name, version, best)
+    _set_alias(store, name, version, best)
     say(
         f"champion: models:/{name}@{ALIAS} (version {version}, run {trained.run_id})\n"
         "load it:\n  import mlflow\n"
-        f"  mlflow.set_tracking_uri({redact_text(uri)!r})\n"
+        f"  mlflow.set_tracking_uri({redact_text(store.uri)!r})\n"
         f'  model = mlflow.transformers.load_model("models:/{name}@{ALIAS}")\n'
         '  model("a text to classify or complete")'
     )
     return 0
 
 
-def _hosted_model_of(uri: str, best: optuna.trial.FrozenTrial) -> dict[str, str] | None:
+def _hosted_model_of(store: MLflowStore, best: optuna.trial.FrozenTrial) -> dict[str, str] | None:
     """The best trial's fine-tuned model, if a hosted backend made one: its id and the MLflow
     entry (an external model) the sweep recorded for it."""
-    from mlflow.tracking import MlflowClient
-
     run_id = best.user_attrs.get("mlflow_run_id")
     if not run_id:
         return None
-    tags = MlflowClient(uri).get_run(run_id).data.tags
+    tags = store.run_tags(run_id)
     if not tags.get("harness.hosted_model"):
         return None
     return {
@@ -118,39 +117,28 @@ def _hosted_model_of(uri: str, best: optuna.trial.FrozenTrial) -> dict[str, str]
 
 
 def _register_hosted(
-    uri: str, name: str, hosted: dict[str, str], best: optuna.trial.FrozenTrial | None
+    store: MLflowStore, name: str, hosted: dict[str, str], best: optuna.trial.FrozenTrial | None
 ) -> str:
     """A registry version for a model that lives with a provider: the external model entry
     where there is one, else the run; the fine-tuned model id as a version tag."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
     model_id = hosted.get("logged_model_id")
     if not model_id:  # the new job's run: find the entry run_trial recorded
-        from mlflow.tracking import MlflowClient
-
-        tags = MlflowClient(uri).get_run(hosted["run"]).data.tags
-        model_id = tags.get("harness.logged_model_id", "")
+        model_id = store.run_tags(hosted["run"]).get("harness.logged_model_id", "")
     if not model_id:
         raise ConfigError(f"run {hosted['run']} has no model entry for {hosted['id']!r}")
-    version = str(mlflow.register_model(f"models:/{model_id}", name).version)
-    _set_alias(uri, name, version, best, {"hosted_model": hosted["id"]})
+    version = store.register_model(f"models:/{model_id}", name)
+    _set_alias(store, name, version, best, {"hosted_model": hosted["id"]})
     return version
 
 
 def _set_alias(
-    uri: str,
+    store: MLflowStore,
     name: str,
     version: str,
     best: optuna.trial.FrozenTrial | None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    client.set_registered_model_alias(name, ALIAS, version)
     tags = {**(extra or {})}
     if best is not None:
         tags |= {"from_trial": best.number, "objective": best.values[0]}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    store.set_alias(name, ALIAS, version, tags)

@@ -92,9 +92,10 @@ def cmd_sweep(args: list[str]) -> int:
 
     from harness.config import load_config, runs_dir
     from harness.display import SweepDisplay, print_summary
+    from harness.secrets import redact_text
     from harness.storage import stopped_by_full_disk
     from harness.study import Sweep, describe_storage, objectives
-    from harness.tracking import redact_text, tracking_uri
+    from harness.tracking import tracking_uri
     from harness.workers import inherited_overrides
 
     # workers started by this sweep inherit the environment: quiet too

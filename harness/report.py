@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness import advice
 from harness.config import ConfigError, runs_dir
 from harness.display import format_value
+from harness.secrets import redact_text
 from harness.storage import describe_storage
 from harness.study import (
     load_study,
@@ -35,7 +36,7 @@ from harness.study import (
     stored_objectives,
     study_spend,
 )
-from harness.tracking import redact_text, tracking_uri, use_server_credentials
+from harness.tracking import MLflowStore, tracking_uri
 
 SUMMARY = "summary.md"
 HTML = "report.html"
@@ -691,11 +692,8 @@ def log_report(cfg: DictConfig, parent_id: str, folder: Path) -> str:
     """Logs the folder to the study's parent MLflow run under report/; says what happened."""
     if not parent_id:
         return "not logged to MLflow: the study records no parent run id"
-    from mlflow.tracking import MlflowClient
-
-    try:
-        uri = use_server_credentials(tracking_uri(cfg))  # user:pass@ as MLflow's basic auth
-        MlflowClient(uri).log_artifacts(parent_id, str(folder), "report")
+    try:  # the config's store, its user:pass@ as MLflow's basic auth
+        MLflowStore.of(cfg).log_artifacts(parent_id, folder, "report")
     except Exception as exc:  # the files are written: a tracking problem is reported, not fatal
         return f"not logged to MLflow run {parent_id}: {redact_text(str(exc))[:300]}"
     return f"logged to MLflow run {parent_id} under report/"

@@ -39,7 +39,7 @@ from harness.data import Dataset, example_check, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
-from harness.secrets import first_line
+from harness.secrets import first_line, redact_override, redact_text
 from harness.storage import (
     CLAIM_PREFIX,
     STORAGE_ATTEMPTS,
@@ -55,13 +55,13 @@ from harness.storage import (
 from harness.tracking import (
     UNRECORDED,
     MLflowTracker,
+    TrackedRun,
+    Tracker,
+    TrackerFactory,
     TrackingServerError,
-    TrialRun,
     check_store_writable,
     check_tracking_server,
     is_unreachable,
-    redact_override,
-    redact_text,
     tracking_uri,
     unreachable_reason,
     unwritable_store_message,
@@ -369,7 +369,7 @@ class TrialReporter:
 
     def __init__(
         self,
-        run: TrialRun,
+        run: TrackedRun,
         metric: str,
         trial: optuna.Trial | None = None,
         on_cost: Callable[[float], None] | None = None,
@@ -429,7 +429,7 @@ class TrialOutcome:
 
 def run_trial(
     plan: Plan,
-    tracker: MLflowTracker,
+    tracker: Tracker,
     params: dict[str, Any],
     number: int,
     run_name: str,
@@ -441,7 +441,7 @@ def run_trial(
     key: str = "",
     on_cost: Callable[[float], None] | None = None,
     on_progress: ProgressCallback | None = None,
-) -> tuple[TrialResult, TrialRun]:
+) -> tuple[TrialResult, TrackedRun]:
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
     the run is closed with the right state."""
     cfg = with_params(plan.cfg, params)
@@ -510,7 +510,9 @@ class Sweep:
         overrides: list[str],
         on_trial: Callable[[TrialOutcome], None] = lambda outcome: None,
         on_progress: ProgressCallback | None = None,
+        tracker_factory: TrackerFactory = MLflowTracker,
     ) -> None:
+        self.tracker_factory = tracker_factory  # InMemoryStore().tracker in fast tests
         # kept in Optuna and MLflow and printed: never with a secret in it
         self.overrides = [redact_override(o) for o in overrides]
         self.raw_overrides = list(overrides)  # only for starting worker processes
@@ -630,7 +632,7 @@ class Sweep:
         if "harness_uid" not in study.user_attrs:
             study.set_user_attr("harness_uid", uuid.uuid4().hex[:12])
         self.uid = str(study.user_attrs["harness_uid"])
-        tracker = MLflowTracker(self.cfg, self.plan.dataset.file_hashes)
+        tracker = self.tracker_factory(self.cfg, self.plan.dataset.file_hashes)
         self.tracker = tracker
         self._fail_stale_trials(study)
         self._close_abandoned_runs(study)
@@ -689,7 +691,7 @@ class Sweep:
             except Exception:  # the storage failed just now: as above
                 gone = True
         with contextlib.suppress(Exception):  # the tracking store may be down too
-            self.tracker.client.set_terminated(self.parent_id, "FAILED" if gone else "KILLED")
+            self.tracker.terminate_run(self.parent_id, "FAILED" if gone else "KILLED")
 
     def _tracking_gone_error(self, reason: str) -> TrackingServerError:
         waited = self.cfg.tracking.server_timeout_s
@@ -1117,16 +1119,13 @@ class Sweep:
                 best.number,
             )
             return
-        run = self.tracker.client.get_run(run_id)
-        if run.data.tags.get("harness.model_logged") == "true":
+        if self.tracker.run_tags(run_id).get("harness.model_logged") == "true":
             return  # logged by an earlier invocation of this study
-        from harness.tracking import log_transformers_model
-
         name = None
         if self.cfg.tracking.register_best_model:
             name = self.cfg.tracking.registered_model_name or f"{self.cfg.name}-best"
-        uri = log_transformers_model(self.tracker.uri, run_id, best_dir, self.cfg.data.task, name)
-        self.tracker.client.set_tag(run_id, "harness.model_logged", "true")
+        uri = self.tracker.log_model(run_id, self.plan.backend, best_dir, self.cfg.data.task, name)
+        self.tracker.set_tag(run_id, "harness.model_logged", "true")
         self.tracker.set_tag(self.parent_id, "best_model_uri", uri)
         study.set_user_attr("best_model_uri", uri)
 
@@ -1254,10 +1253,8 @@ def train_once(
     )
     model_uri = None
     if result.model_dir is not None:
-        from harness.tracking import log_transformers_model
-
-        model_uri = log_transformers_model(
-            tracker.uri, run.run_id, result.model_dir, plan.cfg.data.task, register_as
+        model_uri = tracker.log_model(
+            run.run_id, plan.backend, result.model_dir, plan.cfg.data.task, register_as
         )
     shutil.rmtree(workdir, ignore_errors=True)
     return Trained(result, run.run_id, model_uri)

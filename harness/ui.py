@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, runs_dir
-from harness.tracking import redact_text, tracking_uri
+from harness.secrets import redact_text
+from harness.tracking import tracking_uri
 
 HOST = "127.0.0.1"
 

@@ -133,7 +133,7 @@ def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypa
 
 
 def test_passwords_in_urls_and_query_strings_are_redacted():
-    from harness.tracking import redact_text
+    from harness.secrets import redact_text
 
     assert redact_text("postgresql://u:pw1@db/x") == "postgresql://u:***@db/x"
     assert redact_text("host=db dbname=x password=pw2 sslmode=require") == (

@@ -9,6 +9,7 @@ from rich.console import Console
 from harness.config import ConfigError
 from harness.report import write_report
 from harness.study import Sweep, load_study
+from harness.tracking import InMemoryStore
 from tests.test_cli import harness
 
 FAST = ("backend=fake", "tracking.log_best_model=false")
@@ -66,7 +67,7 @@ def test_bad_objectives_are_refused_before_any_trial(make_cfg, override, message
 def test_cmaes_and_a_changed_number_of_objectives_are_refused(make_cfg):
     with pytest.raises(ConfigError, match="sampler=cmaes optimizes one objective"):
         Sweep(make_cfg(*FAST, TWO, "sampler=cmaes"), [])
-    Sweep(make_cfg(*FAST, "sweep.n_trials=1"), []).run()
+    Sweep(make_cfg(*FAST, "sweep.n_trials=1"), [], tracker_factory=InMemoryStore().tracker).run()
     with pytest.raises(ConfigError, match=r"exists with the objective\(s\) maximize eval/f1; this"):
         Sweep(make_cfg(*FAST, TWO, "sweep.n_trials=2"), []).run()
     # the same number of objectives, another metric or direction: refused too, not mixed
@@ -79,17 +80,19 @@ WARM = "sweep.enqueue=[{train.learning_rate: 0.001, train.batch_size: 16}, {trai
 
 
 def test_enqueued_param_sets_run_first_and_once(make_cfg):
-    study = Sweep(make_cfg(*FAST, WARM, "sweep.n_trials=4"), [WARM]).run()
+    memory = InMemoryStore().tracker  # what MLflow records is not under test here
+    study = Sweep(make_cfg(*FAST, WARM, "sweep.n_trials=4"), [WARM], tracker_factory=memory).run()
     first, second = study.trials[0].params, study.trials[1].params
     assert first["train.learning_rate"] == 0.001 and first["train.batch_size"] == 16
     assert second["train.epochs"] == 6
     assert study.user_attrs["harness_warm_started"] is True  # a resume enqueues nothing more
-    resumed = Sweep(make_cfg(*FAST, WARM, "sweep.n_trials=6"), [WARM]).run()
+    resumed = Sweep(make_cfg(*FAST, WARM, "sweep.n_trials=6"), [WARM], tracker_factory=memory).run()
     assert len(resumed.trials) == 6 and not resumed.get_trials(states=(WAITING,))
 
 
 def test_a_key_the_command_line_fixes_is_dropped_from_the_warm_start(make_cfg):
-    sweep = Sweep(make_cfg(*FAST, WARM, "train.epochs=3", "sweep.n_trials=2"), [WARM])
+    cfg = make_cfg(*FAST, WARM, "train.epochs=3", "sweep.n_trials=2")
+    sweep = Sweep(cfg, [WARM], tracker_factory=InMemoryStore().tracker)
     assert "train.epochs=6 dropped: an override fixes it to 3" in " ".join(sweep.plan.notices)
     assert sweep.warm_sets == [{"train.learning_rate": 0.001, "train.batch_size": 16}]
     study = sweep.run()
@@ -111,20 +114,24 @@ def test_bad_warm_starts_name_the_value(make_cfg, override, message):
 
 
 def test_warm_start_from_another_study_takes_its_best(make_cfg):
-    Sweep(make_cfg(*FAST, "name=first", "sweep.n_trials=6"), []).run()
+    memory = InMemoryStore().tracker  # what MLflow records is not under test here
+    Sweep(make_cfg(*FAST, "name=first", "sweep.n_trials=6"), [], tracker_factory=memory).run()
     first = load_study(make_cfg(*FAST, "name=first"))
     ranked = sorted(
         (t for t in first.trials if t.state == optuna.trial.TrialState.COMPLETE),
         key=lambda t: -t.values[0],
     )
     warm = "sweep.enqueue=[{from_study: first, top: 2}]"
-    sweep = Sweep(make_cfg(*FAST, "name=second", warm, "sweep.n_trials=3"), [warm])
+    sweep = Sweep(
+        make_cfg(*FAST, "name=second", warm, "sweep.n_trials=3"), [warm], tracker_factory=memory
+    )
     second = sweep.run()
     assert [t.params for t in second.trials[:2]] == [ranked[0].params, ranked[1].params]
     assert "2 param set(s) from study 'first'" in " ".join(sweep.plan.notices)
     # values this study's choices do not hold are left to the sampler, not a crash
     narrow = ("train.batch_size=choice(4, 64)", "train.epochs=choice(7)")
-    third = Sweep(make_cfg(*FAST, "name=third", warm, *narrow, "sweep.n_trials=1"), [warm]).run()
+    cfg = make_cfg(*FAST, "name=third", warm, *narrow, "sweep.n_trials=1")
+    third = Sweep(cfg, [warm], tracker_factory=memory).run()
     taken = third.trials[0].params
     assert taken["train.learning_rate"] == ranked[0].params["train.learning_rate"]
     assert taken["train.batch_size"] in (4, 64) and taken["train.epochs"] == 7

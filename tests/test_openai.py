@@ -759,7 +759,7 @@ class TestCrashAndSecrets:
 
 
 def test_keys_quoted_in_provider_errors_are_redacted():
-    from harness.tracking import redact_text
+    from harness.secrets import redact_text
 
     message = "Incorrect API key provided: sk-proj-****abcd. See docs"
     assert redact_text(message) == "Incorrect API key provided: sk-***. See docs"

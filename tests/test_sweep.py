@@ -16,7 +16,7 @@ from harness.config import ConfigError
 from harness.search import SearchSpaceError
 from harness.storage import storage_for
 from harness.study import Sweep, load_study, reproduce_command
-from harness.tracking import tracking_uri
+from harness.tracking import InMemoryStore, tracking_uri
 from tests.conftest import reported, wait_for_running, window_ends
 
 FAKE = (
@@ -155,9 +155,10 @@ def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
 
 
 def test_resumed_sweep_draws_new_params(make_cfg):
-    first = Sweep(make_cfg(*FAKE, "sweep.n_trials=3"), list(FAKE)).run()
+    memory = InMemoryStore().tracker  # what MLflow records is not under test here
+    first = Sweep(make_cfg(*FAKE, "sweep.n_trials=3"), list(FAKE), tracker_factory=memory).run()
     old = [t.params["train.learning_rate"] for t in first.trials]
-    resumed = Sweep(make_cfg(*FAKE, "sweep.n_trials=6"), list(FAKE)).run()
+    resumed = Sweep(make_cfg(*FAKE, "sweep.n_trials=6"), list(FAKE), tracker_factory=memory).run()
     new = [t.params["train.learning_rate"] for t in resumed.trials[3:]]
     assert not set(old) & set(new)
 
@@ -196,7 +197,7 @@ def test_errors_before_any_trial(make_cfg, runs):
 def test_best_and_reproduce_command(make_cfg):
     overrides = [*FAKE, "sweep.n_trials=4", "train.max_length=32"]
     cfg = make_cfg(*overrides)
-    Sweep(cfg, overrides).run()
+    Sweep(cfg, overrides, tracker_factory=InMemoryStore().tracker).run()
     study = load_study(cfg)
     command = reproduce_command("train", study.user_attrs["overrides"], study.best_params)
     assert command.startswith("harness train backend=fake")
@@ -208,7 +209,8 @@ def test_best_and_reproduce_command(make_cfg):
 
 
 def test_secrets_are_redacted_from_logged_config(make_cfg):
-    from harness.tracking import config_yaml, redact, redact_override
+    from harness.secrets import redact, redact_override
+    from harness.tracking import config_yaml
 
     cfg = make_cfg("backend=fake", "storage.url=postgresql://bob:hunter2@db:5432/optuna")
     text = config_yaml(cfg)
@@ -221,7 +223,8 @@ def test_secrets_are_redacted_from_logged_config(make_cfg):
 
 def test_hyperband_prunes_on_evaluation_index(make_cfg):
     overrides = ["backend=fake", "sampler=random", "pruner=hyperband", "train.epochs=6"]
-    study = Sweep(make_cfg(*overrides, "sweep.n_trials=12"), overrides).run()
+    cfg = make_cfg(*overrides, "sweep.n_trials=12")
+    study = Sweep(cfg, overrides, tracker_factory=InMemoryStore().tracker).run()
     states = [t.state.name for t in study.trials]
     assert "PRUNED" in states and "COMPLETE" in states
     for trial in study.trials:  # Optuna steps are evaluation indexes 1..epochs

@@ -23,6 +23,7 @@ from harness.backends.base import Backend, Reporter, TrialResult, TrialSpec
 from harness.config import runs_dir
 from harness.data import Dataset
 from harness.tokenization import EncodedSplit, TokenizedData, encode, fit_generation
+from harness.tracking.protocol import ModelDestination
 
 
 def pick_device(name: str) -> Any:
@@ -205,6 +206,18 @@ class LocalBackend:
             return trainer.run()
         finally:
             trainer.release()
+
+    def log_model(
+        self,
+        destination: ModelDestination,
+        model_dir: Path,
+        task: str,
+        registered_name: str | None,
+    ) -> str:
+        """A model this backend saved, logged as an MLflow transformers model (a ModelLogger)."""
+        from harness.backends.transformers_model import log_transformers_model
+
+        return log_transformers_model(destination, model_dir, task, registered_name)
 
 
 class _Training:
