@@ -17,6 +17,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from harness import advice
+from harness.backends.local import LocalBackend
+from harness.backends.openai_ft import OpenAIBackend
 from harness.config import ConfigError, load_config, runs_dir
 from harness.report import pruning_savings, write_report
 from harness.search import to_distribution
@@ -27,7 +29,7 @@ from harness.tracking import tracking_uri
 PNG = b"\x89PNG\r\n\x1a\n"
 SWEEP = ("backend=fake", "sweep.n_trials=12", "pruner=median", "tracking.log_best_model=false")
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
-LOCAL_LIMITS = advice.hard_limits("harness.backends.local.LocalBackend")
+LOCAL_LIMITS = advice.hard_limits(LocalBackend())
 
 
 def console() -> Console:
@@ -317,7 +319,7 @@ def test_widened_ranges_stay_within_what_the_key_can_take(key, distribution, edg
 
 
 def test_hosted_limits_make_an_edge_a_hard_limit():
-    limits = advice.hard_limits("harness.backends.openai_ft.OpenAIBackend")
+    limits = advice.hard_limits(OpenAIBackend())
     epochs = IntDistribution(10, 50)
     assert advice.widen("train.epochs", epochs, "upper", limits["train.epochs"]) is None
     dists = {"train.epochs": epochs}
