@@ -83,8 +83,9 @@ class Backend(Protocol):
       evaluation (one per epoch unless configured otherwise) every one of ``eval_metrics``;
     - lets ``optuna.TrialPruned`` from the reporter propagate: nothing is trained or evaluated
       after it (a paid backend then reports only what the stopped work billed);
-    - returns the kept model's (best evaluation by ``spec.metric``/``spec.direction``) eval/*
-      metrics and test/* metrics of the test split, files that exist as artifacts;
+    - returns the eval/* metrics of the model it keeps (the best evaluation by ``spec.metric``
+      and ``spec.direction`` where it can choose, as the local backend does; a hosted job's
+      final model), that model's test/* metrics on the test split, and artifacts that exist;
     - is deterministic: the same config (seed included) and prepared data give the same
       metrics, and a change of a tunable key changes them.
     """
