@@ -441,15 +441,9 @@ def run_trial(
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
     goals = objectives(cfg)
+    metric, direction = str(cfg.sweep.metric), str(cfg.sweep.direction)
     spec = TrialSpec(
-        number,
-        cfg,
-        plan.prepared,
-        workdir,
-        save_model,
-        key,
-        metric=str(cfg.sweep.metric),
-        direction=str(cfg.sweep.direction),
+        number, cfg, plan.prepared, workdir, save_model, key, metric=metric, direction=direction
     )
     run = tracker.start_run(run_name, params, tags, cfg, parent_id)
     try:  # at once: an interrupt from here on still closes the run
