@@ -68,7 +68,15 @@ def bare_loop(cfg: Any, n_trials: int) -> float:
 
     def objective(trial: optuna.Trial) -> float:
         params = search.suggest(trial, distributions)
-        spec = TrialSpec(trial.number, with_params(cfg, params), prepared, Path("."), False)
+        spec = TrialSpec(
+            trial.number,
+            with_params(cfg, params),
+            prepared,
+            Path("."),
+            False,
+            metric=str(cfg.sweep.metric),
+            direction=str(cfg.sweep.direction),
+        )
         result = backend.run(spec, PruningReporter(trial, cfg.sweep.metric))
         return result.metrics[cfg.sweep.metric]
 

@@ -227,7 +227,15 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
         params = search.suggest(trial, plan.distributions)
         reporter = CountingReporter(trial, metric, lambda e: noise(params, e))
         trial_cfg = with_params(plan.cfg, params)
-        spec = TrialSpec(trial.number, trial_cfg, bench.prepared, bench.workdir, False)
+        spec = TrialSpec(
+            trial.number,
+            trial_cfg,
+            bench.prepared,
+            bench.workdir,
+            False,
+            metric=metric,
+            direction=str(plan.cfg.sweep.direction),
+        )
         try:
             result = plan.backend.run(spec, reporter)
         except optuna.TrialPruned:
@@ -265,7 +273,15 @@ def fake_optimum(plan: Plan, prepared: Any) -> float | None:
     params = {k: v for k, v in peak.items() if k in dists}
     if any(not dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in params.items()):
         return None
-    spec = TrialSpec(-1, with_params(plan.cfg, params), prepared, Path("."), False)
+    spec = TrialSpec(
+        -1,
+        with_params(plan.cfg, params),
+        prepared,
+        Path("."),
+        False,
+        metric=str(plan.cfg.sweep.metric),
+        direction=str(plan.cfg.sweep.direction),
+    )
     return float(plan.backend.run(spec, SilentReporter()).metrics[plan.cfg.sweep.metric])
 
 

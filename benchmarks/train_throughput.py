@@ -113,7 +113,13 @@ def run_harness(cfg: Any, prepared: Any, steps: int, cuda: bool) -> tuple[float,
 
     with tempfile.TemporaryDirectory() as workdir:
         spec = TrialSpec(
-            number=0, config=cfg, prepared=prepared, workdir=Path(workdir), save_model=False
+            number=0,
+            config=cfg,
+            prepared=prepared,
+            workdir=Path(workdir),
+            save_model=False,
+            metric=str(cfg.sweep.metric),
+            direction=str(cfg.sweep.direction),
         )
         with mock.patch.object(local, "make_optimizer", optimizer_with_clock):
             result = LocalBackend().run(spec, SilentReporter())

@@ -3,16 +3,17 @@
 The rule is the Deep Learning Tuning Playbook's: if the best trials crowd one end of a range, the
 optimum may lie beyond it, so the range should be widened there. Suggestions are written in the
 sweep grammar the study uses (``tag(log, interval(3e-5, 1e-2))``), so they can be pasted as
-overrides, and never leave the values a key can take (``hard_limits``).
+overrides, and never leave the values a key can take (``hard_limits``: harness's valid ranges,
+narrowed by what the backend declares it accepts).
 """
 
 from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import (
@@ -26,6 +27,9 @@ from harness import continuation
 from harness.config import VALID_RANGES
 from harness.search import SearchSpaceError, extremes, to_distribution
 
+if TYPE_CHECKING:
+    from harness.backends.base import Backend, Limit
+
 EDGE_FRACTION = 0.1  # "at the edge": within this fraction of the range from an end
 MIN_TRIALS_FOR_ADVICE = 5  # fewer complete trials than this: the advice is tentative
 MORE_TRIALS = 10  # trials the command that follows the advice adds to the study
@@ -35,18 +39,24 @@ MORE_TRIALS = 10  # trials the command that follows the advice adds to the study
 LIMITS: dict[str, tuple[float | None, float | None]] = {
     key: (valid.low, valid.high) for key, valid in VALID_RANGES.items()
 }
-# The OpenAI fine-tuning API's ranges (n_epochs 1-50, batch_size 1-256)
-HOSTED_LIMITS: dict[str, tuple[float | None, float | None]] = {
-    "train.epochs": (1, 50),
-    "train.batch_size": (1, 256),
-}
 
 
-def hard_limits(backend_target: str) -> dict[str, tuple[float | None, float | None]]:
-    """LIMITS, narrowed by what a hosted provider accepts when the backend is one."""
-    if "openai" in backend_target.lower():
-        return {**LIMITS, **HOSTED_LIMITS}
-    return dict(LIMITS)
+def hard_limits(backend: Backend) -> dict[str, Limit]:
+    """LIMITS, narrowed by the limits the backend declares (a hosted provider's API ranges)."""
+    limits = dict(LIMITS)
+    for key, (low, high) in backend.hard_limits().items():
+        floor, ceiling = limits.get(key, (None, None))
+        limits[key] = (_tighter(floor, low, max), _tighter(ceiling, high, min))
+    return limits
+
+
+def _tighter(
+    ours: float | None, theirs: float | None, pick: Callable[[float, float], float]
+) -> float | None:
+    """The narrower of two ends of a range (``pick``: max for a floor, min for a ceiling)."""
+    if ours is None or theirs is None:
+        return theirs if ours is None else ours
+    return pick(ours, theirs)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import SWITCHES, ConfigError, load_config, split_overrides
 from harness.secrets import redact_text
-from harness.study import SWEEP_ONLY_KEYS, best_trial, load_study, override_value, train_once
+from harness.study import (
+    SWEEP_ONLY_KEYS,
+    best_trial,
+    load_study,
+    make_backend,
+    override_value,
+    train_once,
+)
 from harness.tracking import MLflowStore
 
 ALIAS = "champion"
@@ -84,7 +91,7 @@ def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
         return 0
     if trained.model_uri is None:
         say(
-            f"backend {cfg.backend._target_.rsplit('.', 1)[-1]} saves no model: nothing to "
+            f"backend {make_backend(cfg).name} saves no model: nothing to "
             f"register (run {trained.run_id})"
         )
         return 1

@@ -131,7 +131,7 @@ def cmd_sweep(args: list[str]) -> int:
     say(
         f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, {target}; "
         f"sampler {cfg.sampler.name}, pruner {pruner}, "
-        f"backend {cfg.backend._target_.rsplit('.', 1)[-1]}{workers}"
+        f"backend {sweep.plan.backend.name}{workers}"
     )
     say(f"optuna storage: {describe_storage(cfg)}", markup=False)
     say(f"mlflow: {redact_text(tracking_uri(cfg))}", markup=False)

@@ -396,16 +396,10 @@ class ExampleCheck(Protocol):
     """A backend's own data rules (a hosted API's token limit per example), run on each file's
     examples right after it is loaded, before any split or size check, so a broken example is
     reported even where the split would fail too. ``labels``: the training labels (sorted;
-    [] for generation). Raises DataError naming the file and line."""
+    [] for generation). Raises DataError naming the file and line. What Backend.example_check
+    returns; every entry point hands it to ``load_dataset``, so a file gets the same verdict."""
 
     def __call__(self, examples: Sequence[Example], task: str, labels: Sequence[str]) -> None: ...
-
-
-def example_check(backend: Any, cfg: DictConfig) -> ExampleCheck | None:
-    """The check a backend declares with an ``example_check(cfg)`` method, else None: what every
-    entry point hands to ``load_dataset`` so the same file gets the same verdict."""
-    make = getattr(backend, "example_check", None)
-    return make(cfg) if make is not None else None
 
 
 def load_dataset(data: DictConfig, check: ExampleCheck | None = None) -> Dataset:

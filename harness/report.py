@@ -31,6 +31,7 @@ from harness.secrets import redact_text
 from harness.storage import describe_storage
 from harness.study import (
     load_study,
+    make_backend,
     ranked_trials,
     reproduce_command,
     stored_objectives,
@@ -159,7 +160,7 @@ def gather(
         parent_id=str(study.user_attrs.get("mlflow_parent_run_id", "")),
     )
     facts.importances, facts.importance_problem = param_importances(facts)
-    limits = advice.hard_limits(str(cfg.backend.get("_target_", "")))
+    limits = advice.hard_limits(make_backend(cfg))
     distributions = searched_distributions(trials)
     facts.advice = advice.boundary_advice(ranked, distributions, limits)
     facts.follow_advice = advice.follow_command(

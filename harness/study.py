@@ -31,11 +31,11 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from harness import continuation, search
-from harness.backends.base import Backend, TrialResult, TrialSpec, check_tunable
+from harness.backends.base import Backend, PaidBackend, TrialResult, TrialSpec, check_tunable
 from harness.checks import check_space_ranges
 from harness.config import ConfigError, runs_dir, with_params
 from harness.continuation import holds
-from harness.data import Dataset, example_check, load_dataset
+from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import EVAL_METRICS
 from harness.provenance import provenance
@@ -128,10 +128,9 @@ def plan_study(cfg: DictConfig) -> Plan:
     fixed = search.fixed_values(space)
     cfg = with_params(cfg, fixed)
     backend = make_backend(cfg)
-    check_tunable(backend_name(cfg), backend.tunable_keys, distributions)
-    check_credentials = getattr(backend, "check_credentials", None)
-    if check_credentials is not None:  # first: counting tokens for the data checks caches files
-        check_credentials()
+    check_tunable(backend.name, backend.tunable_keys(cfg), distributions)
+    if isinstance(backend, PaidBackend):  # first: counting tokens for the data checks caches files
+        backend.check_credentials()
     for key, dist in distributions.items():  # the schema must accept every value sampled
         for value in search.extremes(dist):
             try:
@@ -142,7 +141,7 @@ def plan_study(cfg: DictConfig) -> Plan:
                 ) from exc
     check_space_ranges(space, distributions, fixed)
     notices = _check_objectives(cfg)
-    metrics = EVAL_METRICS.get(cfg.data.task, ())
+    metrics = backend.eval_metrics(cfg.data.task)
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
@@ -158,15 +157,10 @@ def plan_study(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
-    dataset = load_dataset(cfg.data, example_check(backend, cfg))
+    dataset = load_dataset(cfg.data, backend.example_check(cfg))
     _check_reported(cfg, backend, dataset)
-    identity = fingerprint(cfg, dataset, backend_name(cfg), objectives(cfg))
+    identity = fingerprint(cfg, dataset, backend.name, objectives(cfg))
     return Plan(cfg, distributions, fixed, backend, dataset, identity, notices=notices)
-
-
-def backend_name(cfg: DictConfig) -> str:
-    """The backend's class name: `LocalBackend`, `OpenAIBackend`, `FakeBackend`."""
-    return str(cfg.backend._target_).rsplit(".", 1)[-1]
 
 
 # Final metrics every trial has besides its task's: what a multi-objective study may trade
@@ -225,10 +219,10 @@ def _check_objectives(cfg: DictConfig) -> list[str]:
 def _check_reported(cfg: DictConfig, backend: Backend, dataset: Dataset) -> None:
     """Objectives this backend and data cannot measure would fail every trial at its end."""
     for metric, _ in objectives(cfg):
-        if metric == "cost_usd" and not hasattr(backend, "estimate_cost_usd"):
+        if metric == "cost_usd" and not isinstance(backend, PaidBackend):
             raise ConfigError(
                 f"sweep.objectives: cost_usd is only reported by a backend that spends money; "
-                f"backend {cfg.backend._target_.rsplit('.', 1)[-1]} does not (train/seconds "
+                f"backend {backend.name} does not (train/seconds "
                 "measures the time a trial takes)"
             )
         if metric.startswith("test/") and not dataset.test:
@@ -447,7 +441,10 @@ def run_trial(
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
     goals = objectives(cfg)
-    spec = TrialSpec(number, cfg, plan.prepared, workdir, save_model, key)
+    metric, direction = str(cfg.sweep.metric), str(cfg.sweep.direction)
+    spec = TrialSpec(
+        number, cfg, plan.prepared, workdir, save_model, key, metric=metric, direction=direction
+    )
     run = tracker.start_run(run_name, params, tags, cfg, parent_id)
     try:  # at once: an interrupt from here on still closes the run
         reporter = TrialReporter(
@@ -900,10 +897,10 @@ class Sweep:
                 user_attrs={"harness_retry_of": trial.number, "harness_trial_key": key},
             )
         else:
-            abandon = getattr(self.plan.backend, "abandon", None)
-            if abandon is not None and key:
+            backend = self.plan.backend
+            if isinstance(backend, PaidBackend) and key:
                 try:
-                    billed = abandon(key)
+                    billed = backend.abandon(key)
                 except Exception as exc:
                     log.warning("trial %d: could not cancel its work: %s", trial.number, exc)
                 else:  # the trial is finished (failed): Optuna keeps no new attrs on it
@@ -997,10 +994,11 @@ class Sweep:
         """Does not launch a trial whose estimated cost would take the study's spend past
         sweep.budget_usd: the trial fails with the reason and the study stops."""
         budget = self.cfg.sweep.budget_usd
-        estimate_cost = getattr(self.plan.backend, "estimate_cost_usd", None)
-        if estimate_cost is None:
+        backend = self.plan.backend
+        if not isinstance(backend, PaidBackend):
             return
-        estimate = float(estimate_cost(with_params(self.cfg, params), self.plan.prepared))
+        trial_cfg = with_params(self.cfg, params)
+        estimate = float(backend.estimate_cost_usd(trial_cfg, self.plan.prepared))
         trial.set_user_attr("cost_estimate_usd", estimate)
         if budget is None or "harness_retry_of" in trial.user_attrs:
             return  # a retry re-attaches to work the study already counted as spent

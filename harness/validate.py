@@ -7,12 +7,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from harness.backends.base import Backend, PaidBackend
 from harness.config import load_config, with_params
 from harness.data import (
     Dataset,
     Example,
     detect_task,
-    example_check,
     label_balance,
     load_dataset,
     resolve_path,
@@ -78,7 +78,7 @@ def validate(arguments: list[str], console: Any) -> int:
 
     cfg, task_source = config_for(arguments)
     backend = make_backend(cfg)
-    dataset = load_dataset(cfg.data, example_check(backend, cfg))
+    dataset = load_dataset(cfg.data, backend.example_check(cfg))
     console.print(
         f"dataset [bold]{cfg.data.name}[/bold] ({dataset.task}, {task_source}): OK",
         soft_wrap=True,
@@ -104,7 +104,7 @@ def validate(arguments: list[str], console: Any) -> int:
         for label in dataset.labels:
             table.add_row(label, *(str(balances[s].get(label, 0)) for s in sizes))
         console.print(table)
-    if hasattr(backend, "estimate_cost_usd"):
+    if isinstance(backend, PaidBackend):
         return hosted_costs(cfg, backend, dataset, console)
     lengths = token_lengths(cfg, dataset)
     ordered = sorted(lengths)
@@ -121,7 +121,7 @@ def validate(arguments: list[str], console: Any) -> int:
     return 0
 
 
-def make_backend(cfg: Any) -> Any:
+def make_backend(cfg: Any) -> Backend:
     from harness.study import make_backend as instantiate
 
     return instantiate(cfg)
@@ -142,7 +142,7 @@ def epochs_in_space(cfg: Any) -> list[int]:
     return [int(str(fixed_values(space).get("train.epochs", cfg.train.epochs)))]
 
 
-def hosted_costs(cfg: Any, backend: Any, dataset: Dataset, console: Any) -> int:
+def hosted_costs(cfg: Any, backend: PaidBackend, dataset: Dataset, console: Any) -> int:
     """The API's data rules, token counts and the cost of every trial shape; spends nothing."""
     from rich.table import Table
 

@@ -1,5 +1,8 @@
 """One contract every backend passes unchanged (the Optuna storage-test idea): the fake, local
-GPT-2 training, and the OpenAI backend talking HTTP to the loopback fake through the real SDK."""
+GPT-2 training, and the OpenAI backend talking HTTP to the loopback fake through the real SDK.
+The contract is the one harness.backends.base.Backend's docstring states: what a backend
+declares (name, tunable keys from the config, hard limits, evaluation metrics, example check,
+whether it is paid) and what a trial does (steps, evaluations, pruning, determinism)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,15 @@ import optuna
 import pytest
 from omegaconf import DictConfig
 
-from harness.backends.base import Backend, TrialSpec
+from harness import advice
+from harness.backends.base import Backend, PaidBackend, TrialSpec, UntunableKeyError, check_tunable
+from harness.backends.local import LocalBackend
 from harness.backends.openai_ft import OpenAIBackend
-from harness.config import with_params
+from harness.config import VALID_RANGES, with_params
 from harness.data import load_dataset
 from harness.metrics import EVAL_METRICS
-from harness.study import make_backend
+from harness.search import to_distributions
+from harness.study import make_backend, plan_study
 
 
 class RecordingReporter:
@@ -47,12 +53,25 @@ OTHER_PARAMS = {
     "local": {"train.learning_rate": 1e-5},
     "openai": {"train.learning_rate_multiplier": 0.05},
 }
+# each backend's name: stored in every study's fingerprint, so it never changes
+NAMES = {"fake": "FakeBackend", "local": "LocalBackend", "openai": "OpenAIBackend"}
 # what each evaluation carries, beyond the objective metric
 EVAL_KEYS = {
     "fake": EVAL_METRICS["classification"],
     "local": EVAL_METRICS["classification"],
     "openai": ("eval/loss", "eval/token_accuracy", "eval/perplexity"),
 }
+
+
+class OrderReporter(RecordingReporter):
+    """Also records whether the trial's length was given before its first report."""
+
+    totals_before_first_report: bool | None = None
+
+    def report(self, step, metrics):
+        if self.totals_before_first_report is None:
+            self.totals_before_first_report = bool(self.totals)
+        super().report(step, metrics)
 
 
 @dataclass
@@ -80,19 +99,78 @@ def setup(request, make_cfg):
     return Setup(request.param, backend, cfg, backend.prepare(cfg, dataset))
 
 
-def spec(cfg, prepared, tmp_path: Path, save_model=False) -> TrialSpec:
-    return TrialSpec(0, cfg, prepared, tmp_path, save_model)
+def trial_spec(
+    cfg: DictConfig, prepared: Any, workdir: Path, save_model=False, key="", number=0
+) -> TrialSpec:
+    """A trial of ``cfg`` as a study hands it over: judged by the study's metric and direction."""
+    return TrialSpec(
+        number,
+        cfg,
+        prepared,
+        workdir,
+        save_model,
+        key,
+        metric=str(cfg.sweep.metric),
+        direction=str(cfg.sweep.direction),
+    )
 
 
 class TestBackendContract:
     def test_declares_tunable_keys_covering_the_training_knobs(self, setup):
-        backend, _, _ = setup
-        assert any(key.startswith("train.") for key in backend.tunable_keys)
+        backend, cfg, _ = setup
+        assert any(key.startswith("train.") for key in backend.tunable_keys(cfg))
+
+    def test_declares_the_name_its_studies_are_stored_under(self, setup):
+        assert setup.backend.name == NAMES[setup.name]
+
+    def test_tunable_keys_come_from_the_config(self, setup):
+        """The study's own search space is tunable; what prepare made once never is."""
+        backend, cfg, _ = setup
+        tunable = backend.tunable_keys(cfg)
+        assert isinstance(tunable, frozenset)
+        check_tunable(backend.name, tunable, to_distributions(dict(cfg.search.space)))
+        for fixed in ("model.name_or_path", "model.vocab_size", "data.path", "seed"):
+            with pytest.raises(UntunableKeyError):
+                check_tunable(backend.name, tunable, [fixed])
+
+    def test_hard_limits_narrow_the_valid_ranges_of_tunable_keys(self, setup):
+        backend, cfg, _ = setup
+        merged = advice.hard_limits(backend)
+        for key, (low, high) in backend.hard_limits().items():
+            check_tunable(backend.name, backend.tunable_keys(cfg), [key])
+            valid = VALID_RANGES[key]
+            assert all(valid.holds(end) for end in (low, high) if end is not None)
+            assert merged[key] == (low, high)
+
+    def test_declares_whether_it_is_paid_and_what_a_trial_costs(self, setup):
+        """A paid backend counts the data without uploading (describe) what its estimates and
+        `harness validate` use; it is the same count prepare made."""
+        backend, cfg, prepared = setup
+        assert isinstance(backend, PaidBackend) == (setup.name == "openai")
+        dataset = load_dataset(cfg.data, backend.example_check(cfg))  # its own rules pass
+        if not isinstance(backend, PaidBackend):
+            return
+        described = backend.describe(cfg, dataset)
+        assert described.file_tokens == prepared.file_tokens > 0
+        estimate = backend.estimate_cost_usd(cfg, described)
+        assert estimate == backend.estimate_cost_usd(cfg, prepared) >= 0.0
+
+    def test_total_steps_come_first_and_evaluations_carry_the_declared_metrics(
+        self, setup, tmp_path
+    ):
+        backend, cfg, prepared = setup
+        reporter = OrderReporter(cfg.sweep.metric)
+        backend.run(trial_spec(cfg, prepared, tmp_path), reporter)
+        assert reporter.totals_before_first_report
+        declared = backend.eval_metrics(cfg.data.task)
+        assert cfg.sweep.metric in declared
+        evals = [m for _, m in reporter.calls if cfg.sweep.metric in m]
+        assert evals and all(set(declared) <= set(m) for m in evals)
 
     def test_run_reports_steps_in_order_and_one_evaluation_per_epoch(self, setup, tmp_path):
         backend, cfg, prepared = setup
         reporter = RecordingReporter(cfg.sweep.metric)
-        result = backend.run(spec(cfg, prepared, tmp_path), reporter)
+        result = backend.run(trial_spec(cfg, prepared, tmp_path), reporter)
         steps = [step for step, _ in reporter.calls]
         assert steps == sorted(steps) and steps[0] >= 1
         train_losses = [m["train/loss"] for _, m in reporter.calls if "train/loss" in m]
@@ -107,7 +185,9 @@ class TestBackendContract:
 
     def test_result_has_objective_validation_and_test_metrics(self, setup, tmp_path):
         backend, cfg, prepared = setup
-        result = backend.run(spec(cfg, prepared, tmp_path), RecordingReporter(cfg.sweep.metric))
+        result = backend.run(
+            trial_spec(cfg, prepared, tmp_path), RecordingReporter(cfg.sweep.metric)
+        )
         assert math.isfinite(result.metrics[cfg.sweep.metric])
         for key in ("test/accuracy", "test/f1", "test/precision", "test/recall"):
             assert 0.0 <= result.metrics[key] <= 1.0
@@ -117,7 +197,7 @@ class TestBackendContract:
         backend, cfg, prepared = setup
         reporter = RecordingReporter(cfg.sweep.metric, prune_at_eval=1)
         with pytest.raises(optuna.TrialPruned):
-            backend.run(spec(cfg, prepared, tmp_path), reporter)
+            backend.run(trial_spec(cfg, prepared, tmp_path), reporter)
         # a paid backend reports what its stopped job billed after the prune: cost only
         trained = [(s, m) for s, m in reporter.calls if set(m) - {"cost_usd", "trained_tokens"}]
         last_step, last_metrics = trained[-1]
@@ -127,14 +207,28 @@ class TestBackendContract:
     def test_same_params_same_result(self, setup, tmp_path):
         backend, cfg, prepared = setup
         metric = cfg.sweep.metric
-        first = backend.run(spec(cfg, prepared, tmp_path / "1"), RecordingReporter(metric))
-        second = backend.run(spec(cfg, prepared, tmp_path / "2"), RecordingReporter(metric))
+        first = backend.run(trial_spec(cfg, prepared, tmp_path / "1"), RecordingReporter(metric))
+        second = backend.run(trial_spec(cfg, prepared, tmp_path / "2"), RecordingReporter(metric))
         assert first.metrics == pytest.approx(second.metrics, abs=1e-6)
 
     def test_params_change_the_result(self, setup, tmp_path):
         backend, cfg, prepared = setup
         metric = cfg.sweep.metric
-        base = backend.run(spec(cfg, prepared, tmp_path / "1"), RecordingReporter(metric))
+        base = backend.run(trial_spec(cfg, prepared, tmp_path / "1"), RecordingReporter(metric))
         other_cfg = with_params(cfg, OTHER_PARAMS[setup.name])
-        other = backend.run(spec(other_cfg, prepared, tmp_path / "2"), RecordingReporter(metric))
+        other = backend.run(
+            trial_spec(other_cfg, prepared, tmp_path / "2"), RecordingReporter(metric)
+        )
         assert other.metrics["eval/loss"] != pytest.approx(base.metrics["eval/loss"])
+
+
+def test_local_tunes_the_architecture_only_of_a_model_built_from_scratch(make_cfg):
+    backend = LocalBackend()
+    scratch = make_cfg("backend=local", "model=tiny_gpt2")
+    pretrained = make_cfg("backend=local", "model=gpt2")
+    architecture = {"model.n_layer", "model.n_head", "model.n_embd"}
+    assert architecture <= backend.tunable_keys(scratch)
+    assert not architecture & backend.tunable_keys(pretrained)
+    # the study refuses it before anything is loaded: a checkpoint brings its own shape
+    with pytest.raises(UntunableKeyError, match=r"cannot tune model\.n_layer"):
+        plan_study(make_cfg("backend=local", "model=gpt2", "model.n_layer=choice(1, 2)"))

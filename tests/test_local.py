@@ -10,7 +10,6 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.backends.base import TrialSpec
 from harness.backends.local import LocalBackend
 from harness.config import with_params
 from harness.data import load_dataset
@@ -18,7 +17,7 @@ from harness.storage import storage_for
 from harness.study import Sweep, train_once
 from harness.tracking import tracking_uri
 from tests.conftest import window_ends, write
-from tests.test_backend_contract import RecordingReporter
+from tests.test_backend_contract import RecordingReporter, trial_spec
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,7 @@ def test_local_loop_lowers_the_loss(make_cfg, tmp_path):
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     reporter = RecordingReporter("eval/f1")
-    result = backend.run(TrialSpec(0, cfg, prepared, tmp_path, False), reporter)
+    result = backend.run(trial_spec(cfg, prepared, tmp_path), reporter)
     losses = [m["train/loss"] for _, m in reporter.calls if "train/loss" in m]
     per_epoch = len(losses) // 4
     first, last = losses[:per_epoch], losses[-per_epoch:]
@@ -69,7 +68,7 @@ def test_eval_every_n_steps_early_stopping_and_best_weights(make_cfg, tmp_path):
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     reporter = RecordingReporter("eval/f1")
-    result = backend.run(TrialSpec(0, cfg, prepared, tmp_path, False), reporter)
+    result = backend.run(trial_spec(cfg, prepared, tmp_path), reporter)
     eval_steps = [step for step, m in reporter.calls if "eval/f1" in m]
     assert eval_steps == list(range(10, 10 * len(eval_steps) + 1, 10))
     assert result.steps == eval_steps[-1] < 30 * 28  # stopped long before 30 epochs
@@ -167,7 +166,7 @@ def test_generation_task_reports_loss_perplexity_and_text_metrics(make_cfg, tmp_
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     reporter = RecordingReporter("eval/loss")
-    result = backend.run(TrialSpec(0, cfg, prepared, tmp_path, True), reporter)
+    result = backend.run(trial_spec(cfg, prepared, tmp_path, save_model=True), reporter)
     for key in (
         "eval/loss",
         "eval/perplexity",
@@ -207,7 +206,7 @@ def test_pretrained_checkpoint_loads_with_from_pretrained(make_cfg, tmp_path, st
     prepared = backend.prepare(pretrained_cfg, dataset)
     assert prepared.tokenizer_source == str(checkpoint)
     result = backend.run(
-        TrialSpec(0, pretrained_cfg, prepared, tmp_path / "run", True),
+        trial_spec(pretrained_cfg, prepared, tmp_path / "run", save_model=True),
         RecordingReporter(pretrained_cfg.sweep.metric),
     )
     assert pretrained_cfg.sweep.metric in result.metrics
@@ -219,4 +218,4 @@ def test_max_length_beyond_the_model_positions_is_a_clear_error(make_cfg, tmp_pa
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     with pytest.raises(ValueError, match=r"train.max_length=256 exceeds the model's 128"):
-        backend.run(TrialSpec(0, cfg, prepared, tmp_path, False), RecordingReporter("eval/f1"))
+        backend.run(trial_spec(cfg, prepared, tmp_path), RecordingReporter("eval/f1"))

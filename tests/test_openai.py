@@ -19,7 +19,6 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.backends.base import TrialSpec
 from harness.backends.openai_ft import (
     UNPARSED,
     HostedJobError,
@@ -37,7 +36,7 @@ from harness.report import pruning_savings
 from harness.study import Sweep, load_study, make_backend, plan_study
 from harness.tracking import tracking_uri
 from tests.conftest import OPENAI_TEST_SETTINGS, window_ends, write
-from tests.test_backend_contract import RecordingReporter
+from tests.test_backend_contract import RecordingReporter, trial_spec
 
 QUICK = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2")
 
@@ -205,7 +204,7 @@ class TestJobSafety:
         cfg = openai_cfg(*QUICK, *overrides)
         backend = make_backend(cfg)
         prepared = backend.prepare(cfg, load_dataset(cfg.data))
-        return backend, TrialSpec(0, cfg, prepared, tmp_path, False, key)
+        return backend, trial_spec(cfg, prepared, tmp_path, key=key)
 
     def test_dropped_create_response_makes_no_second_job(self, openai_cfg, fake_openai, tmp_path):
         fake_openai.api.faults.drop_create_responses = 1
@@ -235,7 +234,7 @@ class TestJobSafety:
         fake_openai.api.faults.ignore_metadata_filter = True
         backend, spec = self.backend_and_spec(openai_cfg, tmp_path, "key-a")
         backend.run(spec, RecordingReporter("eval/loss"))
-        other = TrialSpec(1, spec.config, spec.prepared, tmp_path / "b", False, "key-b")
+        other = trial_spec(spec.config, spec.prepared, tmp_path / "b", key="key-b", number=1)
         reporter = RecordingReporter("eval/loss")
         backend.run(other, reporter)
         assert len(fake_openai.api.jobs) == 2  # key-b did not take key-a's job
@@ -545,7 +544,7 @@ class TestBilledSpend:
         cfg = openai_cfg("train.batch_size=16", "train.epochs=3", *overrides)
         backend = make_backend(cfg)
         prepared = backend.prepare(cfg, load_dataset(cfg.data))
-        return backend, TrialSpec(0, cfg, prepared, tmp_path, False, "billed-key")
+        return backend, trial_spec(cfg, prepared, tmp_path, key="billed-key")
 
     @pytest.mark.parametrize(
         ("cancel_s", "status"),

@@ -17,17 +17,18 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from harness import advice
+from harness.backends.local import LocalBackend
 from harness.config import ConfigError, load_config, runs_dir
 from harness.report import pruning_savings, write_report
 from harness.search import to_distribution
 from harness.storage import storage_for
-from harness.study import Sweep
+from harness.study import Sweep, make_backend
 from harness.tracking import tracking_uri
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SWEEP = ("backend=fake", "sweep.n_trials=12", "pruner=median", "tracking.log_best_model=false")
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
-LOCAL_LIMITS = advice.hard_limits("harness.backends.local.LocalBackend")
+LOCAL_LIMITS = advice.hard_limits(LocalBackend())
 
 
 def console() -> Console:
@@ -316,8 +317,8 @@ def test_widened_ranges_stay_within_what_the_key_can_take(key, distribution, edg
         assert type(to_distribution(key, suggestion)) is type(distribution)
 
 
-def test_hosted_limits_make_an_edge_a_hard_limit():
-    limits = advice.hard_limits("harness.backends.openai_ft.OpenAIBackend")
+def test_hosted_limits_make_an_edge_a_hard_limit(make_cfg):
+    limits = advice.hard_limits(make_backend(make_cfg("backend=openai")))
     epochs = IntDistribution(10, 50)
     assert advice.widen("train.epochs", epochs, "upper", limits["train.epochs"]) is None
     dists = {"train.epochs": epochs}

@@ -1,16 +1,20 @@
 """The backend protocol: what every way of running a trial (local GPT-2, a hosted job, the fake)
-must do. Implementations share no base code; the contract test suite in tests/ checks each."""
+must do, and what it declares about itself. Implementations share no base code; the contract
+test suite (tests/test_backend_contract.py) checks each against the contract stated here."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig
 
-from harness.data import Dataset
+from harness.data import Dataset, ExampleCheck
+
+# The values a config key may take: (low, high), None for an open end.
+Limit = tuple[float | None, float | None]
 
 
 class Reporter(Protocol):
@@ -42,6 +46,11 @@ class TrialSpec:
     # the trial it retries, so a hosted backend finds the job that process started rather than
     # paying for another. Empty: the backend makes up a unique one.
     key: str = ""
+    _: KW_ONLY
+    # What the trial's evaluations are judged by (the study's sweep.metric and sweep.direction,
+    # also in a multi-objective study): the metric early stopping and the kept checkpoint follow.
+    metric: str  # one of the backend's eval_metrics
+    direction: str  # "maximize" or "minimize"
 
 
 @dataclass
@@ -55,9 +64,49 @@ class TrialResult:
     hosted_model: dict[str, str] | None = None
 
 
+@runtime_checkable
 class Backend(Protocol):
-    # Config keys a search space may vary with this backend: exact keys, or prefixes "train.*".
-    tunable_keys: frozenset[str]
+    """One way of running trials. The contract (tests/test_backend_contract.py checks it):
+
+    Declared, before any trial:
+    - ``name``: the backend's name in messages, the CLI and the study's fingerprint; stored with
+      every study, so it never changes (a renamed backend would refuse its own studies).
+    - ``tunable_keys(cfg)``: what a search space may vary under this config.
+    - ``hard_limits()``: the values the backend accepts for a key, narrower than harness's own.
+    - ``eval_metrics(task)``: the metrics every evaluation reports; the objective is one of them.
+    - ``example_check(cfg)``: the backend's own rule per data example, or None.
+
+    A trial (``run``):
+    - calls ``reporter.set_total_steps`` before its first report, and again if the estimate
+      changes; the last value given is the number of steps a trial run to the end took;
+    - reports ``train/loss`` at each optimizer step 1, 2, ... in increasing order, and at each
+      evaluation (one per epoch unless configured otherwise) every one of ``eval_metrics``;
+    - lets ``optuna.TrialPruned`` from the reporter propagate: nothing is trained or evaluated
+      after it (a paid backend then reports only what the stopped work billed);
+    - returns the eval/* metrics of the model it keeps (the best evaluation by ``spec.metric``
+      and ``spec.direction`` where it can choose, as the local backend does; a hosted job's
+      final model), that model's test/* metrics on the test split, and artifacts that exist;
+    - is deterministic: the same config (seed included) and prepared data give the same
+      metrics, and a change of a tunable key changes them.
+    """
+
+    name: str
+
+    def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
+        """Config keys a search space may vary under ``cfg``: exact keys, or prefixes "train.*".
+        Keys that shape what ``prepare`` made once per study (a checkpoint, a tokenizer) are
+        never tunable."""
+
+    def hard_limits(self) -> Mapping[str, Limit]:
+        """The values this backend accepts for a key, where they are narrower than harness's
+        valid ranges (a provider's API limits): advice never suggests a value beyond them."""
+
+    def eval_metrics(self, task: str) -> tuple[str, ...]:
+        """The metrics every evaluation of a ``task`` trial reports: what sweep.metric may be."""
+
+    def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
+        """The backend's own rules per data example (see harness.data.ExampleCheck), for
+        ``load_dataset`` to run on each file as it is loaded; None: no rule beyond harness's."""
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Any:
         """Once per study: tokenize / upload / convert the data; the result is reused by every
@@ -67,20 +116,39 @@ class Backend(Protocol):
         """Runs one trial to the end (or until the reporter raises TrialPruned)."""
 
 
-class PaidBackend(Protocol):
-    """A backend whose trials cost money: the study checks its budget before each trial."""
+class CostBasis(Protocol):
+    """What a paid backend counts in the data before spending anything: the basis of its cost
+    estimates, and what `harness validate` shows."""
 
-    def estimate_cost_usd(self, cfg: DictConfig, prepared: Any) -> float:
-        """What a trial with this config would cost, before it is launched."""
+    file_tokens: int  # tokens in the training file: billed once per epoch
+    tokens_note: str  # how they were counted (exact encoding or an estimate)
+    usd_per_token: float
 
-    def abandon(self, key: str) -> float | None:
-        """Stops paid work started under this trial key that nobody will follow again; returns
-        what that work billed in USD once stopped (None: unknown), for the caller to record."""
+
+@runtime_checkable
+class PaidBackend(Backend, Protocol):
+    """A backend whose trials cost money: the study checks its credentials first and its budget
+    before each trial, `harness validate` shows what the trials would cost, and a trial may
+    have ``cost_usd`` as an objective. Checked with ``isinstance(backend, PaidBackend)``."""
+
+    model: str  # the provider's base model: what prices and data limits depend on
 
     def check_credentials(self) -> None:
         """Raises a ConfigError when the provider's credentials are missing or refused; reads
         no file under runs/ and makes at most one request, so a sweep can check it before
         anything else."""
+
+    def describe(self, cfg: DictConfig, dataset: Dataset) -> CostBasis:
+        """Converts and checks the data and counts what is billed, touching no network: what
+        ``harness validate`` shows and ``estimate_cost_usd`` accepts as ``prepared``."""
+
+    def estimate_cost_usd(self, cfg: DictConfig, prepared: Any) -> float:
+        """What a trial with this config would cost, before it is launched (``prepared``: what
+        ``prepare`` or ``describe`` returned)."""
+
+    def abandon(self, key: str) -> float | None:
+        """Stops paid work started under this trial key that nobody will follow again; returns
+        what that work billed in USD once stopped (None: unknown), for the caller to record."""
 
 
 class UntunableKeyError(ValueError):

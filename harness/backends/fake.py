@@ -14,8 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from harness.backends.base import Backend, Reporter, TrialResult, TrialSpec
-from harness.data import Dataset
+from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
+from harness.data import Dataset, ExampleCheck
+from harness.metrics import EVAL_METRICS
 
 
 def quality(train: DictConfig) -> float:
@@ -28,10 +29,22 @@ def quality(train: DictConfig) -> float:
 
 
 class FakeBackend:
-    tunable_keys = frozenset({"train.*"})
+    name = "FakeBackend"
 
     def __init__(self, *, seconds_per_epoch: float) -> None:  # conf/backend/fake.yaml
         self.seconds_per_epoch = float(seconds_per_epoch)
+
+    def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
+        return frozenset({"train.*"})
+
+    def hard_limits(self) -> dict[str, Limit]:
+        return {}
+
+    def eval_metrics(self, task: str) -> tuple[str, ...]:
+        return EVAL_METRICS.get(task, ())
+
+    def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
+        return None
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> dict[str, Any]:
         return {"task": dataset.task, "n_train": len(dataset.train)}

@@ -13,15 +13,16 @@ import contextlib
 import copy
 import gc
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
-from harness.backends.base import Backend, Reporter, TrialResult, TrialSpec
+from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.config import runs_dir
-from harness.data import Dataset
+from harness.data import Dataset, ExampleCheck
 from harness.tokenization import EncodedSplit, TokenizedData, encode, fit_generation
 from harness.tracking.protocol import ModelDestination
 
@@ -192,10 +193,30 @@ def batches(
         }
 
 
+# The keys that shape a GPT-2 built from scratch (model.name_or_path unset)
+ARCHITECTURE_KEYS = frozenset({"model.n_layer", "model.n_head", "model.n_embd"})
+
+
 class LocalBackend:
-    # The architecture keys shape a model built from scratch; the tokenizer and checkpoint are
-    # prepared once per study, so model.name_or_path and model.vocab_size cannot vary per trial.
-    tunable_keys = frozenset({"train.*", "model.n_layer", "model.n_head", "model.n_embd"})
+    name = "LocalBackend"
+
+    def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
+        """Every training knob, and the architecture of a model built from scratch. A pretrained
+        checkpoint brings its own shape, and the tokenizer and checkpoint are prepared once per
+        study, so model.name_or_path and model.vocab_size never vary per trial."""
+        keys = {"train.*"}
+        if not cfg.model.name_or_path:
+            keys |= ARCHITECTURE_KEYS
+        return frozenset(keys)
+
+    def hard_limits(self) -> dict[str, Limit]:
+        return {}  # harness's own valid ranges are this backend's
+
+    def eval_metrics(self, task: str) -> tuple[str, ...]:
+        return task_metrics.EVAL_METRICS.get(task, ())
+
+    def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
+        return None  # any example fits: train.max_length truncates the long ones
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> TokenizedData:
         return encode(cfg, dataset, runs_dir(cfg) / "cache")
@@ -266,67 +287,65 @@ class _Training:
         return contextlib.nullcontext()
 
     def run(self) -> TrialResult:
-        import torch
-
         t = self.train_cfg
-        n_train = len(self.data.train)
-        steps_per_epoch = math.ceil(n_train / t.batch_size)
+        steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
         total = steps_per_epoch * t.epochs
         if t.max_steps > 0:
             total = min(total, t.max_steps)
         scheduler = warmup_then_linear_decay(self.optimizer, total, t.warmup_ratio)
         self.reporter.set_total_steps(total)
         eval_every = t.eval_every_steps or steps_per_epoch
-        sign = 1.0 if self.cfg.sweep.direction == "maximize" else -1.0
-        best_score, best_metrics, best_state, stale, step = -math.inf, {}, None, 0, 0
+        best = _Best(1.0 if self.spec.direction == "maximize" else -1.0)
+        step = 0
         losses: list[Any] = []
         lengths = example_lengths(self.data.train, t.max_length)
         self.model.train()
-        while step < total and stale < (t.patience or math.inf):
+        while step < total and best.stale < (t.patience or math.inf):
             chunks = epoch_batches(lengths, t.batch_size, self.order, t.group_by_length)
             for batch in batches(
-                self.data.train,
-                chunks,
-                t.max_length,
-                self.data.pad_id,
-                self.data.task,
-                self.device,
+                self.data.train, chunks, t.max_length, self.data.pad_id, self.data.task, self.device
             ):
-                with self.autocast():
-                    loss = self.model(**batch).loss
-                loss.backward()
-                if t.grad_clip > 0:
-                    # foreach: one kernel over all gradients (the default loops on CPU)
-                    torch.nn.utils.clip_grad_norm_(
-                        self.model.parameters(), t.grad_clip, foreach=True
-                    )
-                self.optimizer.step()
-                scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
                 # Kept on the device and read in bulk: a .item() per step would make the host
                 # wait for the accelerator at every step.
-                losses.append(loss.detach())
+                losses.append(self.train_step(batch, scheduler))
+                step += 1
                 if len(losses) == 32:
                     self.report_losses(step, losses)
                 if step % eval_every == 0 or step == total:
                     self.report_losses(step, losses)
-                    evaluated, _ = self.evaluate(self.data.validation, "eval")
-                    score = sign * evaluated[self.cfg.sweep.metric]
-                    if score > best_score:
-                        best_score, best_metrics, stale = score, evaluated, 0
-                        best_state = copy.deepcopy(self.model.state_dict())
-                    else:
-                        stale += 1
-                    self.reporter.report(step, evaluated)  # may raise TrialPruned: stops here
-                    self.model.train()
-                if step >= total or (t.patience and stale >= t.patience):
+                    self.evaluate_and_keep(step, best)
+                if step >= total or (t.patience and best.stale >= t.patience):
                     break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+        if best.state is not None:
+            self.model.load_state_dict(best.state)
         test, artifacts = self.test()
         model_dir = self.save() if self.spec.save_model else None
-        return TrialResult({**best_metrics, **test}, artifacts, model_dir, step)
+        return TrialResult({**best.metrics, **test}, artifacts, model_dir, step)
+
+    def train_step(self, batch: dict[str, Any], scheduler: Any) -> Any:
+        """One optimizer step on a batch; returns its loss, still on the device."""
+        import torch
+
+        with self.autocast():
+            loss = self.model(**batch).loss
+        loss.backward()
+        if self.train_cfg.grad_clip > 0:
+            # foreach: one kernel over all gradients (the default loops on CPU)
+            torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.train_cfg.grad_clip, foreach=True
+            )
+        self.optimizer.step()
+        scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def evaluate_and_keep(self, step: int, best: _Best) -> None:
+        """Evaluates on the validation split, keeps the weights if they are the best yet, and
+        reports the evaluation (which may raise TrialPruned: the trial stops there)."""
+        evaluated, _ = self.evaluate(self.data.validation, "eval")
+        best.offer(evaluated, self.spec.metric, self.model)
+        self.reporter.report(step, evaluated)
+        self.model.train()
 
     def report_losses(self, step: int, losses: list[Any]) -> None:
         """Reports the buffered per-step training losses (the last one at ``step``); empties
@@ -345,29 +364,42 @@ class _Training:
         """Loss and task metrics on a split; the loss is the mean over examples (classification)
         or over completion tokens (generation). Also returns the predicted labels of a
         classification split, in split order (empty for generation)."""
-        import torch
-
         t = self.train_cfg
         self.model.eval()
-        total_loss, weight, correct, predictions = 0.0, 0, 0, [0] * len(split)
         # sorted by length: batches of similar length pad little; results do not depend on order
         lengths = example_lengths(split, t.max_length)
         order = sorted(range(len(split)), key=lambda i: lengths[i])
         size = max(t.batch_size, 32)
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        total_loss, weight, correct, predictions = self.forward_split(split, chunks)
+        loss = total_loss / max(weight, 1)
+        result = {f"{prefix}/loss": loss}
+        guessed: list[str] = []
+        if self.data.task == "classification":
+            names = self.data.labels
+            guessed = [names[i] for i in predictions]
+            truth = [names[i] for i in split.targets]
+            scores = task_metrics.classification_metrics(truth, guessed, names)
+        else:
+            scores = {
+                "perplexity": task_metrics.perplexity(loss),
+                "token_accuracy": correct / max(weight, 1),
+            }
+        return result | {f"{prefix}/{k}": v for k, v in scores.items()}, guessed
+
+    def forward_split(
+        self, split: EncodedSplit, chunks: list[list[int]]
+    ) -> tuple[float, int, int, list[int]]:
+        """The split through the model without gradients, one batch per chunk: the summed loss,
+        its weight (examples, or completion tokens), correct completion tokens (generation) and
+        the predicted label index of each example (classification)."""
+        import torch
+
+        t = self.train_cfg
+        total_loss, weight, correct, predictions = 0.0, 0, 0, [0] * len(split)
+        padded = batches(split, chunks, t.max_length, self.data.pad_id, self.data.task, self.device)
         with torch.no_grad(), self.autocast():
-            for chunk, batch in zip(
-                chunks,
-                batches(
-                    split,
-                    chunks,
-                    t.max_length,
-                    self.data.pad_id,
-                    self.data.task,
-                    self.device,
-                ),
-                strict=True,
-            ):
+            for chunk, batch in zip(chunks, padded, strict=True):
                 output = self.model(**batch)
                 if self.data.task == "classification":
                     n = len(batch["labels"])
@@ -383,20 +415,7 @@ class _Training:
                     total_loss += output.loss.item() * n
                     weight += n
                     correct += int((guesses[mask] == labels[mask]).sum())
-        loss = total_loss / max(weight, 1)
-        result = {f"{prefix}/loss": loss}
-        guessed: list[str] = []
-        if self.data.task == "classification":
-            names = self.data.labels
-            guessed = [names[i] for i in predictions]
-            truth = [names[i] for i in split.targets]
-            scores = task_metrics.classification_metrics(truth, guessed, names)
-        else:
-            scores = {
-                "perplexity": task_metrics.perplexity(loss),
-                "token_accuracy": correct / max(weight, 1),
-            }
-        return result | {f"{prefix}/{k}": v for k, v in scores.items()}, guessed
+        return total_loss, weight, correct, predictions
 
     def generate(self, split: EncodedSplit) -> list[str]:
         """Greedy completions of each prompt, up to max_new_tokens or EOS."""
@@ -444,6 +463,26 @@ class _Training:
         self.model.save_pretrained(directory)
         self.data.tokenizer.save_pretrained(directory)
         return directory
+
+
+@dataclass
+class _Best:
+    """The best evaluation of a trial so far by its metric (``sign`` 1: higher is better, -1:
+    lower), the weights that made it, and the evaluations since without improvement."""
+
+    sign: float
+    score: float = -math.inf
+    metrics: dict[str, float] = field(default_factory=dict)
+    state: Any = None
+    stale: int = 0
+
+    def offer(self, evaluated: dict[str, float], metric: str, model: Any) -> None:
+        score = self.sign * evaluated[metric]
+        if score > self.score:
+            self.score, self.metrics, self.stale = score, evaluated, 0
+            self.state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1
 
 
 _: Backend = LocalBackend()

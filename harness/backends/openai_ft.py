@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.backends.base import Backend, PaidBackend, Reporter, TrialResult, TrialSpec
+from harness.backends.base import Backend, Limit, PaidBackend, Reporter, TrialResult, TrialSpec
 from harness.chat_data import (
     Chat,
     TokenCounts,
@@ -75,6 +75,8 @@ STEP_METRICS = {
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 KEY_FILE_MAX_BYTES = 4096  # what is read of backend.api_key_file: its first line at most
+# what a job's hyperparameters may be, by the fine-tuning API (n_epochs 1-50, batch_size 1-256)
+API_LIMITS: dict[str, Limit] = {"train.epochs": (1, 50), "train.batch_size": (1, 256)}
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
@@ -138,7 +140,7 @@ class Prepared:
 
 
 class OpenAIBackend:
-    tunable_keys = frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
+    name = "OpenAIBackend"
 
     def __init__(  # no defaults: conf/backend/openai.yaml holds each value and says what it is
         self,
@@ -274,14 +276,21 @@ class OpenAIBackend:
                 )
         return self._client
 
+    # what it declares ---------------------------------------------------------------------
+    def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
+        """The job's hyperparameters: all a hosted job lets a trial choose."""
+        return frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
+
+    def hard_limits(self) -> dict[str, Limit]:
+        return dict(API_LIMITS)
+
+    def eval_metrics(self, task: str) -> tuple[str, ...]:
+        """What a job reports on the validation split while it trains, whatever the task (test
+        metrics are measured after the job)."""
+        return REPORTED_METRICS
+
     # once per study -------------------------------------------------------------------------
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
-        if cfg.sweep.metric not in REPORTED_METRICS:
-            raise ConfigError(
-                f"sweep.metric={cfg.sweep.metric}: a hosted job reports "
-                f"{', '.join(REPORTED_METRICS)} on the validation split while it trains; optimize "
-                "one of those (test metrics are measured after the job)"
-            )
         prepared = self.describe(cfg, dataset)
         chats = to_chats(dataset, self.system_prompt)
         uploaded = {}
@@ -398,17 +407,6 @@ class OpenAIBackend:
         import openai
 
         transient = transient_errors()
-        hyperparameters = {
-            "n_epochs": int(cfg.train.epochs),
-            "batch_size": int(cfg.train.batch_size),
-            "learning_rate_multiplier": float(cfg.train.learning_rate_multiplier),
-        }
-        suffix = re.sub(r"[^a-zA-Z0-9-]", "-", f"{cfg.name}-t{number}")[-40:].strip("-")
-        metadata = {
-            "harness_study": str(cfg.name)[:512],
-            "harness_trial": str(number),
-            "harness_trial_key": key,
-        }
         last_error: Exception | None = None
         for attempt in range(self.create_attempts + 1):
             if last_error is not None:
@@ -422,24 +420,35 @@ class OpenAIBackend:
                     return job, True
                 if attempt == self.create_attempts:
                     break  # the last round only looks: a create lost before may show up now
-                job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
-                    model=self.model,
-                    training_file=prepared.training_file,
-                    validation_file=prepared.validation_file,
-                    method={
-                        "type": "supervised",
-                        "supervised": {"hyperparameters": hyperparameters},
-                    },
-                    seed=int(cfg.seed),
-                    suffix=suffix or None,
-                    metadata=metadata,
-                )
-                return job, False
+                return self._create_job(cfg, prepared, number, key), False
             except transient as exc:
                 last_error = exc
         raise HostedJobError(
             f"could not create a fine-tuning job after {self.create_attempts} attempts: "
             f"{type(last_error).__name__}: {last_error}"
+        )
+
+    def _create_job(self, cfg: DictConfig, prepared: Prepared, number: int, key: str) -> Any:
+        """One create request, not retried by the SDK (it would send no idempotency key)."""
+        hyperparameters = {
+            "n_epochs": int(cfg.train.epochs),
+            "batch_size": int(cfg.train.batch_size),
+            "learning_rate_multiplier": float(cfg.train.learning_rate_multiplier),
+        }
+        suffix = re.sub(r"[^a-zA-Z0-9-]", "-", f"{cfg.name}-t{number}")[-40:].strip("-")
+        metadata = {
+            "harness_study": str(cfg.name)[:512],
+            "harness_trial": str(number),
+            "harness_trial_key": key,
+        }
+        return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
+            model=self.model,
+            training_file=prepared.training_file,
+            validation_file=prepared.validation_file,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            seed=int(cfg.seed),
+            suffix=suffix or None,
+            metadata=metadata,
         )
 
     def abandon(self, key: str) -> float | None:
@@ -507,8 +516,46 @@ class OpenAIBackend:
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
     ) -> TrialResult:
-        prepared: Prepared = spec.prepared
         spec.workdir.mkdir(parents=True, exist_ok=True)
+        artifacts, checkpoints = self._job_files(spec, job, follower)
+        bill = follower.billing(job)
+        reporter.set_tags(
+            {
+                **bill.tags(),
+                "openai.fine_tuned_model": str(job.fine_tuned_model),
+                "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
+            }
+        )
+        test: dict[str, float] = {}
+        if self.azure_endpoint:  # Azure serves a fine-tuned model only once it is deployed
+            reporter.set_tags(
+                {
+                    "harness.test_skipped": "Azure OpenAI needs a deployment of the fine-tuned "
+                    "model before it answers; deploy it and score it with harness train"
+                }
+            )
+        else:
+            test, scored = self._test_files(spec, job.fine_tuned_model)
+            artifacts += scored
+        metrics = {
+            **follower.final_eval,
+            **test,
+            "cost_usd": bill.usd,
+            "trained_tokens": float(bill.tokens),
+        }
+        hosted = {
+            "id": str(job.fine_tuned_model),
+            "job_id": str(job.id),
+            "base_model": self.model,
+            "provider": "azure-openai" if self.azure_endpoint else "openai-api",
+        }
+        return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
+
+    def _job_files(
+        self, spec: TrialSpec, job: Any, follower: _Follower
+    ) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The job's result CSV (its rows reported where no event did) and its checkpoints,
+        written to the trial's folder: (the files, the checkpoints)."""
         artifacts = []
         if job.result_files:
             raw = self.client.files.content(job.result_files[0]).content
@@ -529,31 +576,19 @@ class OpenAIBackend:
         path = spec.workdir / "checkpoints.json"
         path.write_text(json.dumps(checkpoints, indent=2), encoding="utf-8")
         artifacts.append(path)
-        bill = follower.billing(job)
-        reporter.set_tags(
-            {
-                **bill.tags(),
-                "openai.fine_tuned_model": str(job.fine_tuned_model),
-                "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
-            }
+        return artifacts, checkpoints
+
+    def _test_files(self, spec: TrialSpec, model: str) -> tuple[dict[str, float], list[Path]]:
+        """The fine-tuned model's test metrics, and its answers (and for classification the
+        confusion matrix) as files in the trial's folder."""
+        prepared: Prepared = spec.prepared
+        test, predictions = self._evaluate(model, prepared, spec)
+        path = spec.workdir / "test_predictions.jsonl"
+        path.write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+            encoding="utf-8",
         )
-        test: dict[str, float] = {}
-        predictions: list[dict[str, Any]] = []
-        if self.azure_endpoint:  # Azure serves a fine-tuned model only once it is deployed
-            reporter.set_tags(
-                {
-                    "harness.test_skipped": "Azure OpenAI needs a deployment of the fine-tuned "
-                    "model before it answers; deploy it and score it with harness train"
-                }
-            )
-        else:
-            test, predictions = self._evaluate(job.fine_tuned_model, prepared, spec)
-            path = spec.workdir / "test_predictions.jsonl"
-            path.write_text(
-                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
-                encoding="utf-8",
-            )
-            artifacts.append(path)
+        artifacts = [path]
         if predictions and prepared.task == "classification":
             from harness.metrics import save_confusion_matrix
 
@@ -569,19 +604,7 @@ class OpenAIBackend:
                     f"{spec.config.name} trial {spec.number}: test split",
                 )
             )
-        metrics = {
-            **follower.final_eval,
-            **test,
-            "cost_usd": bill.usd,
-            "trained_tokens": float(bill.tokens),
-        }
-        hosted = {
-            "id": str(job.fine_tuned_model),
-            "job_id": str(job.id),
-            "base_model": self.model,
-            "provider": "azure-openai" if self.azure_endpoint else "openai-api",
-        }
-        return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
+        return test, artifacts
 
     def _evaluate(
         self, model: str, prepared: Prepared, spec: TrialSpec
