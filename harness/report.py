@@ -28,7 +28,7 @@ from harness import advice
 from harness.config import ConfigError, runs_dir
 from harness.display import format_value
 from harness.storage import describe_storage
-from harness.study import (
+from harness.study.queries import (
     load_study,
     ranked_trials,
     reproduce_command,
