@@ -113,7 +113,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
                 f"continuing study {source.study_name!r}: {len(self.carried)} of its finished "
                 f"trials carried over{left_out}"
             )
-        self.on_start(count_finished(self.existing) if self.existing is not None else 0)
+        self.on_start(finished if self.existing is not None else 0)  # carried ones: not yet
         check_tracking_server(tracking_uri(self.cfg), self.cfg.tracking.server_timeout_s)
         check_store_writable(tracking_uri(self.cfg))
         if finished < self.cfg.sweep.n_trials:
