@@ -18,14 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import SWITCHES, ConfigError, load_config, split_overrides
 from harness.secrets import redact_text
-from harness.study import (
-    SWEEP_ONLY_KEYS,
-    best_trial,
-    load_study,
-    make_backend,
-    override_value,
-    train_once,
-)
+from harness.study.plan import make_backend
+from harness.study.queries import SWEEP_ONLY_KEYS, best_trial, load_study, override_value
+from harness.study.train import train_once
 from harness.tracking import MLflowStore
 
 ALIAS = "champion"
@@ -52,15 +47,25 @@ def _key(line: str) -> str:
     return line.split("=", 1)[0].lstrip("+~")
 
 
-def train_champion(overrides: list[str], say: Callable[[str], None]) -> int:
-    first = load_config(overrides)
-    study = load_study(first)
-    best = best_trial(study)
+def champion_config(
+    overrides: list[str], first: DictConfig | None = None
+) -> tuple[DictConfig, optuna.trial.FrozenTrial, DictConfig]:
+    """This command's config (``first``, when the caller has composed it already), the study's
+    best trial, and the champion's config: composed once more, as only the stored study knows
+    the best trial's overrides."""
+    first = load_config(overrides) if first is None else first
+    best = best_trial(load_study(first))
     if best is None:
         raise ConfigError(f"study {first.name!r} has no completed trial: nothing to retrain")
+    return first, best, load_config(champion_overrides(overrides, best))
+
+
+def train_champion(
+    overrides: list[str], say: Callable[[str], None], first: DictConfig | None = None
+) -> int:
+    first, best, cfg = champion_config(overrides, first)
     with_validation = bool(OmegaConf.select(first, "with_validation", default=False))
     name = str(first.name)
-    cfg = load_config(champion_overrides(overrides, best))
     store = MLflowStore.of(cfg)  # its user:pass@ as MLflow's basic auth
     objective = f"{best.values[0]:.4f}"
     say(f"champion of study {name}: trial {best.number}'s params ({objective})")

@@ -88,14 +88,10 @@ def _stdout_is_terminal() -> bool:
 
 
 def cmd_sweep(args: list[str]) -> int:
-    from rich.markup import escape
-
     from harness.config import load_config, runs_dir
-    from harness.display import SweepDisplay, print_summary
-    from harness.secrets import redact_text
+    from harness.display import SweepDisplay
     from harness.storage import stopped_by_full_disk
-    from harness.study import Sweep, describe_storage, objectives
-    from harness.tracking import tracking_uri
+    from harness.study.sweep import Sweep
     from harness.workers import inherited_overrides
 
     # workers started by this sweep inherit the environment: quiet too
@@ -112,20 +108,35 @@ def cmd_sweep(args: list[str]) -> int:
         console,
         cfg.sweep.metric,
         cfg.sweep.n_trials,
-        done=_finished_before(cfg),
+        done=0,  # until the sweep has read the stored study: on_start
         quiet=quiet,
         # Bars are redrawn in place; lines that worker processes print to the same terminal
         # would tear them. With workers, every process prints plain lines.
         bars=cfg.sweep.n_workers == 1,
     )
     sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
+    sweep.on_start = display.on_start
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
         with stopped_by_full_disk(runs_dir(cfg)):
             sweep.run()
         return 0
     say = (lambda *a, **k: None) if quiet else console.print
+    said = _announce_sweep(say, cfg, sweep)
+    with display, stopped_by_full_disk(runs_dir(cfg)):
+        study = sweep.run()
+    _say_notices(say, sweep.plan.notices[said:])  # found while it ran (a warm start's source)
+    return _sweep_ending(console, say, cfg, sweep, study)
+
+
+def _announce_sweep(say: Callable[..., Any], cfg: Any, sweep: Any) -> int:
+    """The study, its storages and the plan's notices, before the first trial; returns how many
+    notices were said."""
+    from harness.secrets import redact_text
+    from harness.storage import describe_storage
+    from harness.tracking import tracking_uri
+
     workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
-    goals = objectives(cfg)
+    goals = sweep.plan.objectives
     target = ", ".join(f"{d} {m}" for m, d in goals)
     pruner = "none (several objectives)" if len(goals) > 1 else cfg.pruner.name
     say(
@@ -135,22 +146,32 @@ def cmd_sweep(args: list[str]) -> int:
     )
     say(f"optuna storage: {describe_storage(cfg)}", markup=False)
     say(f"mlflow: {redact_text(tracking_uri(cfg))}", markup=False)
-    said = len(sweep.plan.notices)
-    for notice in sweep.plan.notices:
-        say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
-    with display, stopped_by_full_disk(runs_dir(cfg)):
-        study = sweep.run()
-    for notice in sweep.plan.notices[said:]:  # found while it ran (a warm start's source)
-        say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
-    if any("cost_usd" in t.user_attrs for t in study.trials):
-        from harness.study import study_spend
+    _say_notices(say, sweep.plan.notices)
+    return len(sweep.plan.notices)
 
+
+def _say_notices(say: Callable[..., Any], notices: list[str]) -> None:
+    from rich.markup import escape
+
+    for notice in notices:
+        say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
+
+
+def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, sweep: Any, study: Any) -> int:
+    """Spend, why it stopped or fell short, the summary; the exit code: 1 for a short study (a
+    script must not take a short study for a whole) or one where no trial completed."""
+    from rich.markup import escape
+
+    from harness.display import print_summary
+    from harness.study.queries import reproduce_command, study_spend
+
+    if any("cost_usd" in t.user_attrs for t in study.trials):
         budget = cfg.sweep.budget_usd
         limit = "no budget set" if budget is None else f"budget ${budget:.2f}"
         console.print(f"spent ${study_spend(study):.4f} ({limit})")
     if sweep.stop_reason:
         console.print(f"[yellow]stopped[/yellow]: {escape(sweep.stop_reason)}", soft_wrap=True)
-    short = sweep.shortfall(study)  # exit 1: a script must not take a short study for a whole
+    short = sweep.shortfall(study)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
         last = next((r for r in reversed(reasons) if r), "no reason recorded")
@@ -158,9 +179,7 @@ def cmd_sweep(args: list[str]) -> int:
         if short:
             console.print(short, markup=False, soft_wrap=True)
         return 1
-    print_summary(console, study, goals)
-    from harness.study import reproduce_command
-
+    print_summary(console, study, sweep.plan.objectives)
     report = reproduce_command("report", sweep.overrides, {})  # redacted: no secret printed
     say(f"plots and summary.md: {report}", markup=False, soft_wrap=True)
     if short:
@@ -169,22 +188,10 @@ def cmd_sweep(args: list[str]) -> int:
     return 0
 
 
-def _finished_before(cfg: Any) -> int:
-    """Trials a resumed study already has: where the study's progress bar starts."""
-    from harness.storage import existing_study
-    from harness.study import count_finished
-
-    try:
-        study = existing_study(cfg)  # creates nothing: a refused sweep must leave no file
-    except Exception:  # a storage problem, which the sweep itself reports
-        return 0
-    return 0 if study is None else count_finished(study)
-
-
 def cmd_best(overrides: list[str]) -> int:
     from harness.config import load_config
     from harness.display import print_summary
-    from harness.study import load_study, stored_objectives
+    from harness.study.queries import load_study, stored_objectives
 
     cfg = load_config(overrides)
     study = load_study(cfg)
@@ -200,7 +207,7 @@ def cmd_train(overrides: list[str]) -> int:
 
     from harness.champion import train_champion, wants_champion
     from harness.config import ConfigError, load_config, split_overrides
-    from harness.study import train_once
+    from harness.study.train import train_once
 
     if split_overrides(overrides).sweeps:
         raise ConfigError(
@@ -209,7 +216,7 @@ def cmd_train(overrides: list[str]) -> int:
     cfg = load_config(overrides)
     console = _console()
     if wants_champion(cfg):
-        return train_champion(overrides, lambda text: console.print(text, markup=False))
+        return train_champion(overrides, lambda text: console.print(text, markup=False), cfg)
     with_validation = bool(OmegaConf.select(cfg, "with_validation", default=False))
     trained = train_once(cfg, overrides, with_validation=with_validation)
     metrics = trained.result.metrics

@@ -19,18 +19,37 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, check_distribution_compatibility
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    check_distribution_compatibility,
+)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 CONTINUE_KEY = "sweep.continue_from"
 
 
 def holds(dist: BaseDistribution, value: Any) -> bool:
-    """Whether a value lies in a distribution (a choice among its choices)."""
+    """Whether a value lies in a distribution (a choice among its choices; a number within the
+    bounds and on the step of a range), written out with the distributions' public fields."""
     try:
-        return bool(dist._contains(dist.to_internal_repr(value)))
+        internal = dist.to_internal_repr(value)  # a choice: its index; refused if not one
     except (ValueError, TypeError):
         return False
+    if isinstance(dist, CategoricalDistribution):
+        return True
+    if not isinstance(dist, (FloatDistribution, IntDistribution)):
+        return False
+    if not dist.low <= internal <= dist.high:
+        return False
+    if dist.step is None:
+        return True
+    if isinstance(dist, IntDistribution):
+        return (internal - dist.low) % dist.step == 0
+    k = (internal - dist.low) / dist.step  # as Optuna rounds a float step
+    return abs(k - round(k)) < 1.0e-8
 
 
 def stored_distributions(study: optuna.Study) -> dict[str, BaseDistribution]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.study import TrialOutcome
+from harness.study.queries import best_trial, is_multi_objective, ranked_trials, reproduce_command
+from harness.study.trial import TrialOutcome
 
 
 def short(params: Mapping[str, Any]) -> str:
@@ -86,6 +87,13 @@ class SweepDisplay:
         if self.progress is not None:
             self.progress.stop()
 
+    def on_start(self, done: int) -> None:
+        """The trials a resumed study had finished, told once the sweep has read it: where the
+        study's bar stands."""
+        self.done = done
+        if self.progress is not None:
+            self.progress.update(self.study, completed=done)
+
     def on_progress(self, number: int, step: int, total: int, metrics: Mapping[str, float]) -> None:
         """A running trial's step (from its reporter; many a second: kept cheap)."""
         if self.progress is None:
@@ -120,11 +128,6 @@ class SweepDisplay:
 def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -> None:
     """Trial counts, the best trials (the Pareto front of a multi-objective study) as a table,
     the best trial's metrics, and the command that reproduces it."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from harness.study import best_trial, is_multi_objective, ranked_trials, reproduce_command
-
     best = best_trial(study)
     states = [t.state.name for t in study.trials]
     others = [f"{states.count(s)} {s.lower()}" for s in ("RUNNING", "WAITING") if s in states]
@@ -136,6 +139,21 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     if best is None:
         return
     multi = is_multi_objective(study)
+    console.print(_best_trials_table(study, objectives, multi))
+    console.print(_best_trial_table(best, objectives, multi))
+    # the overrides of the invocation that ran the best trial (a resume may have had others)
+    overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
+    console.print("reproduce with:")
+    console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
+    if "best_model_uri" in study.user_attrs:
+        console.print(f"best model: {study.user_attrs['best_model_uri']}", markup=False)
+
+
+def _best_trials_table(study: Any, objectives: list[tuple[str, str]], multi: bool) -> Any:
+    """The best 5 trials, or the Pareto front of a multi-objective study."""
+    from rich.table import Table
+    from rich.text import Text
+
     completed = [t for t in study.trials if t.state.name == "COMPLETE"]
     sign = 1.0 if objectives[0][1] == "maximize" else -1.0
     if multi:
@@ -159,7 +177,13 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
         if paid:
             row.append(f"${float(trial.user_attrs.get('cost_usd', 0.0)):.4f}")
         table.add_row(*row, Text(short(trial.params)))  # Text: values are not markup
-    console.print(table)
+    return table
+
+
+def _best_trial_table(best: Any, objectives: list[tuple[str, str]], multi: bool) -> Any:
+    """The best trial's params and metrics."""
+    from rich.table import Table
+    from rich.text import Text
 
     which = " (the front's best on the first objective)" if multi else ""
     headline = f"{objectives[0][0]} = {best.values[0]:.4f}"
@@ -171,10 +195,4 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     metrics = best.user_attrs.get("metrics", {})
     for key in sorted(metrics, key=lambda k: (not k.startswith("eval/"), k)):
         detail.add_row(key, f"{metrics[key]:.4f}")
-    console.print(detail)
-    # the overrides of the invocation that ran the best trial (a resume may have had others)
-    overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
-    console.print("reproduce with:")
-    console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
-    if "best_model_uri" in study.user_attrs:
-        console.print(f"best model: {study.user_attrs['best_model_uri']}", markup=False)
+    return detail

@@ -29,9 +29,9 @@ from harness.config import ConfigError, runs_dir
 from harness.display import format_value
 from harness.secrets import redact_text
 from harness.storage import describe_storage
-from harness.study import (
+from harness.study.plan import make_backend
+from harness.study.queries import (
     load_study,
-    make_backend,
     ranked_trials,
     reproduce_command,
     stored_objectives,

@@ -283,28 +283,38 @@ def existing_study(cfg: DictConfig) -> optuna.Study | None:
 def _existing_storage(cfg: DictConfig) -> Any:
     from optuna.storages import JournalStorage
 
+    if not storage_exists(cfg):
+        return None
+    url = cfg.storage.url
+    if not is_rdb(url):  # read as a sweep reads it: a damaged one is repaired
+        return JournalStorage(TrialSyncedJournal(str(journal_path(cfg))))
+    return _with_retries(
+        str(url), lambda: optuna.storages.RDBStorage(str(url), skip_table_creation=True)
+    )
+
+
+def storage_exists(cfg: DictConfig) -> bool:
+    """Whether the study's storage has been made (a journal file; a database with Optuna's
+    tables). Creates nothing; an unreachable database is a ConfigError, as in ``storage_for``."""
     url = cfg.storage.url
     if not is_rdb(url):
-        path = journal_path(cfg)  # read as a sweep reads it: a damaged one is repaired
-        return JournalStorage(TrialSyncedJournal(str(path))) if path.exists() else None
+        return journal_path(cfg).exists()
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(str(url))
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if not database or database == ":memory:" or not Path(database).exists():
-            return None
+            return False
 
-    def open_if_made() -> Any:
+    def has_tables() -> bool:
         engine = sqlalchemy.create_engine(str(url))
-        try:
-            if not sqlalchemy.inspect(engine).has_table("studies"):
-                return None  # an empty database: Optuna makes its tables on first write
+        try:  # an empty database: Optuna makes its tables on first write
+            return bool(sqlalchemy.inspect(engine).has_table("studies"))
         finally:
             engine.dispose()
-        return optuna.storages.RDBStorage(str(url), skip_table_creation=True)
 
-    return _with_retries(str(url), open_if_made)
+    return bool(_with_retries(str(url), has_tables))
 
 
 def _with_retries(url: str, connect: Callable[[], Any]) -> Any:

@@ -122,7 +122,7 @@ def validate(arguments: list[str], console: Any) -> int:
 
 
 def make_backend(cfg: Any) -> Backend:
-    from harness.study import make_backend as instantiate
+    from harness.study.plan import make_backend as instantiate
 
     return instantiate(cfg)
 

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from harness.backends.fake import FakeBackend
 from harness.backends.local import LocalBackend
-from harness.study import Sweep
+from harness.study import Sweep, make_backend
 from harness.tracking import UNRECORDED, InMemoryStore
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3")
@@ -79,7 +78,7 @@ def test_only_a_backend_that_logs_models_can_have_one_logged(make_cfg, tmp_path)
     tracker = store.tracker(cfg)
     run = tracker.start_run("train", {}, {}, cfg)
     with pytest.raises(TypeError, match="backend FakeBackend saved a model it cannot log"):
-        tracker.log_model(run.run_id, FakeBackend(), tmp_path, "classification")
+        tracker.log_model(run.run_id, make_backend(cfg), tmp_path, "classification")
     uri = tracker.log_model(run.run_id, LocalBackend(), tmp_path, "classification", "champ")
     assert uri == "models:/champ/1" and store.models[0].model_dir == tmp_path
     tracker.log_hosted_model(run.run_id, "train", {"id": "ft:gpt-x:abc", "job": "j-1"})
