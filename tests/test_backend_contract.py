@@ -4,15 +4,11 @@ GPT-2 training, and the OpenAI backend talking HTTP to the loopback fake through
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
-from omegaconf import DictConfig
 
-from harness.backends.base import Backend, TrialSpec
+from harness.backends.base import Backend
 from harness.backends.fake import FakeBackend
 from harness.backends.local import LocalBackend
 from harness.backends.openai_ft import OpenAIBackend
@@ -20,27 +16,7 @@ from harness.config import with_params
 from harness.data import load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.study import make_backend
-
-
-class RecordingReporter:
-    def __init__(self, metric: str, prune_at_eval: int | None = None) -> None:
-        self.metric, self.prune_at_eval = metric, prune_at_eval
-        self.calls: list[tuple[int, dict[str, float]]] = []
-        self.tags: dict[str, str] = {}
-        self.totals: list[int] = []  # what the backend said the trial's length would be
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-    def set_total_steps(self, total):
-        self.totals.append(total)
-
-    def report(self, step, metrics):
-        self.calls.append((step, dict(metrics)))
-        evals = sum(1 for _, m in self.calls if self.metric in m)
-        if self.metric in metrics and evals == self.prune_at_eval:
-            raise optuna.TrialPruned(f"pruned at evaluation {evals}")
-
+from tests.helpers import RecordingReporter, Setup, spec
 
 PARAMS = {"train.epochs": 2, "train.batch_size": 32, "train.learning_rate": 2e-3}
 # a change of one knob each backend tunes
@@ -57,17 +33,6 @@ EVAL_KEYS = {
 }
 
 
-@dataclass
-class Setup:
-    name: str
-    backend: Backend
-    cfg: DictConfig
-    prepared: Any
-
-    def __iter__(self):
-        return iter((self.backend, self.cfg, self.prepared))
-
-
 @pytest.fixture(params=["fake", "local", "openai"])
 def setup(request, make_cfg):
     if request.param == "openai":
@@ -80,10 +45,6 @@ def setup(request, make_cfg):
     cfg = with_params(cfg, PARAMS)
     dataset = load_dataset(cfg.data)
     return Setup(request.param, backend, cfg, backend.prepare(cfg, dataset))
-
-
-def spec(cfg, prepared, tmp_path: Path, save_model=False) -> TrialSpec:
-    return TrialSpec(0, cfg, prepared, tmp_path, save_model)
 
 
 class TestBackendContract:

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from harness.config import CONF_DIR, STUDIES_DIR, ConfigError, load_config, with_params
 from harness.search import to_distributions
@@ -99,3 +99,36 @@ def test_studies_carry_their_launch_command_and_global_package():
         text = path.read_text()
         assert text.startswith("# @package _global_"), path
         assert "harness sweep" in text, path
+
+
+EVERY_OPTION = [
+    f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
+] + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))]
+
+
+def targets(node, where: str = "") -> list[tuple[str, object]]:
+    """Every node of a composed config that names a `_target_`, with its dotted key."""
+    found = []
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            found.append((where, node))
+        for key in node:
+            found += targets(node[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node):
+            found += targets(item, f"{where}[{index}]")
+    return found
+
+
+@pytest.mark.parametrize("override", EVERY_OPTION)
+def test_every_target_of_every_config_instantiates(override, monkeypatch):
+    """Composing checks a config's keys and types; instantiating checks that its `_target_`s
+    exist and take the keys the config gives them (no network: a dummy API key)."""
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dummy-not-sent")
+    cfg = load_config([override])
+    found = targets(cfg)
+    assert found, "no _target_ in the config"
+    for key, node in found:
+        assert instantiate(node) is not None, key
