@@ -40,7 +40,7 @@ from tests.helpers import (
     wait_for_running,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 FAKE = ("backend=fake", "pruner=none", "sampler=random")

@@ -25,7 +25,7 @@ from harness.config import load_config
 from harness.storage import existing_study
 from tests.helpers import OPENAI_TEST_SETTINGS, ROOT, answers, free_port, snapshot, start_cli
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
 DB = "127.0.0.1:5432/test"  # PostgreSQL with trust auth: any password is accepted
 # Every secret below is made of markers Pq<nn>Zk: a marker found anywhere is (part of) a leak.

@@ -30,7 +30,7 @@ import pytest
 from harness.cli import main
 from tests.helpers import study_runs
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
 STUDY = "sentiment_tiny"  # the default study
 FAKE = ("backend=fake", "sampler=random", "--quiet")

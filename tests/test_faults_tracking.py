@@ -37,7 +37,7 @@ from tests.helpers import (
     wait_for_running,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
 EPOCHS = 3
 # trials of ~3 s whose metrics reach MLflow only when the trial ends
