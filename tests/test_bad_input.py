@@ -103,6 +103,7 @@ def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
     assert states.count("COMPLETE") == 6
 
 
+@pytest.mark.slow  # a fault: test_faults_recovery removes a storage mid-study too
 def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypatch):
     """The Optuna storage failing between trials (simulated: its journal file can no longer be
     written) stops the study with one message saying how to resume; finished trials stay."""

@@ -10,8 +10,11 @@ import uuid
 from pathlib import Path
 
 import optuna
+import pytest
 
 from tests.helpers import cli_env, reported, run_cli, start_cli, study_runs, wait_for_running
+
+pytestmark = pytest.mark.slow  # many processes, PostgreSQL, an mlflow server (slow tier)
 
 
 def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(

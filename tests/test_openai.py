@@ -464,6 +464,7 @@ class TestBilledSpend:
     """A stopped trial's cost is what the provider billed for its job, read back once the job is
     over, not the estimate of the steps harness saw before it stopped following."""
 
+    @pytest.mark.slow  # a sweep process; the cancelled trial's bill is checked in the fast tier
     def test_pruned_trial_whose_job_finished_records_its_whole_bill(self, fake_openai, runs):
         fake_openai.api.faults.finish_before_cancel = 1  # the cancel lands after the last step
         command = TestCrashAndSecrets().sweep_command(fake_openai, runs, *PRUNE_SECOND)
@@ -669,6 +670,7 @@ class TestFakeServer:
         assert self.final_loss(fake_openai, 8, 2.0) > best + 0.3  # too many: over-fits
 
 
+@pytest.mark.slow  # kill -9 and secrets: sweeps in processes of their own
 class TestCrashAndSecrets:
     def sweep_command(self, fake, runs: Path, *extra: str) -> list[str]:
         """The words of a hosted `harness sweep` on ``fake``, after `harness`."""

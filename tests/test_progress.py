@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import cli_env, run_cli, start_cli
+from tests.helpers import cli_env, run_cli, run_in_process, start_cli
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3")
 # a trial's progress bar as rich draws it: "trial 3 ━━━━━╸━━━━━  55/220"
@@ -19,7 +19,7 @@ TRIAL_BAR = re.compile(r"trial \d+ [━╸╺]+ +\d+/\d+")
 
 
 def test_off_a_terminal_each_trial_is_one_plain_line(tmp_path):
-    done = run_cli("sweep", *FAST, runs=tmp_path)
+    done = run_in_process("sweep", *FAST, runs=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if re.match(r"trial +\d+ ", line)]
     assert len(lines) == 3 and all("objective=" in line for line in lines)
@@ -28,13 +28,14 @@ def test_off_a_terminal_each_trial_is_one_plain_line(tmp_path):
 
 
 def test_quiet_prints_the_summary_only(tmp_path):
-    done = run_cli("sweep", *FAST, "--quiet", runs=tmp_path)
+    done = run_in_process("sweep", *FAST, "--quiet", runs=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not re.search(r"^trial +\d+ ", done.stdout, re.M)
     assert "optuna storage" not in done.stdout
     assert "best trial: " in done.stdout and "reproduce with:" in done.stdout
 
 
+@pytest.mark.slow  # a sweep process on a pseudo-terminal, slowed for the bar to be drawn
 def test_on_a_terminal_a_bar_follows_the_running_trial(tmp_path):
     """The sweep runs on a pseudo-terminal, as in a user's shell."""
     leader, follower = os.openpty()
@@ -88,6 +89,7 @@ def long_runs_dir(tmp_path):
     return tmp_path / "a-runs-folder-named-so-that-each-line-naming-it-runs-past-eighty-columns"
 
 
+@pytest.mark.slow  # three CLI processes; the champion's line below checks the same in the fast tier
 def test_off_a_terminal_commands_and_paths_are_never_wrapped(tmp_path):
     from harness.config import load_config
     from harness.display import short

@@ -95,6 +95,7 @@ def test_report_is_logged_to_the_parent_run(fake_study):
     assert {"report/summary.md", "report/report.html", "report/slice.png"} <= logged
 
 
+@pytest.mark.slow  # a CLI process; the report itself is checked in-process above
 def test_cli_report_prints_the_folder(fake_study):
     cfg, _, folder, _ = fake_study
     runs = cfg.paths.runs_dir

@@ -118,6 +118,7 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
     assert retry.user_attrs["harness_retry_of"] == dead.number
 
 
+@pytest.mark.slow  # a kill -9 of a sweep process; test_faults_recovery kills at every moment
 def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
     """kill -9 during a trial: on resume that trial is FAIL in Optuna and FAILED in MLflow, and
     the study still ends with exactly n_trials finished trials under one parent run."""

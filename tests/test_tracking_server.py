@@ -23,6 +23,7 @@ def test_sweep_records_to_a_tracking_server(mlflow_server, make_cfg, runs):
     assert not (runs / "mlflow.db").exists()  # nothing went to the local default store
 
 
+@pytest.mark.slow  # a fault: test_faults_tracking kills a server mid-study too
 def test_tracking_server_gone_mid_study_stops_it_with_a_clear_message(mlflow_server, make_cfg):
     """The server stops answering after trial 1: the next trial fails (after MLflow's own
     retries, bounded by tracking.server_timeout_s), and the study stops at once with one

@@ -136,6 +136,7 @@ def study_runs(ui: UI) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
 # --- the tests --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # harness ui, mlflow server and its workers
 def test_ui_serves_the_study_nested_and_sigint_stops_it(finished_sweep, tmp_path):
     trials = optuna_study(finished_sweep).trials
     with harness_ui(finished_sweep, tmp_path, health="/health") as ui:
@@ -174,6 +175,7 @@ def test_ui_serves_the_study_nested_and_sigint_stops_it(finished_sweep, tmp_path
         assert_stopped_cleanly(ui, ui.interrupt())  # `kill -INT PID`
 
 
+@pytest.mark.slow  # harness ui and optuna-dashboard processes
 def test_ui_optuna_serves_the_dashboard_and_ctrl_c_stops_it(finished_sweep, tmp_path):
     recorded = optuna_study(finished_sweep)
     trials = recorded.trials

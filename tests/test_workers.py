@@ -12,6 +12,7 @@ from harness.study import load_study, plan_study
 from tests.helpers import run_cli, start_cli, study_runs, wait_for_running
 
 
+@pytest.mark.slow  # many processes
 def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
     overrides = [
         "backend=fake",
@@ -62,6 +63,7 @@ def test_sqlite_storage_is_refused_for_parallel_workers(make_cfg, tmp_path):
         plan_study(cfg)
 
 
+@pytest.mark.slow  # many processes, an interrupt
 def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
     """SIGINT to the sweep: its helpers get one interrupt each, every trial ends FAIL or
     finished, no MLflow run stays RUNNING, and no helper outlives the sweep."""
