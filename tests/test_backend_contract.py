@@ -33,7 +33,8 @@ EVAL_KEYS = {
 }
 
 
-@pytest.fixture(params=["fake", "local", "openai"])
+# local trains a real tiny model: the slow tier (the fake and OpenAI ones run the contract fast)
+@pytest.fixture(params=["fake", pytest.param("local", marks=pytest.mark.slow), "openai"])
 def setup(request, make_cfg):
     if request.param == "openai":
         cfg = request.getfixturevalue("openai_cfg")()  # tickets_openai on the fake, eval/loss
