@@ -7,16 +7,12 @@ whether it is paid) and what a trial does (steps, evaluations, pruning, determin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
-from omegaconf import DictConfig
 
 from harness import advice
-from harness.backends.base import Backend, PaidBackend, TrialSpec, UntunableKeyError, check_tunable
+from harness.backends.base import Backend, PaidBackend, UntunableKeyError, check_tunable
 from harness.backends.local import LocalBackend
 from harness.backends.openai_ft import OpenAIBackend
 from harness.config import VALID_RANGES, with_params
@@ -24,27 +20,7 @@ from harness.data import load_dataset
 from harness.metrics import EVAL_METRICS
 from harness.search import to_distributions
 from harness.study import make_backend, plan_study
-
-
-class RecordingReporter:
-    def __init__(self, metric: str, prune_at_eval: int | None = None) -> None:
-        self.metric, self.prune_at_eval = metric, prune_at_eval
-        self.calls: list[tuple[int, dict[str, float]]] = []
-        self.tags: dict[str, str] = {}
-        self.totals: list[int] = []  # what the backend said the trial's length would be
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-    def set_total_steps(self, total):
-        self.totals.append(total)
-
-    def report(self, step, metrics):
-        self.calls.append((step, dict(metrics)))
-        evals = sum(1 for _, m in self.calls if self.metric in m)
-        if self.metric in metrics and evals == self.prune_at_eval:
-            raise optuna.TrialPruned(f"pruned at evaluation {evals}")
-
+from tests.helpers import OrderReporter, RecordingReporter, Setup, trial_spec
 
 PARAMS = {"train.epochs": 2, "train.batch_size": 32, "train.learning_rate": 2e-3}
 # a change of one knob each backend tunes
@@ -63,29 +39,8 @@ EVAL_KEYS = {
 }
 
 
-class OrderReporter(RecordingReporter):
-    """Also records whether the trial's length was given before its first report."""
-
-    totals_before_first_report: bool | None = None
-
-    def report(self, step, metrics):
-        if self.totals_before_first_report is None:
-            self.totals_before_first_report = bool(self.totals)
-        super().report(step, metrics)
-
-
-@dataclass
-class Setup:
-    name: str
-    backend: Backend
-    cfg: DictConfig
-    prepared: Any
-
-    def __iter__(self):
-        return iter((self.backend, self.cfg, self.prepared))
-
-
-@pytest.fixture(params=["fake", "local", "openai"])
+# local trains a real tiny model: the slow tier (the fake and OpenAI ones run the contract fast)
+@pytest.fixture(params=["fake", pytest.param("local", marks=pytest.mark.slow), "openai"])
 def setup(request, make_cfg):
     if request.param == "openai":
         cfg = request.getfixturevalue("openai_cfg")()  # tickets_openai on the fake, eval/loss
@@ -97,22 +52,6 @@ def setup(request, make_cfg):
     cfg = with_params(cfg, PARAMS)
     dataset = load_dataset(cfg.data)
     return Setup(request.param, backend, cfg, backend.prepare(cfg, dataset))
-
-
-def trial_spec(
-    cfg: DictConfig, prepared: Any, workdir: Path, save_model=False, key="", number=0
-) -> TrialSpec:
-    """A trial of ``cfg`` as a study hands it over: judged by the study's metric and direction."""
-    return TrialSpec(
-        number,
-        cfg,
-        prepared,
-        workdir,
-        save_model,
-        key,
-        metric=str(cfg.sweep.metric),
-        direction=str(cfg.sweep.direction),
-    )
 
 
 class TestBackendContract:

@@ -9,6 +9,7 @@ import pytest
 
 from harness.config import ConfigError
 from harness.study import Sweep
+from tests.helpers import study_runs
 
 
 def free_port() -> int:
@@ -42,11 +43,9 @@ def test_disk_full_while_logging_artifacts_stops_the_study_and_the_command_resum
     both stores stay readable and, space freed, the same command resumes to n_trials."""
     import errno
 
-    from mlflow.tracking import MlflowClient
-
     from harness.storage import DiskFullError
     from harness.study import load_study
-    from harness.tracking import TrialRun, tracking_uri
+    from harness.tracking import TrialRun
 
     real_log_artifact = TrialRun.log_artifact
 
@@ -58,7 +57,7 @@ def test_disk_full_while_logging_artifacts_stops_the_study_and_the_command_resum
     monkeypatch.setattr(TrialRun, "log_artifact", log_artifact)
     overrides = [
         "backend=fake",
-        "backend._target_=tests.artifact_backend.ArtifactBackend",
+        "backend._target_=tests.helpers.ArtifactBackend",
         "sweep.n_trials=3",
         "pruner=none",
     ]
@@ -68,9 +67,7 @@ def test_disk_full_while_logging_artifacts_stops_the_study_and_the_command_resum
     study = load_study(cfg)  # readable
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     assert "the disk is full" in study.trials[1].user_attrs["fail_reason"]
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = study_runs(cfg).by_name
     assert runs["trial-0001"].info.status == "FAILED"
     assert "No space left on device" in runs["trial-0001"].data.tags["harness.failure_reason"]
 
@@ -106,6 +103,7 @@ def test_storage_blip_mid_study_is_ridden_out(make_cfg, monkeypatch):
     assert states.count("COMPLETE") == 6
 
 
+@pytest.mark.slow  # a fault: test_faults_recovery removes a storage mid-study too
 def test_storage_gone_mid_study_stops_it_with_a_clear_message(make_cfg, monkeypatch):
     """The Optuna storage failing between trials (simulated: its journal file can no longer be
     written) stops the study with one message saying how to resume; finished trials stay."""

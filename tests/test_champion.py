@@ -11,7 +11,7 @@ from harness.config import ConfigError, load_config
 from harness.storage import storage_for
 from harness.study import Sweep, best_trial, load_study
 from harness.tracking import tracking_uri
-from tests.conftest import OPENAI_TEST_SETTINGS
+from tests.helpers import OPENAI_TEST_SETTINGS
 
 
 def test_champion_overrides_replay_the_best_trials_command_then_this_ones(make_cfg):

@@ -8,22 +8,18 @@ import sys
 
 import pytest
 
-from tests.conftest import reported, wait_for_running, write
-
-
-def harness(*args: str, runs=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    extra = [f"paths.runs_dir={runs}"] if runs is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "harness.cli", *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+from tests.helpers import (
+    reported,
+    run_cli,
+    start_cli,
+    study_runs,
+    wait_for_running,
+    write,
+)
 
 
 def test_help_lists_the_commands_without_heavy_imports():
-    done = harness("--help")
+    done = run_cli("--help")
     assert done.returncode == 0
     for command in ("sweep", "train", "best", "validate"):
         assert f"  {command}" in done.stdout
@@ -38,43 +34,43 @@ def test_help_lists_the_commands_without_heavy_imports():
 
 
 def test_cfg_job_prints_the_composed_config_with_overrides():
-    done = harness("sweep", "study=spam_tiny", "train.max_length=48", "--cfg", "job")
+    done = run_cli("sweep", "study=spam_tiny", "train.max_length=48", "--cfg", "job")
     assert done.returncode == 0, done.stderr
     assert "name: spam_tiny" in done.stdout and "max_length: 48" in done.stdout
 
 
 def test_unknown_key_and_bad_expression_are_clear_errors(tmp_path):
-    done = harness("sweep", "train.learnin_rate=0.1", runs=tmp_path)
+    done = run_cli("sweep", "train.learnin_rate=0.1", runs=tmp_path)
     assert done.returncode == 2 and "train.learnin_rate" in done.stderr
-    done = harness("sweep", "backend=fake", "train.dropout=interval(0.3)", runs=tmp_path)
+    done = run_cli("sweep", "backend=fake", "train.dropout=interval(0.3)", runs=tmp_path)
     assert done.returncode == 2
     assert "train.dropout" in done.stderr and "interval(0.3)" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_sweep_then_best_then_train_with_the_fake_backend(tmp_path):
-    done = harness("sweep", "backend=fake", "sweep.n_trials=5", runs=tmp_path)
+    done = run_cli("sweep", "backend=fake", "sweep.n_trials=5", runs=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "best trial" in done.stdout and "reproduce with:" in done.stdout
     assert done.stdout.count("trial ") >= 5
-    best = harness("best", "backend=fake", runs=tmp_path)
+    best = run_cli("best", "backend=fake", runs=tmp_path)
     assert best.returncode == 0, best.stderr
     command = best.stdout.split("reproduce with:")[1].strip().splitlines()[0]
     assert command.startswith("harness train backend=fake")
     args = command.split()[2:]
-    train = harness("train", *args, runs=tmp_path)
+    train = run_cli("train", *args, runs=tmp_path)
     assert train.returncode == 0, train.stderr
     objective = float(train.stdout.split("objective (eval/f1) = ")[1].split()[0])
     assert f"(eval/f1 = {objective:.4f})" in best.stdout
 
 
 def test_best_without_a_study_says_what_to_run(tmp_path):
-    done = harness("best", "study=spam_tiny", runs=tmp_path)
+    done = run_cli("best", "study=spam_tiny", runs=tmp_path)
     assert done.returncode == 2 and "harness sweep study=spam_tiny" in done.stderr
 
 
 def test_validate_describes_a_dataset_and_reports_bad_lines(tmp_path):
-    done = harness("validate", "data=spam", runs=tmp_path)
+    done = run_cli("validate", "data=spam", runs=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (
         "rows: train" in done.stdout
@@ -82,13 +78,13 @@ def test_validate_describes_a_dataset_and_reports_bad_lines(tmp_path):
         and "tokens per example" in done.stdout
     )
     bad = write(tmp_path / "bad.jsonl", '{"text": "fine", "label": "a"}\n{"text": oops}\n')
-    done = harness("validate", str(bad), runs=tmp_path)
+    done = run_cli("validate", str(bad), runs=tmp_path)
     assert done.returncode == 2 and f"{bad}:2: malformed JSON" in done.stderr
 
 
 @pytest.mark.slow
 def test_default_sweep_runs_offline_end_to_end(tmp_path):
-    done = harness("sweep", "sweep.n_trials=3", runs=tmp_path, timeout=600)
+    done = run_cli("sweep", "sweep.n_trials=3", runs=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "best trial" in done.stdout and (tmp_path / "mlflow.db").exists()
     assert (tmp_path / "optuna" / "sentiment_tiny.log").exists()
@@ -106,12 +102,7 @@ def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
 
     overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=3"]
     cfg = load_config([*overrides, f"paths.runs_dir={runs}"])
-    process = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_cli("sweep", *overrides, runs=runs)
     wait_for_running(cfg.name, storage_for(cfg), reported, "a trial has reported")
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
@@ -119,25 +110,17 @@ def test_ctrl_c_stops_the_trial_closes_its_runs_and_exits(runs):
     assert "run the same command again to resume" in output
     study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
     assert study.trials[-1].state.name == "FAIL"
-    from mlflow.tracking import MlflowClient
-
-    from harness.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    found = client.search_runs([experiment.experiment_id])
-    statuses = {r.info.run_name: r.info.status for r in found}
+    statuses = study_runs(cfg).statuses
     assert statuses[f"trial-{study.trials[-1].number:04d}"] == "FAILED"
     assert statuses[cfg.name] == "KILLED"
     assert "RUNNING" not in statuses.values()
 
 
 def test_a_second_ctrl_c_exits_at_once(monkeypatch):
-    import os
     import signal
 
     from harness import cli
-    from tests.conftest import MLFLOW_CLIENT_ENV
+    from tests.helpers import MLFLOW_CLIENT_ENV
 
     for name in MLFLOW_CLIENT_ENV:  # the first interrupt hurries MLflow's requests: undone after
         monkeypatch.delenv(name, raising=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from harness.config import (
     CONF_DIR,
@@ -142,3 +142,36 @@ def test_a_backend_takes_every_argument_from_its_yaml_and_has_no_defaults(name):
     assert [p.name for p in parameters if p.default is not inspect.Parameter.empty] == []
     assert {p.name for p in parameters} == set(cfg.backend) - {"_target_"}
     assert isinstance(instantiate(cfg.backend), cls)  # the YAML's values are what it takes
+
+
+EVERY_OPTION = [
+    f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
+] + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))]
+
+
+def targets(node, where: str = "") -> list[tuple[str, object]]:
+    """Every node of a composed config that names a `_target_`, with its dotted key."""
+    found = []
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            found.append((where, node))
+        for key in node:
+            found += targets(node[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node):
+            found += targets(item, f"{where}[{index}]")
+    return found
+
+
+@pytest.mark.parametrize("override", EVERY_OPTION)
+def test_every_target_of_every_config_instantiates(override, monkeypatch):
+    """Composing checks a config's keys and types; instantiating checks that its `_target_`s
+    exist and take the keys the config gives them (no network: a dummy API key)."""
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dummy-not-sent")
+    cfg = load_config([override])
+    found = targets(cfg)
+    assert found, "no _target_ in the config"
+    for key, node in found:
+        assert instantiate(node) is not None, key

@@ -4,7 +4,7 @@ import pytest
 
 from harness.config import load_config
 from harness.data import DataError, label_balance, load_dataset
-from tests.conftest import write
+from tests.helpers import write
 
 
 def rows(n, labels=("a", "b")):

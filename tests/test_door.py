@@ -15,7 +15,7 @@ from harness import config, data
 from harness.checks import ALLOW_ENV
 from harness.cli import main
 from harness.study import load_study
-from tests.conftest import OPENAI_TEST_SETTINGS, snapshot
+from tests.helpers import OPENAI_TEST_SETTINGS, snapshot
 
 FAKE = ("backend=fake", "sampler=random", "pruner=none")
 SHORT_LINES = 1024  # data.MAX_LINE_BYTES in these tests: a long line without writing megabytes
@@ -147,8 +147,8 @@ CONFIG_CASES = [
     ),
     (
         "test backend not listed",
-        ["sweep", *FAKE, "backend._target_=tests.flaky_backend.FlakyBackend"],
-        "backend._target_='tests.flaky_backend.FlakyBackend' is not a class",
+        ["sweep", *FAKE, "backend._target_=tests.helpers.FlakyBackend"],
+        "backend._target_='tests.helpers.FlakyBackend' is not a class",
     ),
     (
         "unset environment variable",
@@ -296,10 +296,10 @@ def test_legitimate_plus_overrides_still_work(capsys):
 
 
 def test_a_backend_listed_on_purpose_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ENV, "mypkg.Other, tests.artifact_backend.ArtifactBackend")
+    monkeypatch.setenv(ALLOW_ENV, "mypkg.Other, tests.helpers.ArtifactBackend")
     words = [
         *FAKE,
-        "backend._target_=tests.artifact_backend.ArtifactBackend",
+        "backend._target_=tests.helpers.ArtifactBackend",
         "sweep.n_trials=1",
         f"paths.runs_dir={tmp_path / 'runs'}",
     ]

@@ -30,16 +30,23 @@ from harness.cli import main
 from harness.config import load_config
 from harness.storage import existing_study, journal_path, storage_for
 from harness.tracking import tracking_uri
-from tests.conftest import reported, snapshot, wait_for_running
+from tests.helpers import (
+    cli_env,
+    one_error_line,
+    past_the_first_trial,
+    snapshot,
+    start_cli,
+    study_runs,
+    wait_for_running,
+)
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
-ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 FAKE = ("backend=fake", "pruner=none", "sampler=random")
 # a slow trial (3 evaluations, 0.05 s apart): a kill lands in its middle as often as at its ends
 SLOW = ("backend.seconds_per_epoch=0.05", "train.epochs=3")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+ENV = cli_env()
 
 
 def command(runs: Path, *overrides: str) -> list[str]:
@@ -48,13 +55,7 @@ def command(runs: Path, *overrides: str) -> list[str]:
 
 def start(words: list[str]) -> subprocess.Popen[str]:
     """`harness sweep WORDS` in its own process, which a test may kill."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "sweep", *words],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    return start_cli("sweep", *words, stderr=subprocess.PIPE)
 
 
 def stopped(process: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -77,9 +78,7 @@ def check_whole(words: list[str], n_trials: int) -> optuna.Study:
     states = Counter(t.state.name for t in study.trials)
     assert states["COMPLETE"] + states["PRUNED"] == n_trials, states
     assert states["RUNNING"] == 0, states
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    runs = study_runs(cfg).runs
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
     numbers = [
         r.data.tags["optuna.trial_number"] for r in runs if "optuna.trial_number" in r.data.tags
@@ -305,26 +304,16 @@ def test_the_storage_folder_removed_mid_study_stops_it_with_one_message(runs, tm
     away = tmp_path / "optuna-away"
     try:
         wait_for_running(
-            cfg.name,
-            storage_for(cfg),
-            lambda running: reported(running) and running[0].number >= 1,
-            "the second trial has reported an evaluation",
+            cfg.name, storage_for(cfg), past_the_first_trial, "the second trial has reported"
         )
         shutil.move(journal_path(cfg).parent, away)
         code, out, err = stopped(process)
     finally:
         process.kill()
-    assert code == 2, out + err
-    assert "Traceback" not in err, err
-    message = [line for line in err.splitlines() if line.startswith("harness sweep: error:")]
-    assert len(message) == 1, err
-    assert f"the Optuna storage {journal_path(cfg)} failed during the study" in message[0]
-    assert "Run the same command again when the storage is back: it resumes." in message[0]
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    statuses = {
-        r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])
-    }
+    message = one_error_line("sweep", code, out, err)
+    assert f"the Optuna storage {journal_path(cfg)} failed during the study" in message
+    assert "Run the same command again when the storage is back: it resumes." in message
+    statuses = study_runs(cfg).statuses
     assert "RUNNING" not in statuses.values(), statuses
     assert statuses[cfg.name] == "FAILED"  # the parent
     shutil.move(away, journal_path(cfg).parent)  # the storage is back
@@ -413,23 +402,13 @@ def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(
     cfg = load_config(words)
     process = start(words)
     try:
-        wait_for_running(
-            name,
-            postgres,
-            lambda running: reported(running) and running[0].number >= 1,
-            "the second trial has reported an evaluation",
-        )
+        wait_for_running(name, postgres, past_the_first_trial, "the second trial has reported")
         postgres_proxy.cut()
         code, out, err = stopped(process)
     finally:
         process.kill()
-    assert code == 2, out + err
-    assert "Traceback" not in err, err
-    message = [line for line in err.splitlines() if line.startswith("harness sweep: error:")]
-    assert len(message) == 1 and "failed during the study" in message[0], err
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(name)
-    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
+    assert "failed during the study" in one_error_line("sweep", code, out, err), err
+    statuses = [r.info.status for r in study_runs(cfg, name).runs]
     assert "RUNNING" not in statuses, statuses
     postgres_proxy.restore()  # the database is back
     assert main(["sweep", "--quiet", *words]) == 0
@@ -510,7 +489,7 @@ def test_an_mlflow_store_turning_read_only_mid_study_stops_it(runs, capsys, monk
 def test_failed_trials_are_summarised_and_a_short_study_exits_non_zero(runs, capsys):
     words = [
         "backend=fake",
-        "backend._target_=tests.flaky_backend.FlakyBackend",  # batch size 8 fails
+        "backend._target_=tests.helpers.FlakyBackend",  # batch size 8 fails
         "sampler=grid",
         "search=none",
         "train.batch_size=choice(8, 16, 32)",

@@ -11,9 +11,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
@@ -25,11 +23,10 @@ import pytest
 from harness.cli import main
 from harness.config import load_config
 from harness.storage import existing_study
-from tests.conftest import OPENAI_TEST_SETTINGS, free_port, snapshot
+from tests.helpers import OPENAI_TEST_SETTINGS, ROOT, answers, free_port, snapshot, start_cli
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
-ROOT = Path(__file__).resolve().parent.parent
 DB = "127.0.0.1:5432/test"  # PostgreSQL with trust auth: any password is accepted
 # Every secret below is made of markers Pq<nn>Zk: a marker found anywhere is (part of) a leak.
 MARKER = re.compile(rb"Pq\d\dZk")
@@ -52,8 +49,8 @@ class Watched:
         self.log = tmp / f"out-{uuid.uuid4().hex[:8]}.log"
         self.command_lines: list[str] = []
         with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "harness.cli", *args],
+            self.process = start_cli(
+                *args,
                 env={**env, "PYTHONPATH": str(ROOT)},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -92,14 +89,6 @@ class Watched:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def stored_attrs(name: str) -> str:

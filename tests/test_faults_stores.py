@@ -28,8 +28,9 @@ import optuna
 import pytest
 
 from harness.cli import main
+from tests.helpers import study_runs
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
 STUDY = "sentiment_tiny"  # the default study
 FAKE = ("backend=fake", "sampler=random", "--quiet")
@@ -133,12 +134,7 @@ def load(runs: Path) -> optuna.Study:
 
 
 def mlflow_runs(runs: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(STUDY)
-    assert experiment is not None, "no MLflow experiment"
-    return client.search_runs([experiment.experiment_id], max_results=1000)
+    return study_runs(f"sqlite:///{runs / 'mlflow.db'}", STUDY).runs
 
 
 def assert_resumed_whole(runs: Path, n_trials: int, what: str) -> None:

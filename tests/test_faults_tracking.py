@@ -9,35 +9,36 @@ from __future__ import annotations
 
 import base64
 import http.client
-import os
 import signal
 import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
 from harness.cli import main
 from harness.config import load_config
 from harness.storage import storage_for
-from tests.conftest import (
+from tests.helpers import (
     free_port,
     kill_group,
     snapshot,
+    start_cli,
     start_mlflow_server,
     stop_process,
+    study_runs,
     wait_for_running,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # the slow tier (pyproject.toml)
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 # trials of ~3 s whose metrics reach MLflow only when the trial ends
 SLOW_TRIALS = [
@@ -51,13 +52,7 @@ SLOW_TRIALS = [
 
 
 def start_sweep(overrides: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "sweep", *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return start_cli("sweep", *overrides)
 
 
 def run_sweep(overrides: list[str]) -> tuple[int, str]:
@@ -85,9 +80,7 @@ def assert_resumed_whole(cfg, url: str) -> None:
     study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
     states = Counter(t.state.name for t in study.trials)
     assert states["COMPLETE"] == cfg.sweep.n_trials and not states["RUNNING"], states
-    client = MlflowClient(url)
-    experiment = client.get_experiment_by_name(cfg.name)
-    found = client.search_runs([experiment.experiment_id])
+    found = study_runs(url, cfg.name).runs
     assert [r.info.run_name for r in found if r.info.status == "RUNNING"] == []
     finished = [
         r.data.tags["optuna.trial_number"]
@@ -99,31 +92,53 @@ def assert_resumed_whole(cfg, url: str) -> None:
     assert set(finished) == complete
 
 
-def test_server_killed_mid_study_stops_it_once_and_the_same_command_resumes(tmp_path, runs):
+class ServerLost(NamedTuple):
+    cfg: DictConfig
+    port: int
+    url: str
+    overrides: list[str]
+    process: subprocess.Popen[str]  # the sweep, still running
+
+
+def sweep_losing_its_server(tmp_path: Path, runs: Path, server_timeout_s: int) -> ServerLost:
+    """A sweep of SLOW_TRIALS recording to an `mlflow server` (its store in ``tmp_path``), which
+    is killed once a trial (1 or later) is midway: gone at once, as a crashed server or host
+    would be. The caller stops the sweep."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    overrides = [*SLOW_TRIALS, f"tracking.uri={url}", "tracking.server_timeout_s=3",
-                 f"paths.runs_dir={runs}"]  # fmt: skip
+    timeout = f"tracking.server_timeout_s={server_timeout_s}"
+    overrides = [*SLOW_TRIALS, f"tracking.uri={url}", timeout, f"paths.runs_dir={runs}"]
     cfg = load_config(overrides)
     server = start_mlflow_server(tmp_path, port)
     try:
         process = start_sweep(overrides)
         try:
             wait_for_running(cfg.name, storage_for(cfg), midway, "trial 1 or later is midway")
-            kill_group(server)  # gone at once, as a crashed server or host would be
-            output, _ = process.communicate(timeout=300)
-        finally:
+        except BaseException:
             stop_process(process)
-        assert process.returncode != 0, output
-        # one message for the study, not a failure for each remaining trial
-        assert output.count("stopped answering") == 1, output
-        assert "retried for tracking.server_timeout_s=3 s); the trial it was recording" in output
-        assert "run the same command again when the server is back" in output
-        assert "Traceback" not in output
-        study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
-        assert Counter(t.state.name for t in study.trials)["FAIL"] == 1
+            raise
+    finally:
+        kill_group(server)
+    return ServerLost(cfg, port, url, overrides, process)
 
-        server = start_mlflow_server(tmp_path, port)  # the same store, the same port
+
+def test_server_killed_mid_study_stops_it_once_and_the_same_command_resumes(tmp_path, runs):
+    cfg, port, url, overrides, process = sweep_losing_its_server(tmp_path, runs, 3)
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        stop_process(process)
+    assert process.returncode != 0, output
+    # one message for the study, not a failure for each remaining trial
+    assert output.count("stopped answering") == 1, output
+    assert "retried for tracking.server_timeout_s=3 s); the trial it was recording" in output
+    assert "run the same command again when the server is back" in output
+    assert "Traceback" not in output
+    study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg))
+    assert Counter(t.state.name for t in study.trials)["FAIL"] == 1
+
+    server = start_mlflow_server(tmp_path, port)  # the same store, the same port
+    try:
         code, output = run_sweep(overrides)
         assert code == 0, output
         assert_resumed_whole(cfg, url)
@@ -132,36 +147,23 @@ def test_server_killed_mid_study_stops_it_once_and_the_same_command_resumes(tmp_
 
 
 def test_sigterm_while_mlflow_retries_exits_at_once_and_the_resume_closes_the_run(tmp_path, runs):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     # a long timeout: MLflow's client would go on retrying for minutes
-    overrides = [*SLOW_TRIALS, f"tracking.uri={url}", "tracking.server_timeout_s=600",
-                 f"paths.runs_dir={runs}"]  # fmt: skip
-    cfg = load_config(overrides)
+    cfg, port, url, overrides, process = sweep_losing_its_server(tmp_path, runs, 600)
+    try:
+        wait_for_running(cfg.name, storage_for(cfg), at_its_end, "a trial retries closing its run")
+        process.send_signal(signal.SIGTERM)  # as SLURM or Kubernetes stop a job
+        output, _ = process.communicate(timeout=60)
+    finally:
+        stop_process(process)
+    assert process.returncode not in (0, None), output
+    assert "interrupted: run the same command again to resume" in output
+    assert "Traceback" not in output
+
     server = start_mlflow_server(tmp_path, port)
     try:
-        process = start_sweep(overrides)
-        try:
-            wait_for_running(cfg.name, storage_for(cfg), midway, "trial 1 or later is midway")
-            kill_group(server)
-            wait_for_running(
-                cfg.name, storage_for(cfg), at_its_end, "a trial retries closing its run"
-            )
-            process.send_signal(signal.SIGTERM)  # as SLURM or Kubernetes stop a job
-            output, _ = process.communicate(timeout=60)
-        finally:
-            stop_process(process)
-        assert process.returncode not in (0, None), output
-        assert "interrupted: run the same command again to resume" in output
-        assert "Traceback" not in output
         client = MlflowClient(url)
-
-        server = start_mlflow_server(tmp_path, port)
-        experiment = client.get_experiment_by_name(cfg.name)
-        left_open = client.search_runs(
-            [experiment.experiment_id],
-            "tags.`harness.role` = 'trial' and attributes.status = 'RUNNING'",
-        )
+        running_trials = "tags.`harness.role` = 'trial' and attributes.status = 'RUNNING'"
+        left_open = study_runs(url, cfg.name, client=client, filter_string=running_trials).runs
         assert left_open  # the server was gone: the interrupted trial's run could not close
         code, output = run_sweep(overrides)
         assert code == 0, output
@@ -254,10 +256,8 @@ def test_user_and_password_in_the_uri_pass_the_check_and_never_show(tmp_path, ru
         assert password not in output
         assert "mlflow: http://harness:***@127.0.0.1" in output
         assert not [text for text in every_text(runs) if password in text]
-        client = MlflowClient(f"http://127.0.0.1:{port}")
         cfg = load_config(overrides)
-        experiment = client.get_experiment_by_name(cfg.name)
-        statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
+        statuses = [r.info.status for r in study_runs(f"http://127.0.0.1:{port}", cfg.name).runs]
         assert statuses == ["FINISHED"] * 3  # the parent and two trials
     finally:
         stop_process(server)

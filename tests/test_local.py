@@ -8,7 +8,6 @@ import math
 import mlflow
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.backends.local import LocalBackend
 from harness.config import with_params
@@ -16,8 +15,7 @@ from harness.data import load_dataset
 from harness.storage import storage_for
 from harness.study import Sweep, train_once
 from harness.tracking import tracking_uri
-from tests.conftest import window_ends, write
-from tests.test_backend_contract import RecordingReporter, trial_spec
+from tests.helpers import RecordingReporter, study_runs, trial_spec, window_ends, write
 
 pytestmark = pytest.mark.slow
 
@@ -103,10 +101,9 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg,
     states = [t.state.name for t in study.trials]
     assert len(states) == 3 and states[1] == "PRUNED" and states[0] == "COMPLETE"
 
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs = client.search_runs([experiment.experiment_id])
-    trials = {r.info.run_name: r for r in runs if r.data.tags.get("harness.role") == "trial"}
+    found = study_runs(cfg)
+    client = found.client
+    trials = {r.info.run_name: r for r in found.trials}
     assert set(trials) == {"trial-0000", "trial-0001", "trial-0002"}
     pruned = trials["trial-0001"]
     assert pruned.info.status == "FINISHED"
@@ -147,7 +144,7 @@ def test_tracked_sweep_with_pruning_resume_best_model_and_reproduction(make_cfg,
     # resume: one more trial, same parent run
     resumed = Sweep(make_cfg(*overrides, "sweep.n_trials=4"), overrides).run()
     assert len(resumed.trials) == 4
-    runs = client.search_runs([experiment.experiment_id])
+    runs = study_runs(cfg, client=client).runs
     assert sum(r.data.tags.get("harness.role") == "study" for r in runs) == 1
     assert sum(r.data.tags.get("harness.role") == "trial" for r in runs) == 4
 

@@ -5,18 +5,16 @@ indexed Job would be."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import optuna
-from mlflow.tracking import MlflowClient
+import pytest
 
-from tests.conftest import reported, wait_for_running
+from tests.helpers import cli_env, reported, run_cli, start_cli, study_runs, wait_for_running
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # many processes, PostgreSQL, an mlflow server (slow tier)
 
 
 def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
@@ -35,22 +33,15 @@ def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
         f"tracking.uri={mlflow_server}",
     ]
     workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harness.cli",
-                "sweep",
-                *overrides,
-                f"paths.runs_dir={tmp_path / f'host{index}'}",
-            ],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_WORKER_INDEX": str(index)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+        start_cli(
+            "sweep",
+            *overrides,
+            runs=tmp_path / f"host{index}",
+            env=cli_env(HARNESS_WORKER_INDEX=str(index)),
         )
         for index in range(3)
     ]
-    outputs = [worker.communicate(timeout=400)[0].decode() for worker in workers]
+    outputs = [worker.communicate(timeout=400)[0] for worker in workers]
     try:
         for worker, output in zip(workers, outputs, strict=True):
             assert worker.returncode == 0, output
@@ -60,11 +51,8 @@ def test_three_workers_share_a_study_through_postgres_and_a_tracking_server(
         assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
         hosts = {t.user_attrs["worker"]["pid"] for t in finished}
         assert len(hosts) == 3  # every worker ran trials
-        client = MlflowClient(mlflow_server)
-        experiment = client.get_experiment_by_name(name)
-        runs = client.search_runs([experiment.experiment_id], max_results=1000)
-        parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
-        children = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
+        found = study_runs(mlflow_server, name)
+        client, parents, children = found.client, found.parents, found.trials
         assert len(parents) == 1
         assert parents[0].info.status == "FINISHED"
         # one run per finished trial: none lost, none duplicated, all nested, all closed
@@ -94,7 +82,6 @@ def test_worker_killed_mid_trial_is_found_by_its_stopped_heartbeat(postgres, tmp
     import time
 
     from harness.config import load_config
-    from harness.tracking import tracking_uri
 
     name = f"heartbeat_{uuid.uuid4().hex[:8]}"
     overrides = [
@@ -109,19 +96,14 @@ def test_worker_killed_mid_trial_is_found_by_its_stopped_heartbeat(postgres, tmp
         "storage.grace_s=2",
         f"paths.runs_dir={tmp_path}",
     ]
-    command = [sys.executable, "-m", "harness.cli", "sweep", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = start_cli("sweep", *overrides, stdout=subprocess.DEVNULL)
     try:
         wait_for_running(name, postgres, reported, "the worker has reported in a trial")
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         # another host: the pid means nothing there, only the heartbeat tells
         time.sleep(3)
-        result = subprocess.run(
-            command, env={**env, "HARNESS_WORKER_INDEX": "1"}, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
+        result = run_cli("sweep", *overrides, env=cli_env(HARNESS_WORKER_INDEX="1"))
         assert result.returncode == 0, result.stdout + result.stderr
         study = optuna.load_study(study_name=name, storage=postgres)
         dead = study.trials[0]
@@ -130,9 +112,7 @@ def test_worker_killed_mid_trial_is_found_by_its_stopped_heartbeat(postgres, tmp
         assert retry.params == dead.params and retry.state.name == "COMPLETE"
         assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
         cfg = load_config(overrides)
-        client = MlflowClient(tracking_uri(cfg))
-        experiment = client.get_experiment_by_name(name)
-        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        runs = study_runs(cfg).by_name
         assert runs["trial-0000"].info.status == "FAILED"
         assert "heartbeat" in runs["trial-0000"].data.tags["harness.failure_reason"]
         assert "RUNNING" not in {r.info.status for r in runs.values()}

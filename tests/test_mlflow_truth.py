@@ -19,12 +19,11 @@ from harness.cli import main
 from harness.config import load_config
 from harness.data import resolve_path
 from harness.study import load_study
-from harness.tracking import tracking_uri
-from tests.conftest import write
+from tests.helpers import study_runs, write
 
 FLAKY_PRUNED = (
     "backend=fake",
-    "backend._target_=tests.flaky_backend.FlakyBackend",  # fails every trial of batch size 8
+    "backend._target_=tests.helpers.FlakyBackend",  # fails every trial of batch size 8
     "sampler=random",
     "pruner=median",
     "pruner.n_startup_trials=2",
@@ -41,10 +40,8 @@ def sweep(
     args = [*overrides, f"paths.runs_dir={runs}"]
     assert main(["sweep", *args]) == code
     cfg = load_config(args)
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    found = client.search_runs([experiment.experiment_id], max_results=1000)
-    return load_study(cfg), client, {r.info.run_name: r for r in found}
+    found = study_runs(cfg)
+    return load_study(cfg), found.client, found.by_name
 
 
 def sha256(path: Path) -> str:
@@ -227,7 +224,7 @@ def test_the_runs_table_shows_pruned_runs_unlike_failed_ones_and_the_datasets(
     """In MLflow's runs table, in Chromium: each row's status icon (in the "Created" cell) is
     the same for pruned and complete trials and differs from failed ones' (KILLED got FAILED's
     red cross), and the Dataset column names the data file's training split."""
-    from tests.test_ui import CHROMIUM_ARGS, harness_ui, playwright_and_chromium
+    from tests.helpers import CHROMIUM_ARGS, harness_ui, playwright_and_chromium
 
     sync_playwright, chromium = playwright_and_chromium()
 

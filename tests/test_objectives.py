@@ -10,7 +10,7 @@ from harness.config import ConfigError
 from harness.report import write_report
 from harness.study import Sweep, load_study
 from harness.tracking import InMemoryStore
-from tests.test_cli import harness
+from tests.helpers import run_in_process
 
 FAST = ("backend=fake", "tracking.log_best_model=false")
 WAITING = optuna.trial.TrialState.WAITING
@@ -44,7 +44,7 @@ def test_two_objectives_give_a_pareto_front_and_no_pruning(make_cfg, tmp_path):
 
 
 def test_the_cli_says_pruning_is_off_and_prints_the_front(tmp_path):
-    done = harness("sweep", *FAST, TWO, "sweep.n_trials=4", runs=tmp_path)
+    done = run_in_process("sweep", *FAST, TWO, "sweep.n_trials=4", runs=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "pruning is off" in done.stdout and "Pareto front" in done.stdout
     assert "objectives=" in done.stdout

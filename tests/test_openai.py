@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.backends.openai_ft import (
     UNPARSED,
@@ -35,17 +31,24 @@ from harness.fake_openai import RequestClock, Timing
 from harness.report import pruning_savings
 from harness.study import Sweep, load_study, make_backend, plan_study
 from harness.tracking import tracking_uri
-from tests.conftest import OPENAI_TEST_SETTINGS, window_ends, write
-from tests.test_backend_contract import RecordingReporter, trial_spec
+from tests.helpers import (
+    OPENAI_TEST_SETTINGS,
+    RecordingReporter,
+    cli_env,
+    run_cli,
+    start_cli,
+    study_runs,
+    trial_spec,
+    window_ends,
+    write,
+)
 
 QUICK = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2")
 
 
 def mlflow_runs(cfg):
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs = client.search_runs([experiment.experiment_id])
-    return client, {r.info.run_name: r for r in runs}
+    found = study_runs(cfg)
+    return found.client, found.by_name
 
 
 def job_states(fake) -> list[str]:
@@ -464,11 +467,11 @@ class TestBilledSpend:
     """A stopped trial's cost is what the provider billed for its job, read back once the job is
     over, not the estimate of the steps harness saw before it stopped following."""
 
+    @pytest.mark.slow  # a sweep process; the cancelled trial's bill is checked in the fast tier
     def test_pruned_trial_whose_job_finished_records_its_whole_bill(self, fake_openai, runs):
         fake_openai.api.faults.finish_before_cancel = 1  # the cancel lands after the last step
         command = TestCrashAndSecrets().sweep_command(fake_openai, runs, *PRUNE_SECOND)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        result = run_cli(*command, timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
         cfg = load_config(["study=tickets_openai", f"paths.runs_dir={runs}"])
         study = load_study(cfg)
@@ -670,10 +673,12 @@ class TestFakeServer:
         assert self.final_loss(fake_openai, 8, 2.0) > best + 0.3  # too many: over-fits
 
 
+@pytest.mark.slow  # kill -9 and secrets: sweeps in processes of their own
 class TestCrashAndSecrets:
     def sweep_command(self, fake, runs: Path, *extra: str) -> list[str]:
+        """The words of a hosted `harness sweep` on ``fake``, after `harness`."""
         return [
-            sys.executable, "-m", "harness.cli", "sweep", "study=tickets_openai",
+            "sweep", "study=tickets_openai",
             f"backend.base_url={fake.base_url}", f"paths.runs_dir={runs}",
             *OPENAI_TEST_SETTINGS, *extra,
         ]  # fmt: skip
@@ -681,17 +686,14 @@ class TestCrashAndSecrets:
     def test_resumed_study_reattaches_to_its_running_job(self, fake_openai, runs, make_cfg):
         fake_openai.api.timing.step_s = 0.02  # ~3 s per job: time to kill the sweep mid-job
         command = self.sweep_command(fake_openai, runs, *QUICK, "sweep.n_trials=2", "pruner=none")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        process = start_cli(*command)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 jobs = list(fake_openai.api.jobs.values())
                 if jobs and jobs[0].steps_done > 5:
                     break
-                assert process.poll() is None, process.stdout.read().decode()
+                assert process.poll() is None, process.stdout.read()
                 time.sleep(0.05)
             else:
                 pytest.fail("no job started running")
@@ -702,7 +704,7 @@ class TestCrashAndSecrets:
         assert crashed_job.status == "running"  # kill -9 cancels nothing: the job runs on
 
         fake_openai.api.timing.step_s = 0.001
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        result = run_cli(*command, timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
         assert len(fake_openai.api.jobs) == 2  # the crashed trial's job + the second trial's
         cfg = make_cfg("study=tickets_openai")
@@ -725,23 +727,13 @@ class TestCrashAndSecrets:
         secret = "sk-test-DoNotLeak-7f3a9c1e5b"
         fake_openai.api.api_key = secret  # the fake refuses any other key: it was really sent
         fake_openai.api.faults.fail_jobs = frozenset({2})  # error paths print too
-        env = {
-            **os.environ,
-            "OPENAI_API_KEY": secret,
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-        }
+        env = cli_env(OPENAI_API_KEY=secret)
         command = self.sweep_command(fake_openai, runs, *QUICK)
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        result = run_cli(*command, env=env, timeout=240)
         assert result.returncode == 1, result.stdout + result.stderr  # a failed trial: short
         assert "COMPLETE" in result.stdout and "FAIL" in result.stdout
-        printed = subprocess.run(
-            [*command, "--cfg", "job"], env=env, capture_output=True, text=True, timeout=60
-        )
-        validated = subprocess.run(
-            [sys.executable, "-m", "harness.cli", "validate", "study=tickets_openai",
-             f"paths.runs_dir={runs}"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        printed = run_cli(*command, "--cfg", "job", env=env, timeout=60)
+        validated = run_cli("validate", "study=tickets_openai", runs=runs, env=env, timeout=60)
         assert validated.returncode == 0, validated.stderr
         assert "cost per trial shape" in validated.stdout and "budget $2.00" in validated.stdout
         for output in (result, printed, validated):

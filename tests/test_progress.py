@@ -7,12 +7,11 @@ import re
 import select
 import shlex
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.test_cli import harness
+from tests.helpers import cli_env, run_cli, run_in_process, start_cli
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3")
 # a trial's progress bar as rich draws it: "trial 3 ━━━━━╸━━━━━  55/220"
@@ -20,7 +19,7 @@ TRIAL_BAR = re.compile(r"trial \d+ [━╸╺]+ +\d+/\d+")
 
 
 def test_off_a_terminal_each_trial_is_one_plain_line(tmp_path):
-    done = harness("sweep", *FAST, runs=tmp_path)
+    done = run_in_process("sweep", *FAST, runs=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if re.match(r"trial +\d+ ", line)]
     assert len(lines) == 3 and all("objective=" in line for line in lines)
@@ -29,30 +28,26 @@ def test_off_a_terminal_each_trial_is_one_plain_line(tmp_path):
 
 
 def test_quiet_prints_the_summary_only(tmp_path):
-    done = harness("sweep", *FAST, "--quiet", runs=tmp_path)
+    done = run_in_process("sweep", *FAST, "--quiet", runs=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not re.search(r"^trial +\d+ ", done.stdout, re.M)
     assert "optuna storage" not in done.stdout
     assert "best trial: " in done.stdout and "reproduce with:" in done.stdout
 
 
+@pytest.mark.slow  # a sweep process on a pseudo-terminal, slowed for the bar to be drawn
 def test_on_a_terminal_a_bar_follows_the_running_trial(tmp_path):
     """The sweep runs on a pseudo-terminal, as in a user's shell."""
     leader, follower = os.openpty()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harness.cli",
-            "sweep",
-            *FAST,
-            "backend.seconds_per_epoch=0.4",  # long enough for the bar to be drawn
-            f"paths.runs_dir={tmp_path}",
-        ],
+    process = start_cli(
+        "sweep",
+        *FAST,
+        "backend.seconds_per_epoch=0.4",  # long enough for the bar to be drawn
+        runs=tmp_path,
         stdin=follower,
         stdout=follower,
         stderr=follower,
-        env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
+        env=cli_env(COLUMNS="160", TERM="xterm"),
     )
     os.close(follower)
     output = b""
@@ -86,9 +81,7 @@ def test_on_a_terminal_a_bar_follows_the_running_trial(tmp_path):
 
 def piped(*args: str) -> subprocess.CompletedProcess:
     """`harness ...` as CI runs it: stdout a pipe, and no COLUMNS a terminal would set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")}
-    command = [sys.executable, "-m", "harness.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return run_cli(*args, env=cli_env(COLUMNS=None, LINES=None, FORCE_COLOR=None))
 
 
 def long_runs_dir(tmp_path):
@@ -96,6 +89,7 @@ def long_runs_dir(tmp_path):
     return tmp_path / "a-runs-folder-named-so-that-each-line-naming-it-runs-past-eighty-columns"
 
 
+@pytest.mark.slow  # three CLI processes; the champion's line below checks the same in the fast tier
 def test_off_a_terminal_commands_and_paths_are_never_wrapped(tmp_path):
     from harness.config import load_config
     from harness.display import short
@@ -136,7 +130,7 @@ def test_off_a_terminal_the_champions_model_id_is_one_line(tmp_path, fake_openai
     from harness.config import load_config
     from harness.study import Sweep, best_trial, load_study
     from harness.tracking import tracking_uri
-    from tests.conftest import OPENAI_TEST_SETTINGS
+    from tests.helpers import OPENAI_TEST_SETTINGS
 
     overrides = [
         "study=tickets_openai",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from tests.conftest import snapshot
+from tests.helpers import snapshot
 
 FAKE = ("backend=fake", "sampler=random", "pruner=none")
 

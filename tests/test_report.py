@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 from datetime import datetime, timedelta
 
 import optuna
@@ -24,6 +21,7 @@ from harness.search import to_distribution
 from harness.storage import storage_for
 from harness.study import Sweep, make_backend
 from harness.tracking import tracking_uri
+from tests.helpers import cli_env, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SWEEP = ("backend=fake", "sweep.n_trials=12", "pruner=median", "tracking.log_best_model=false")
@@ -98,16 +96,11 @@ def test_report_is_logged_to_the_parent_run(fake_study):
     assert {"report/summary.md", "report/report.html", "report/slice.png"} <= logged
 
 
+@pytest.mark.slow  # a CLI process; the report itself is checked in-process above
 def test_cli_report_prints_the_folder(fake_study):
     cfg, _, folder, _ = fake_study
     runs = cfg.paths.runs_dir
-    done = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "report", "backend=fake", f"paths.runs_dir={runs}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+    done = run_cli("report", "backend=fake", runs=runs, timeout=120, env=cli_env(COLUMNS="300"))
     assert done.returncode == 0, done.stderr
     assert str(folder) in done.stdout
     assert "logged to MLflow run" in done.stdout

@@ -10,13 +10,12 @@ import shlex
 from pathlib import Path
 
 import optuna
-from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from harness.config import load_config
 from harness.storage import existing_study
 from harness.tracking import tracking_uri
-from tests.conftest import snapshot
+from tests.helpers import snapshot, study_runs
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "sst2"
 FAKE = ("backend=fake", "sampler=random", "pruner=none")
@@ -127,19 +126,16 @@ def test_new_choices_continue_as_a_new_study_with_the_old_trials(runs, capsys):
     new_sizes = {t.params["train.batch_size"] for t in continued.trials[4:]}
     assert new_sizes <= {4, 8, 16, 32}
     # the same MLflow experiment: the old study's parent run and the new one's side by side
-    client = MlflowClient(tracking_uri(load_config([f"paths.runs_dir={runs}"])))
-    experiment = client.get_experiment_by_name("sentiment_tiny")
-    parents = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`harness.role` = 'study'"
-    )
+    uri = tracking_uri(load_config([f"paths.runs_dir={runs}"]))
+    found = study_runs(uri, "sentiment_tiny", filter_string="tags.`harness.role` = 'study'")
+    client, parents = found.client, found.runs
     assert sorted(r.info.run_name for r in parents) == ["sentiment_tiny", "sentiment_tiny-2"]
     # the same command again resumes the continuation: nothing carried twice
     assert main([*words, "sweep.n_trials=9"]) == 0
     assert len(study_of(runs, "name=sentiment_tiny-2").trials) == 9
     assert client.get_experiment_by_name("sentiment_tiny-2") is None
-    trial_runs = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`harness.study` = 'sentiment_tiny-2'"
-    )
+    of_the_new_study = "tags.`harness.study` = 'sentiment_tiny-2'"
+    trial_runs = study_runs(uri, "sentiment_tiny", filter_string=of_the_new_study).runs
     assert len(trial_runs) == 1 + 5  # its parent and its own trials 4-8
 
 

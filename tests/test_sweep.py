@@ -9,15 +9,20 @@ import sys
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.backends.base import UntunableKeyError
 from harness.config import ConfigError
 from harness.search import SearchSpaceError
 from harness.storage import storage_for
 from harness.study import Sweep, load_study, reproduce_command
-from harness.tracking import InMemoryStore, tracking_uri
-from tests.conftest import reported, wait_for_running, window_ends
+from harness.tracking import InMemoryStore
+from tests.helpers import (
+    past_the_first_trial,
+    start_cli,
+    study_runs,
+    wait_for_running,
+    window_ends,
+)
 
 FAKE = (
     "backend=fake",
@@ -28,13 +33,9 @@ FAKE = (
 )
 
 
-def children(cfg, client=None):
-    client = client or MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
-    trials = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
-    return client, parents, trials
+def children(cfg):
+    found = study_runs(cfg)
+    return found.client, found.parents, found.trials
 
 
 def test_sweep_records_parent_and_nested_trials(make_cfg):
@@ -118,22 +119,16 @@ def test_interrupted_trial_is_failed_and_replaced_on_resume(make_cfg):
     assert retry.user_attrs["harness_retry_of"] == dead.number
 
 
+@pytest.mark.slow  # a kill -9 of a sweep process; test_faults_recovery kills at every moment
 def test_sweep_killed_mid_trial_resumes_cleanly(make_cfg, runs):
     """kill -9 during a trial: on resume that trial is FAIL in Optuna and FAILED in MLflow, and
     the study still ends with exactly n_trials finished trials under one parent run."""
     overrides = [*FAKE, "backend.seconds_per_epoch=1", "train.epochs=3", "sweep.n_trials=3"]
     cfg = make_cfg(*overrides)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_cli("sweep", *overrides, runs=runs, stdout=subprocess.DEVNULL)
     try:
         wait_for_running(
-            cfg.name,
-            storage_for(cfg),
-            lambda running: reported(running) and running[0].number >= 1,
-            "the second trial has reported an evaluation",
+            cfg.name, storage_for(cfg), past_the_first_trial, "the second trial has reported"
         )
     finally:
         process.kill()
@@ -165,7 +160,7 @@ def test_resumed_sweep_draws_new_params(make_cfg):
 
 def test_failing_trial_fails_alone_and_the_study_goes_on(make_cfg):
     overrides = [
-        "backend._target_=tests.flaky_backend.FlakyBackend",
+        "backend._target_=tests.helpers.FlakyBackend",
         "backend=fake",
         "sampler=grid",
         "search=none",

@@ -5,20 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.study import Sweep
+from tests.helpers import study_runs
 
 
 def test_sweep_records_to_a_tracking_server(mlflow_server, make_cfg, runs):
     overrides = ["backend=fake", "sweep.n_trials=3", f"tracking.uri={mlflow_server}"]
     cfg = make_cfg(*overrides)
     Sweep(cfg, overrides).run()
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs_found = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs_found if r.data.tags.get("harness.role") == "study"]
-    trials = [r for r in runs_found if r.data.tags.get("harness.role") == "trial"]
+    found = study_runs(mlflow_server, cfg.name)
+    client, parents, trials = found.client, found.parents, found.trials
     assert len(parents) == 1 and len(trials) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     config_path = client.download_artifacts(trials[0].info.run_id, "config.yaml")
@@ -26,6 +23,7 @@ def test_sweep_records_to_a_tracking_server(mlflow_server, make_cfg, runs):
     assert not (runs / "mlflow.db").exists()  # nothing went to the local default store
 
 
+@pytest.mark.slow  # a fault: test_faults_tracking kills a server mid-study too
 def test_tracking_server_gone_mid_study_stops_it_with_a_clear_message(mlflow_server, make_cfg):
     """The server stops answering after trial 1: the next trial fails (after MLflow's own
     retries, bounded by tracking.server_timeout_s), and the study stops at once with one

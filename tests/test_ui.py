@@ -6,8 +6,6 @@ tell whether stopping harness left any of them running, and kill whatever did in
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import shutil
 import signal
@@ -18,38 +16,28 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.helpers import (
+    CHROMIUM_ARGS,
+    UI,
+    descendants,
+    harness_ui,
+    playwright_and_chromium,
+    refuses,
+    run_cli,
+    running,
+    ui_env,
+    wait_for,
+)
 
 STUDY = "sentiment_tiny"  # the default study's name: its MLflow experiment and Optuna study
 N_TRIALS = 6
-START_S = 90.0  # `mlflow server` alone needs ~10 s; more on two shared cores
-STOP_S = 30.0  # harness gives its server 20 s to stop before killing it
-
-
-def _env() -> dict[str, str]:
-    # unbuffered output is not what a user's pipe or log file gets: take it away, so the test
-    # sees the URL line only if harness flushes it
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    return {**env, "COLUMNS": "200", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-def harness_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "harness.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -57,60 +45,20 @@ def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 6-trial sweep with the fake backend (seconds): its runs directory. The
     servers only read it, so the tests of this module share it."""
     runs = tmp_path_factory.mktemp("ui") / "runs"
-    done = harness_cli(
+    done = run_cli(
         "sweep",
         "backend=fake",
         f"sweep.n_trials={N_TRIALS}",
         "tracking.log_best_model=false",
         f"paths.runs_dir={runs}",
+        env=ui_env(),
     )
     assert done.returncode == 0, done.stderr
     assert (runs / "mlflow.db").exists() and (runs / "optuna" / f"{STUDY}.log").exists()
     return runs
 
 
-# --- waiting, without ever waiting for ever ---------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=0.3) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(interval)
-
-
-def answers(url: str) -> bool:
-    """Whether ``url`` answers 200 (False for a refused connection, an error or a timeout)."""
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-def refuses(port: int) -> bool:
-    """Whether connections to the port are refused: nothing listens (not merely slow)."""
-    with socket.socket() as sock:
-        sock.settimeout(3)
-        return sock.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
-
-
-def descendants(pid: int) -> set[psutil.Process]:
-    """The children of ``pid``, their children, and so on."""
-    try:
-        return set(psutil.Process(pid).children(recursive=True))
-    except psutil.NoSuchProcess:
-        return set()
-
-
-def running(process: psutil.Process) -> bool:
-    """Still there (psutil checks the pid was not reused) and not a zombie: a process that
-    has exited but not been reaped serves nothing and holds no port."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+# --- `harness ui` stopped -------------------------------------------------------------------
 
 
 def describe(process: psutil.Process) -> str:
@@ -118,103 +66,6 @@ def describe(process: psutil.Process) -> str:
         return f"{process.pid}: {' '.join(process.cmdline())[:160]}"
     except psutil.Error:
         return f"{process.pid}: (gone)"
-
-
-# --- `harness ui` in the background -----------------------------------------------------
-
-
-@dataclass
-class UI:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-    servers: set[psutil.Process] = field(default_factory=set)  # what harness started
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return json.load(response)
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        request = urllib.request.Request(
-            self.url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-
-    def see_servers(self) -> set[psutil.Process]:
-        self.servers |= descendants(self.process.pid)
-        return self.servers
-
-    def interrupt(self, terminal: bool = False) -> int:
-        """SIGINT: as a terminal's Ctrl-C sends it, to the foreground process group that
-        `harness ui` leads here, or to harness alone (`kill -INT PID`). Either way harness must
-        stop its server itself. Returns the exit code; fails if harness runs on past STOP_S."""
-        self.see_servers()
-        if terminal:
-            os.killpg(self.process.pid, signal.SIGINT)
-        else:
-            self.process.send_signal(signal.SIGINT)
-        try:
-            return self.process.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"harness ui still runs {STOP_S:.0f} s after SIGINT:\n{self.output()}")
-
-    def stop(self) -> None:
-        """Cleanup, whatever the test did: SIGINT, then SIGKILL to what harness started and
-        left running, and to harness's own process group (ours: start_new_session)."""
-        if self.process.poll() is None:
-            self.see_servers()
-            self.process.send_signal(signal.SIGINT)
-            with suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=STOP_S)
-        for server in self.servers:
-            if running(server):
-                with suppress(psutil.Error):
-                    server.kill()
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.wait(timeout=10)
-
-
-@contextmanager
-def harness_ui(runs: Path, logs: Path, *flags: str, health: str) -> Iterator[UI]:
-    """`harness ui FLAGS --port P paths.runs_dir=RUNS` on a free port, once ``health`` answers
-    and the URL is printed; stopped, with all it started, on the way out."""
-    port = free_port()
-    log = logs / f"harness-ui-{port}.log"
-    command = [sys.executable, "-m", "harness.cli", "ui", *flags, "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*command, f"paths.runs_dir={runs}"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-            start_new_session=True,
-        )
-    ui = UI(f"http://127.0.0.1:{port}", port, process, log)
-    try:
-        wait_for(
-            lambda: process.poll() is not None or answers(ui.url + health),
-            START_S,
-            f"{ui.url}{health} answers",
-        )
-        if process.poll() is not None:
-            pytest.fail(f"harness ui exited with {process.returncode}:\n{ui.output()}")
-        # harness polls the same URL, then prints: give it a moment, no more
-        wait_for(lambda: f"open {ui.url}" in ui.output(), 20, "harness ui prints the URL")
-        assert ui.see_servers(), "harness ui runs no server process of its own"
-        yield ui
-    finally:
-        ui.stop()
 
 
 def assert_stopped_cleanly(ui: UI, code: int) -> None:
@@ -285,6 +136,7 @@ def study_runs(ui: UI) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
 # --- the tests --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # harness ui, mlflow server and its workers
 def test_ui_serves_the_study_nested_and_sigint_stops_it(finished_sweep, tmp_path):
     trials = optuna_study(finished_sweep).trials
     with harness_ui(finished_sweep, tmp_path, health="/health") as ui:
@@ -323,6 +175,7 @@ def test_ui_serves_the_study_nested_and_sigint_stops_it(finished_sweep, tmp_path
         assert_stopped_cleanly(ui, ui.interrupt())  # `kill -INT PID`
 
 
+@pytest.mark.slow  # harness ui and optuna-dashboard processes
 def test_ui_optuna_serves_the_dashboard_and_ctrl_c_stops_it(finished_sweep, tmp_path):
     recorded = optuna_study(finished_sweep)
     trials = recorded.trials
@@ -355,7 +208,7 @@ def test_ui_without_a_store_or_with_a_bad_port_is_a_clear_error(tmp_path, flags,
     import re
 
     empty = tmp_path / "runs"
-    done = harness_cli("ui", *flags, f"paths.runs_dir={empty}", timeout=120)
+    done = run_cli("ui", *flags, f"paths.runs_dir={empty}", timeout=120, env=ui_env())
     assert done.returncode == 2, done.stdout + done.stderr
     assert re.search(message, done.stderr), done.stderr
     assert "Traceback" not in done.stderr
@@ -369,7 +222,7 @@ def test_ui_refuses_a_port_in_use(finished_sweep):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = harness_cli("ui", "--port", str(port), f"paths.runs_dir={finished_sweep}")
+        done = run_cli("ui", "--port", str(port), f"paths.runs_dir={finished_sweep}", env=ui_env())
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"port {port} on 127.0.0.1 is in use" in done.stderr
     assert "open http" not in done.stdout
@@ -377,7 +230,9 @@ def test_ui_refuses_a_port_in_use(finished_sweep):
 
 def test_ui_with_a_tracking_server_starts_nothing(tmp_path):
     """tracking.uri is a server already: its URL is the UI; nothing to start or stop."""
-    done = harness_cli("ui", "tracking.uri=http://127.0.0.1:5999", f"paths.runs_dir={tmp_path}")
+    done = run_cli(
+        "ui", "tracking.uri=http://127.0.0.1:5999", f"paths.runs_dir={tmp_path}", env=ui_env()
+    )
     assert done.returncode == 0, done.stderr
     assert "tracking.uri is a server already: open http://127.0.0.1:5999" in done.stdout
 
@@ -420,30 +275,7 @@ def test_stop_leaves_no_worker_behind(server_ignores_sigterm):
 
 # --- the MLflow UI itself, in a real browser ---------------------------------------------
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # ag-grid's cell of the "Run Name" column
-
-
-def playwright_and_chromium() -> tuple[Any, str]:
-    """Python playwright's sync API and the system Chromium (no browser download), or a skip
-    saying which is missing: CI installs both, a bare machine may lack them."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed: pip install playwright")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
-    return sync_playwright, chromium
 
 
 @pytest.mark.slow

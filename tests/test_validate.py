@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from tests.conftest import write
+from tests.helpers import write
 
 TICKETS = Path(__file__).resolve().parents[1] / "studies" / "data" / "tickets.jsonl"
 REAL = Path("/work/shared/data/real")

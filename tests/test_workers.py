@@ -4,21 +4,15 @@ and MLflow store."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.config import ConfigError
 from harness.study import load_study, plan_study
-from harness.tracking import tracking_uri
-from tests.conftest import wait_for_running
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import run_cli, start_cli, study_runs, wait_for_running
 
 
+@pytest.mark.slow  # many processes
 def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
     overrides = [
         "backend=fake",
@@ -30,13 +24,7 @@ def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
         "sweep.n_workers=3",
         "pruner=none",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_cli("sweep", *overrides, runs=runs)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "database is locked" not in output
@@ -46,11 +34,8 @@ def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
     pids = {t.user_attrs["worker"]["pid"] for t in trials}
     assert len(pids) == 3  # three processes ran trials
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 12  # no params drawn twice
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    runs_ = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs_ if r.data.tags.get("harness.role") == "study"]
-    children = [r for r in runs_ if r.data.tags.get("harness.role") == "trial"]
+    found = study_runs(cfg)
+    parents, children = found.parents, found.trials
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 12
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
@@ -78,6 +63,7 @@ def test_sqlite_storage_is_refused_for_parallel_workers(make_cfg, tmp_path):
         plan_study(cfg)
 
 
+@pytest.mark.slow  # many processes, an interrupt
 def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
     """SIGINT to the sweep: its helpers get one interrupt each, every trial ends FAIL or
     finished, no MLflow run stays RUNNING, and no helper outlives the sweep."""
@@ -90,13 +76,7 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
     overrides = ["backend=fake", "backend.seconds_per_epoch=1", "sweep.n_trials=8",
                  "sweep.n_workers=2", "pruner=none"]  # fmt: skip
     cfg = make_cfg(*overrides)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "sweep", *overrides, f"paths.runs_dir={runs}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    process = start_cli("sweep", *overrides, runs=runs)
     wait_for_running(
         cfg.name,
         storage_for(cfg),
@@ -115,9 +95,7 @@ def test_ctrl_c_with_workers_closes_every_trial_and_run(make_cfg, runs):
         except ProcessLookupError:
             continue
         pytest.fail(f"worker {pid} outlived the sweep")
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.name)
-    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
+    statuses = [r.info.status for r in study_runs(cfg).runs]
     assert "RUNNING" not in statuses
 
 
