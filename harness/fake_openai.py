@@ -27,6 +27,7 @@ sees the same job states on a loaded machine as on an idle one.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import email.parser
 import email.policy
@@ -389,22 +390,13 @@ class FakeOpenAI:
         validation_id = request.get("validation_file")
         if validation_id:
             self._file(validation_id)
-        method = request.get("method") or {}
-        hp = ((method.get("supervised") or {}).get("hyperparameters")) or {}
-        n_epochs = _setting(hp, "n_epochs", 3, int, 1, 50)
-        batch_size = _setting(hp, "batch_size", 8, int, 1, 256)
-        multiplier = _setting(hp, "learning_rate_multiplier", 2.0, float, 1e-9, 1e9)
-        metadata = request.get("metadata") or {}
-        if not isinstance(metadata, dict) or len(metadata) > 16:
-            raise ApiError(400, "metadata must be an object of at most 16 pairs", param="metadata")
+        n_epochs, batch_size, multiplier = _hyperparameters(request)
+        metadata = _metadata(request)
         pairs, chats, invalid = parse_training_file(training.content)
         number = len(self.jobs) + 1
         steps_per_epoch = max(1, math.ceil(len(pairs) / batch_size))
         fails = number in self.faults.fail_jobs or self.rng.random() < self.faults.job_failure_rate
-        # billed tokens, simulated: ~4 characters a token plus a per-message overhead
-        tokens = sum(
-            2 + sum(4 + len(str(m.get("content", ""))) // 4 for m in chat) for chat in chats
-        )
+        tokens = _billed_tokens(chats)
         job = Job(
             id=self._id("ftjob"),
             number=number,
@@ -418,7 +410,7 @@ class FakeOpenAI:
             lr_multiplier=multiplier,
             seed=int(request.get("seed") or 0),
             suffix=request.get("suffix"),
-            metadata={str(k): str(v) for k, v in metadata.items()},
+            metadata=metadata,
             examples=pairs,
             file_tokens=tokens,
             steps_per_epoch=steps_per_epoch,
@@ -700,6 +692,29 @@ class FakeOpenAI:
     ]
 
 
+def _hyperparameters(request: Mapping[str, Any]) -> tuple[int, int, float]:
+    """A job request's (n_epochs, batch_size, learning_rate_multiplier), "auto" resolved."""
+    method = request.get("method") or {}
+    hp = ((method.get("supervised") or {}).get("hyperparameters")) or {}
+    n_epochs = _setting(hp, "n_epochs", 3, int, 1, 50)
+    batch_size = _setting(hp, "batch_size", 8, int, 1, 256)
+    multiplier = _setting(hp, "learning_rate_multiplier", 2.0, float, 1e-9, 1e9)
+    return n_epochs, batch_size, multiplier
+
+
+def _metadata(request: Mapping[str, Any]) -> dict[str, str]:
+    """A job request's metadata as strings; at most 16 pairs, as the real API allows."""
+    metadata = request.get("metadata") or {}
+    if not isinstance(metadata, dict) or len(metadata) > 16:
+        raise ApiError(400, "metadata must be an object of at most 16 pairs", param="metadata")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _billed_tokens(chats: list[list[dict]]) -> int:
+    """Billed tokens, simulated: ~4 characters a token plus a per-message overhead."""
+    return sum(2 + sum(4 + len(str(m.get("content", ""))) // 4 for m in chat) for chat in chats)
+
+
 def _setting(hp: Mapping[str, Any], key: str, auto: Any, kind: type, low: float, high: float):
     value = hp.get(key, "auto")
     if value == "auto":
@@ -854,8 +869,28 @@ class FakeOpenAIServer:
 
 def serve_forever(argv: list[str]) -> int:
     """`harness fake-openai`: serves until Ctrl-C, printing a line per job event that matters."""
-    import argparse
+    options = _serve_options(argv)
+    api = _api_from_options(options)
+    server = FakeOpenAIServer(api, port=options.port).start()
+    print(
+        f"fake OpenAI API on {server.base_url} (Ctrl-C stops it). A free dry run of a hosted "
+        f"study:\n  harness sweep study=tickets_openai backend.base_url={server.base_url} "
+        "backend.poll_interval_s=0.5",
+        flush=True,
+    )
+    try:
+        while server.thread.is_alive():
+            server.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        print(f"stopped: {len(api.jobs)} jobs created, {len(api.files)} files", flush=True)
+    return 0
 
+
+def _serve_options(argv: list[str]) -> argparse.Namespace:
+    """The command line of `harness fake-openai`: port, timings and injected faults."""
     parser = argparse.ArgumentParser(
         prog="harness fake-openai",
         description="A loopback fake of the OpenAI fine-tuning API, for free dry runs: "
@@ -874,8 +909,12 @@ def serve_forever(argv: list[str]) -> int:
     parser.add_argument("--drop-creates", type=int, default=0, help="job creates left unanswered")
     parser.add_argument("--plain-results", action="store_true", help="result CSV not base64")
     parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args(argv)
-    api = FakeOpenAI(
+    return parser.parse_args(argv)
+
+
+def _api_from_options(options: argparse.Namespace) -> FakeOpenAI:
+    """The fake API that `harness fake-openai` serves, logging each job event to stdout."""
+    return FakeOpenAI(
         Timing(
             validate_s=options.queue_seconds / 2,
             queue_s=options.queue_seconds,
@@ -893,19 +932,3 @@ def serve_forever(argv: list[str]) -> int:
         base64_results=not options.plain_results,
         log=lambda line: print(line, flush=True),
     )
-    server = FakeOpenAIServer(api, port=options.port).start()
-    print(
-        f"fake OpenAI API on {server.base_url} (Ctrl-C stops it). A free dry run of a hosted "
-        f"study:\n  harness sweep study=tickets_openai backend.base_url={server.base_url} "
-        "backend.poll_interval_s=0.5",
-        flush=True,
-    )
-    try:
-        while server.thread.is_alive():
-            server.thread.join(timeout=1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        print(f"stopped: {len(api.jobs)} jobs created, {len(api.files)} files", flush=True)
-    return 0

@@ -323,19 +323,22 @@ def plot_specs(facts: Facts) -> list[tuple[Plot, Callable[[Any], Any]]]:
         ),
     ]
     if facts.multi:
-        names = [o.metric for o in facts.objectives]
-        too_many = len(names) > 3
-        specs.append(
-            (
-                Plot(
-                    "pareto_front",
-                    "Pareto front",
-                    skipped=f"{len(names)} objectives: Optuna plots 2 or 3" if too_many else "",
-                ),
-                lambda v: v.plot_pareto_front(facts.study, target_names=names),
-            )
-        )
+        specs.append(_pareto_front_spec(facts))
     return specs
+
+
+def _pareto_front_spec(facts: Facts) -> tuple[Plot, Callable[[Any], Any]]:
+    """The Pareto front plot of a multi-objective study, skipped past 3 objectives."""
+    names = [o.metric for o in facts.objectives]
+    too_many = len(names) > 3
+    return (
+        Plot(
+            "pareto_front",
+            "Pareto front",
+            skipped=f"{len(names)} objectives: Optuna plots 2 or 3" if too_many else "",
+        ),
+        lambda v: v.plot_pareto_front(facts.study, target_names=names),
+    )
 
 
 def _no_curves_reason(facts: Facts) -> str:
