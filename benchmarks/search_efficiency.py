@@ -64,6 +64,7 @@ from harness import search
 from harness.backends.base import TrialSpec
 from harness.cli import _quiet_libraries
 from harness.config import load_config, with_params
+from harness.continuation import holds
 from harness.study import Plan, plan_study
 
 TARGET_SHARE = 0.98  # "reached": the best so far is at least this share of the best found
@@ -271,7 +272,7 @@ def fake_optimum(plan: Plan, prepared: Any) -> float | None:
         "train.epochs": getattr(dists.get("train.epochs"), "high", None),
     }
     params = {k: v for k, v in peak.items() if k in dists}
-    if any(not dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in params.items()):
+    if any(not holds(dists[k], v) for k, v in params.items()):
         return None
     spec = TrialSpec(
         -1,

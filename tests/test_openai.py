@@ -772,3 +772,17 @@ def test_an_abandoned_jobs_bill_replaces_its_trials_estimate_in_the_spend():
     assert study_spend(study) == pytest.approx(1.15)
     study.set_user_attr(billed_key(1), 0.4)
     assert study_spend(study) == pytest.approx(0.65)
+
+
+def test_an_objective_the_hosted_backend_never_reports_is_refused_before_any_job(openai_cfg):
+    """The hosted backend's evaluations report its own metrics, not the task's usual ones: an
+    objective outside them would fail every paid trial at its end."""
+    cfg = openai_cfg("sweep.objectives={eval/accuracy: maximize, cost_usd: minimize}")
+    with pytest.raises(ConfigError, match="'eval/accuracy' is not a metric trials report"):
+        plan_study(cfg)
+
+
+@pytest.mark.parametrize("key", ["example_token_limits", "prices_per_1m_training_tokens"])
+def test_null_for_a_mapping_setting_is_refused_naming_the_key(openai_cfg, key):
+    with pytest.raises(ConfigError, match=f"^backend.{key} must be a mapping of model names"):
+        make_backend(openai_cfg(f"backend.{key}=null"))

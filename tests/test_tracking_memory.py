@@ -83,3 +83,9 @@ def test_only_a_backend_that_logs_models_can_have_one_logged(make_cfg, tmp_path)
     assert uri == "models:/champ/1" and store.models[0].model_dir == tmp_path
     tracker.log_hosted_model(run.run_id, "train", {"id": "ft:gpt-x:abc", "job": "j-1"})
     assert tracker.run_tags(run.run_id)["harness.hosted_model"] == "ft:gpt-x:abc"
+
+
+def test_workers_record_in_mlflow_so_the_memory_tracker_refuses_them(make_cfg):
+    cfg = make_cfg(*FAST, "sweep.n_workers=2")
+    with pytest.raises(ValueError, match=r"sweep\.n_workers > 1 records in MLflow"):
+        Sweep(cfg, [], tracker_factory=InMemoryStore().tracker)

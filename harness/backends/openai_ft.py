@@ -186,8 +186,8 @@ class OpenAIBackend:
         self.eval_concurrency = max(1, eval_concurrency)
         self.eval_max_examples = eval_max_examples
         self.create_grace_s = create_grace_s
-        self.prices = _plain(prices_per_1m_training_tokens)
-        self.token_limits = _plain(example_token_limits)
+        self.prices = _plain("prices_per_1m_training_tokens", prices_per_1m_training_tokens)
+        self.token_limits = _plain("example_token_limits", example_token_limits)
         self._client: Any = None
         self._counted: TokenCounts = {}  # chats' token counts: the file check's, reused by describe
 
@@ -850,9 +850,14 @@ def parse_label(answer: str, labels: list[str]) -> str:
     return mentioned[0] if len(mentioned) == 1 else UNPARSED
 
 
-def _plain(mapping: Any) -> dict[str, Any]:
+def _plain(key: str, mapping: Any) -> dict[str, Any]:
     if isinstance(mapping, DictConfig):
         return dict(OmegaConf.to_container(mapping))  # type: ignore[arg-type]
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(
+            f"backend.{key} must be a mapping of model names to values, not {mapping!r}; "
+            f"conf/backend/openai.yaml shows it (leave the key out to keep those values)"
+        )
     return dict(mapping)
 
 

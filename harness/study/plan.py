@@ -20,7 +20,6 @@ from harness.config import ConfigError, with_params
 from harness.continuation import holds
 from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
-from harness.metrics import EVAL_METRICS
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
 
@@ -36,6 +35,8 @@ def make_backend(cfg: DictConfig) -> Backend:
     try:
         backend: Backend = instantiate(cfg.backend)
     except InstantiationException as exc:  # e.g. a backend.* key the backend does not take
+        if isinstance(exc.__cause__, ConfigError):  # the backend's own check of a value
+            raise exc.__cause__ from None
         hint = ""
         if "unexpected keyword argument" in str(exc) or "required keyword-only" in str(exc):
             hint = (
@@ -61,6 +62,10 @@ class Plan:
     # (metric, direction) of each objective, the first one Optuna's value: from the config
     objectives: list[tuple[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.objectives:  # a Plan made by hand: the config's (plan_study passes them)
+            self.objectives = objectives(self.cfg)
+
 
 def plan_study(cfg: DictConfig) -> Plan:
     """Validates everything a study needs before the first trial; raises with a clear message."""
@@ -75,7 +80,7 @@ def plan_study(cfg: DictConfig) -> Plan:
     _check_sampled_values(cfg, space, distributions)
     check_space_ranges(space, distributions, fixed)
     goals = objectives(cfg)
-    notices = _check_objectives(cfg, goals)
+    notices = _check_objectives(cfg, goals, backend)
     _check_sweep_settings(cfg, backend)
     dataset = load_dataset(cfg.data, backend.example_check(cfg))
     _check_reported(cfg, goals, backend, dataset)
@@ -104,7 +109,7 @@ def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
-            f"{cfg.data.task} task; choose one of {', '.join(metrics)}"
+            f"{cfg.data.task} task by backend {backend.name}; choose one of {', '.join(metrics)}"
         )
     if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
         raise ConfigError(
@@ -118,7 +123,9 @@ def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
         )
 
 
-def _check_objectives(cfg: DictConfig, chosen: list[tuple[str, str]]) -> list[str]:
+def _check_objectives(
+    cfg: DictConfig, chosen: list[tuple[str, str]], backend: Backend
+) -> list[str]:
     """Refuses objectives no trial reports; says that several objectives turn pruning off."""
     if len(cfg.sweep.objectives) == 1:
         metric, direction = chosen[0]
@@ -127,7 +134,7 @@ def _check_objectives(cfg: DictConfig, chosen: list[tuple[str, str]]) -> list[st
             f"sweep.metric={metric} sweep.direction={direction} (pruning and early stopping "
             "follow them)"
         )
-    task_metrics = EVAL_METRICS.get(cfg.data.task, ())
+    task_metrics = backend.eval_metrics(cfg.data.task)
     for metric, direction in chosen:
         if direction not in ("maximize", "minimize"):
             raise ConfigError(

@@ -64,6 +64,9 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         on_progress: ProgressCallback | None = None,
         tracker_factory: TrackerFactory = MLflowTracker,
     ) -> None:
+        if cfg.sweep.n_workers > 1 and tracker_factory is not MLflowTracker:
+            # worker processes record in MLflow under the parent run this process makes
+            raise ValueError("sweep.n_workers > 1 records in MLflow: use the MLflowTracker")
         self.tracker_factory = tracker_factory  # InMemoryStore().tracker in fast tests
         # kept in Optuna and MLflow and printed: never with a secret in it
         self.overrides = [redact_override(o) for o in overrides]

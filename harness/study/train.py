@@ -17,6 +17,7 @@ from harness.secrets import redact_override
 from harness.study.plan import plan_study
 from harness.study.trial import run_trial
 from harness.tracking import MLflowTracker
+from harness.tracking.records import TAG_LIMIT
 
 
 @dataclass
@@ -52,7 +53,7 @@ def train_once(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"{name}-{stamp}"
     run_tags = {
-        "harness.overrides": " ".join(redact_override(o) for o in overrides)[:4000],
+        "harness.overrides": " ".join(redact_override(o) for o in overrides)[:TAG_LIMIT],
         "harness.trained_on": "train+validation" if with_validation else "train",
         **provenance(plan.dataset.file_hashes, plan.cfg.seed),
         **(tags or {}),

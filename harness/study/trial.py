@@ -20,6 +20,7 @@ from harness.config import with_params
 from harness.secrets import redact_text
 from harness.study.plan import Plan
 from harness.tracking import TrackedRun, Tracker
+from harness.tracking.records import TAG_LIMIT
 
 # (trial number, step, total steps or 0 if unknown, the metrics of this step): live progress
 ProgressCallback = Callable[[int, int, int, Mapping[str, float]], None]
@@ -125,7 +126,7 @@ def run_trial(
             try:  # a paid result is not thrown away for want of a model entry
                 tracker.log_hosted_model(run.run_id, run_name, result.hosted_model)
             except Exception as exc:
-                run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:4000]})
+                run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:TAG_LIMIT]})
     except optuna.TrialPruned as pruned:
         _end_pruned(run, cfg.sweep.metric, pruned)
         raise
@@ -177,7 +178,7 @@ def _end_failed(run: TrackedRun, exc: BaseException) -> None:
     reason = describe_failure(exc)
     # best effort: the store itself may be what failed (a full disk, a server gone)
     with contextlib.suppress(Exception):
-        run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:4000]})
+        run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:TAG_LIMIT]})
     with contextlib.suppress(Exception):
         run.log_text(redact_text(traceback.format_exc()), "error.txt")
     with contextlib.suppress(Exception):  # the original error is the one to report

@@ -26,6 +26,7 @@ from harness.tracking.protocol import ModelDestination, as_model_logger
 from harness.tracking.records import (
     ROLE_TAG,
     STUDY_TAG,
+    TAG_LIMIT,
     closing_of,
     config_yaml,
     owner_tags,
@@ -155,7 +156,7 @@ class MLflowTracker(MLflowStore):
         (the loser of a tag's insert retries, and writes the same)."""
         from mlflow.entities import RunTag
 
-        batch = [RunTag(k, v[:4000]) for k, v in tags.items()]
+        batch = [RunTag(k, v[:TAG_LIMIT]) for k, v in tags.items()]
         retried(lambda: self.client.log_batch(run_id, tags=batch))
         self.terminate_run(run_id, status)
 

@@ -14,6 +14,7 @@ from harness.workers import alive
 
 STUDY_TAG = "harness.study"
 ROLE_TAG = "harness.role"
+TAG_LIMIT = 4000  # characters of a tag value MLflow keeps (a longer one is refused)
 
 
 def config_yaml(cfg: DictConfig) -> str:
@@ -47,7 +48,7 @@ def stale_run_tags(status: str, reason: str) -> dict[str, str] | None:
     if status not in ("RUNNING", "FINISHED"):
         return None
     why = reason if status == "RUNNING" else UNRECORDED
-    return {"optuna.trial_state": "FAIL", "harness.failure_reason": why}
+    return {"optuna.trial_state": "FAIL", "harness.failure_reason": why[:TAG_LIMIT]}
 
 
 def closing_of(
@@ -62,7 +63,7 @@ def closing_of(
     if state == "FAIL":
         return "FAILED", {
             "optuna.trial_state": state,
-            "harness.failure_reason": reason or ABANDONED,
+            "harness.failure_reason": (reason or ABANDONED)[:TAG_LIMIT],
         }
     if not state and _owner_gone(tags):
         return "KILLED", {"harness.failure_reason": ABANDONED}
