@@ -24,15 +24,12 @@ def test_conf_has_the_groups_the_design_names():
     assert {"backend", "model", "data", "search", "sampler", "pruner", "tracking"} <= set(GROUPS)
 
 
-@pytest.mark.parametrize(
-    "override",
-    [
-        f"{group}={path.stem}"
-        for group in GROUPS
-        for path in sorted((CONF_DIR / group).glob("*.yaml"))
-    ]
-    + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))],
-)
+EVERY_OPTION = [
+    f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
+] + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("override", EVERY_OPTION)
 def test_every_config_file_composes(override):
     cfg = load_config([override])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -142,11 +139,6 @@ def test_a_backend_takes_every_argument_from_its_yaml_and_has_no_defaults(name):
     assert [p.name for p in parameters if p.default is not inspect.Parameter.empty] == []
     assert {p.name for p in parameters} == set(cfg.backend) - {"_target_"}
     assert isinstance(instantiate(cfg.backend), cls)  # the YAML's values are what it takes
-
-
-EVERY_OPTION = [
-    f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
-] + [f"study={path.stem}" for path in sorted(STUDIES_DIR.glob("*.yaml"))]
 
 
 def targets(node, where: str = "") -> list[tuple[str, object]]:

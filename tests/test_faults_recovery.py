@@ -138,12 +138,13 @@ def test_a_queued_trial_popped_by_a_process_that_died_before_naming_itself(runs)
     assert study is not None
     study.enqueue_trial(study.trials[0].params)
     die_at_tag = (
-        "real = type(study._storage).set_trial_user_attr\n"
+        "from harness.storage import OwnedTrialsJournalStorage as owned\n"
+        "real = owned.set_trial_user_attr\n"
         "def tag(self, trial_id, key, value):\n"
         "    if key == 'worker':\n"
         "        os._exit(9)\n"
         "    real(self, trial_id, key, value)\n"
-        "type(study._storage).set_trial_user_attr = tag\n"
+        "owned.set_trial_user_attr = tag\n"
     )
     ask_in_a_process_that_dies(words, die_at_tag)
     popped = existing_study(load_config(words)).trials[2]  # type: ignore[union-attr]
@@ -173,7 +174,7 @@ def ownerless_trial(cfg, started: datetime.datetime) -> None:
         intermediate_values={},
         trial_id=-1,
     )
-    plain.create_new_trial(study._study_id, template_trial=template)
+    plain.create_new_trial(plain.get_study_id_from_name(study.study_name), template_trial=template)
 
 
 def test_a_trial_with_no_owner_at_all_is_stale_after_the_grace_time(runs, capsys):

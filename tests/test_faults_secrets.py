@@ -97,7 +97,8 @@ def stored_attrs(name: str) -> str:
 
     storage = optuna.storages.RDBStorage(pg_url("x"))
     study = optuna.load_study(study_name=name, storage=storage)
-    parts = [study.user_attrs, storage.get_study_system_attrs(study._study_id)]
+    study_id = storage.get_study_id_from_name(name)
+    parts = [study.user_attrs, storage.get_study_system_attrs(study_id)]
     for trial in study.trials:
         parts += [trial.user_attrs, trial.system_attrs, trial.params]
     return json.dumps(parts, default=str)

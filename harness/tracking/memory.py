@@ -26,8 +26,8 @@ from harness.tracking.records import (
     STUDY_TAG,
     closing_of,
     config_yaml,
-    owner_tags,
     stale_run_tags,
+    trial_run_tags,
 )
 
 
@@ -149,9 +149,7 @@ class InMemoryTracker:
         cfg: DictConfig,
         parent_id: str | None = None,
     ) -> InMemoryRun:
-        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags, **owner_tags()}
-        if parent_id:
-            all_tags["mlflow.parentRunId"] = parent_id
+        all_tags = trial_run_tags(str(self.cfg.name), tags, parent_id)
         run = InMemoryRun(self._new_run(name, all_tags))
         run.log_params(params)
         run.log_text(config_yaml(cfg), "config.yaml")

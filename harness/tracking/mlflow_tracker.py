@@ -29,8 +29,8 @@ from harness.tracking.records import (
     TAG_LIMIT,
     closing_of,
     config_yaml,
-    owner_tags,
     stale_run_tags,
+    trial_run_tags,
 )
 from harness.tracking.server import (
     bound_server_requests,
@@ -178,9 +178,7 @@ class MLflowTracker(MLflowStore):
         cfg: DictConfig,
         parent_id: str | None = None,
     ) -> TrialRun:
-        all_tags = {STUDY_TAG: self.cfg.name, ROLE_TAG: "trial", **tags, **owner_tags()}
-        if parent_id:
-            all_tags["mlflow.parentRunId"] = parent_id  # what the UI nests by
+        all_tags = trial_run_tags(str(self.cfg.name), tags, parent_id)
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         trial_run = TrialRun(
             self.client,

@@ -70,6 +70,14 @@ def closing_of(
     return None
 
 
+def trial_run_tags(study: str, tags: Mapping[str, str], parent_id: str | None) -> dict[str, str]:
+    """A trial's (or `harness train`'s) run: its study, role and process, under its parent."""
+    all_tags = {STUDY_TAG: study, ROLE_TAG: "trial", **tags, **owner_tags()}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id  # what the MLflow UI nests by
+    return all_tags
+
+
 def owner_tags() -> dict[str, str]:
     """Tags naming the process that runs a run: a resume closes runs whose process is gone."""
     return {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
