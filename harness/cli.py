@@ -125,7 +125,7 @@ def cmd_sweep(args: list[str]) -> int:
     with display, stopped_by_full_disk(runs_dir(cfg)):
         study = sweep.run()
     _say_notices(say, sweep.plan.notices[said:])  # found while it ran (a warm start's source)
-    return _sweep_ending(console, say, cfg, sweep, study)
+    return _sweep_ending(console, say, cfg, sweep.ending(study))
 
 
 def _announce_sweep(say: Callable[..., Any], cfg: Any, sweep: Any) -> int:
@@ -157,31 +157,28 @@ def _say_notices(say: Callable[..., Any], notices: list[str]) -> None:
         say(f"[yellow]note[/yellow]: {escape(notice)}", soft_wrap=True)
 
 
-def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, sweep: Any, study: Any) -> int:
+def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, ending: Any) -> int:
     """Spend, why it stopped or fell short, the summary; the exit code: 1 for a short study (a
     script must not take a short study for a whole) or one where no trial completed."""
     from rich.markup import escape
 
     from harness.display import print_summary
-    from harness.study.queries import reproduce_command, study_spend
 
-    if any("cost_usd" in t.user_attrs for t in study.trials):
+    if ending.spent_usd is not None:
         budget = cfg.sweep.budget_usd
         limit = "no budget set" if budget is None else f"budget ${budget:.2f}"
-        console.print(f"spent ${study_spend(study):.4f} ({limit})")
-    if sweep.stop_reason:
-        console.print(f"[yellow]stopped[/yellow]: {escape(sweep.stop_reason)}", soft_wrap=True)
-    short = sweep.shortfall(study)
-    if not any(t.state.name == "COMPLETE" for t in study.trials):
-        reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
-        last = next((r for r in reversed(reasons) if r), "no reason recorded")
+        console.print(f"spent ${ending.spent_usd:.4f} ({limit})")
+    if ending.stop_reason:
+        console.print(f"[yellow]stopped[/yellow]: {escape(ending.stop_reason)}", soft_wrap=True)
+    short = ending.shortfall
+    if ending.summary.best is None:
+        last = ending.last_failure
         console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
         if short:
             console.print(short, markup=False, soft_wrap=True)
         return 1
-    print_summary(console, study, sweep.plan.objectives)
-    report = reproduce_command("report", sweep.overrides, {})  # redacted: no secret printed
-    say(f"plots and summary.md: {report}", markup=False, soft_wrap=True)
+    print_summary(console, ending.summary)
+    say(f"plots and summary.md: {ending.report_command}", markup=False, soft_wrap=True)
     if short:
         console.print(f"[red]short of sweep.n_trials[/red]: {escape(short)}", soft_wrap=True)
         return 1
@@ -191,14 +188,15 @@ def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, sweep: Any, s
 def cmd_best(overrides: list[str]) -> int:
     from harness.config import load_config
     from harness.display import print_summary
-    from harness.study.queries import load_study, stored_objectives
+    from harness.study.queries import load_study, stored_objectives, summarize
 
     cfg = load_config(overrides)
     study = load_study(cfg)
-    if not any(t.state.name == "COMPLETE" for t in study.trials):
+    summary = summarize(study, stored_objectives(study, cfg))
+    if summary.best is None:
         print(f"study {cfg.name!r} has no completed trial yet", file=sys.stderr)
         return 1
-    print_summary(_console(), study, stored_objectives(study, cfg))
+    print_summary(_console(), summary)
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.study.queries import best_trial, is_multi_objective, ranked_trials, reproduce_command
+from harness.study.queries import StudySummary
 from harness.study.trial import TrialOutcome
 
 
@@ -125,11 +125,10 @@ class SweepDisplay:
             self.console.print(trial_line(outcome), soft_wrap=True)  # one line, also in logs
 
 
-def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -> None:
+def print_summary(console: Any, summary: StudySummary) -> None:
     """Trial counts, the best trials (the Pareto front of a multi-objective study) as a table,
     the best trial's metrics, and the command that reproduces it."""
-    best = best_trial(study)
-    states = [t.state.name for t in study.trials]
+    best, states, objectives = summary.best, summary.states, summary.objectives
     others = [f"{states.count(s)} {s.lower()}" for s in ("RUNNING", "WAITING") if s in states]
     console.print(  # every state counted: the numbers add up to the total
         f"\n{len(states)} trials: {states.count('COMPLETE')} complete, "
@@ -138,31 +137,24 @@ def print_summary(console: Any, study: Any, objectives: list[tuple[str, str]]) -
     )
     if best is None:
         return
-    multi = is_multi_objective(study)
-    console.print(_best_trials_table(study, objectives, multi))
-    console.print(_best_trial_table(best, objectives, multi))
-    # the overrides of the invocation that ran the best trial (a resume may have had others)
-    overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
+    console.print(_best_trials_table(summary))
+    console.print(_best_trial_table(best, objectives, summary.multi))
     console.print("reproduce with:")
-    console.print(reproduce_command("train", overrides, best.params), markup=False, soft_wrap=True)
-    if "best_model_uri" in study.user_attrs:
-        console.print(f"best model: {study.user_attrs['best_model_uri']}", markup=False)
+    console.print(summary.reproduce, markup=False, soft_wrap=True)
+    if summary.best_model_uri:
+        console.print(f"best model: {summary.best_model_uri}", markup=False)
 
 
-def _best_trials_table(study: Any, objectives: list[tuple[str, str]], multi: bool) -> Any:
+def _best_trials_table(summary: StudySummary) -> Any:
     """The best 5 trials, or the Pareto front of a multi-objective study."""
     from rich.table import Table
     from rich.text import Text
 
-    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
-    sign = 1.0 if objectives[0][1] == "maximize" else -1.0
-    if multi:
-        ranked = sorted(study.best_trials, key=lambda t: -sign * t.values[0])
+    ranked, objectives, paid = summary.shown, summary.objectives, summary.paid
+    if summary.multi:
         title = f"Pareto front: {len(ranked)} trials no other beats on every objective"
     else:
-        ranked = ranked_trials(study)[:5]
-        title = f"best {len(ranked)} of {len(completed)} completed trials"
-    paid = any("cost_usd" in t.user_attrs for t in study.trials)
+        title = f"best {len(ranked)} of {summary.states.count('COMPLETE')} completed trials"
     table = Table(title=title)
     table.add_column("trial", justify="right")
     for metric, direction in objectives:
@@ -172,6 +164,7 @@ def _best_trials_table(study: Any, objectives: list[tuple[str, str]], multi: boo
         table.add_column("cost", justify="right")
     table.add_column("params", ratio=1)
     for trial in ranked:
+        assert trial.datetime_complete and trial.datetime_start  # a COMPLETE trial has both
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         row = [str(trial.number), *(f"{v:.4g}" for v in trial.values), f"{seconds:.1f}"]
         if paid:

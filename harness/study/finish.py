@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -17,13 +18,28 @@ from harness.study.plan import Plan
 from harness.study.queries import (
     FINISHED_STATES,
     RUNNING,
+    StudySummary,
     best_trial,
     is_multi_objective,
+    reproduce_command,
     study_spend,
+    summarize,
 )
 from harness.study.recovery import others_running
 from harness.study.trial import TrialOutcome
 from harness.tracking import Tracker, TrackingServerError, tracking_uri
+
+
+@dataclass
+class SweepEnding:
+    """What `harness sweep` says once its trials are done, read from the study once."""
+
+    spent_usd: float | None  # None: no trial spent money
+    stop_reason: str  # why this invocation stopped starting trials ("" if it did not)
+    shortfall: str  # why the study is short of sweep.n_trials ("" if it is not)
+    last_failure: str  # the last failed trial's reason, for a study where none completed
+    summary: StudySummary
+    report_command: str  # `harness report` with this sweep's overrides (redacted)
 
 
 class SweepFinish:
@@ -31,6 +47,7 @@ class SweepFinish:
     and the failures and stop reason of this invocation)."""
 
     cfg: DictConfig
+    overrides: list[str]
     plan: Plan
     tracker: Tracker
     parent_id: str
@@ -38,6 +55,19 @@ class SweepFinish:
     checkpoints: Path
     stop_reason: str
     failed: list[TrialOutcome]
+
+    def ending(self, study: optuna.Study) -> SweepEnding:
+        trials = study.get_trials(deepcopy=False)
+        reasons = [t.user_attrs.get("fail_reason", "") for t in trials]
+        paid = any("cost_usd" in t.user_attrs for t in trials)
+        return SweepEnding(
+            spent_usd=study_spend(study) if paid else None,
+            stop_reason=self.stop_reason,
+            shortfall=self.shortfall(study),
+            last_failure=next((r for r in reversed(reasons) if r), "no reason recorded"),
+            summary=summarize(study, self.plan.objectives),
+            report_command=reproduce_command("report", self.overrides, {}),  # redacted
+        )
 
     def shortfall(self, study: optuna.Study) -> str:
         """Why the study ended short of sweep.n_trials finished trials ("" if it did not):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -90,6 +91,48 @@ def reproduce_command(command: str, overrides: list[str], params: Mapping[str, A
 def override_value(value: Any) -> str:
     """A param value as an override: floats in full (repr), so a trial repeats exactly."""
     return repr(value) if isinstance(value, float) else str(value)
+
+
+@dataclass
+class StudySummary:
+    """What `harness sweep` and `harness best` print of a study, read once."""
+
+    states: list[str]  # every trial's state name
+    objectives: list[tuple[str, str]]
+    best: optuna.trial.FrozenTrial | None  # best on the first objective
+    multi: bool  # several objectives: ``shown`` is the Pareto front
+    shown: list[optuna.trial.FrozenTrial]  # the best 5, or the front best-first
+    paid: bool  # trials spent money: a cost column
+    reproduce: str  # the `harness train` line that repeats the best trial ("" without one)
+    best_model_uri: str  # "" when no model was logged
+
+
+def summarize(study: optuna.Study, goals: list[tuple[str, str]]) -> StudySummary:
+    """The study's summary for printing: counts, the best trials, the command that repeats
+    the best one (with the overrides of the invocation that ran it: a resume may have had
+    others)."""
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(study)
+    multi = is_multi_objective(study)
+    sign = 1.0 if goals[0][1] == "maximize" else -1.0
+    if multi:
+        shown = sorted(study.best_trials, key=lambda t: -sign * t.values[0])
+    else:
+        shown = ranked_trials(study)[:5]
+    reproduce = ""
+    if best is not None:
+        overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
+        reproduce = reproduce_command("train", overrides, best.params)
+    return StudySummary(
+        states=[t.state.name for t in trials],
+        objectives=goals,
+        best=best,
+        multi=multi,
+        shown=shown,
+        paid=any("cost_usd" in t.user_attrs for t in trials),
+        reproduce=reproduce,
+        best_model_uri=str(study.user_attrs.get("best_model_uri", "")),
+    )
 
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:
