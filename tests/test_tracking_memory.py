@@ -11,6 +11,7 @@ import pytest
 from harness.backends.local import LocalBackend
 from harness.study import Sweep, make_backend
 from harness.tracking import UNRECORDED, InMemoryStore
+from tests.helpers import window_ends
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3")
 
@@ -32,6 +33,10 @@ def test_a_sweep_in_memory_records_parent_and_trial_runs_and_no_mlflow_store(mak
         assert run.tags["optuna.trial_number"] == str(trial.number)
         assert run.metrics["objective"][-1][1] == trial.value
         assert set(trial.params) <= set(run.params) and "config.yaml" in run.texts
+        # train/loss windowed as MLflow's runs log it (tracking.log_every_steps)
+        assert [step for step, _ in run.metrics["train/loss"]] == window_ends(
+            trial.user_attrs["steps"]
+        )
     assert not (runs / "mlflow.db").exists()
     resumed = Sweep(make_cfg(*FAST, "sweep.n_trials=4"), list(FAST), tracker_factory=store.tracker)
     resumed.run()

@@ -24,6 +24,8 @@ from harness.tracking.protocol import TrackerFactory, as_model_logger
 from harness.tracking.records import (
     ROLE_TAG,
     STUDY_TAG,
+    WINDOWED,
+    LossWindow,
     closing_of,
     config_yaml,
     stale_run_tags,
@@ -84,17 +86,22 @@ class InMemoryStore:
 
 
 class InMemoryRun:
-    """A TrackedRun writing into its RunRecord at once (nothing to batch)."""
+    """A TrackedRun writing into its RunRecord at once (nothing to batch); train/loss windowed
+    as MLflow's runs log it."""
 
-    def __init__(self, record: RunRecord) -> None:
+    def __init__(self, record: RunRecord, log_every_steps: int = 1) -> None:
         self.record = record
         self.run_id = record.run_id
         self.latest: dict[str, tuple[int, float]] = {}
+        self.window = LossWindow(log_every_steps)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.record.params.update((k, str(v)) for k, v in params.items())
 
     def log_metrics(self, step: int, metrics: Mapping[str, float], buffered: bool = False) -> None:
+        self._record(step, self.window.take(step, metrics))
+
+    def _record(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
             self.record.metrics.setdefault(key, []).append((step, float(value)))
             self.latest[key] = (step, float(value))
@@ -113,6 +120,8 @@ class InMemoryRun:
         self.record.artifacts.append(name)
 
     def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
+        if self.window.values:  # the last, partial window
+            self._record(self.window.step, {WINDOWED: self.window.close()})
         self.set_tags(tags or {})
         self.terminate(status)
 
@@ -150,7 +159,7 @@ class InMemoryTracker:
         parent_id: str | None = None,
     ) -> InMemoryRun:
         all_tags = trial_run_tags(str(self.cfg.name), tags, parent_id)
-        run = InMemoryRun(self._new_run(name, all_tags))
+        run = InMemoryRun(self._new_run(name, all_tags), self.cfg.tracking.log_every_steps)
         run.log_params(params)
         run.log_text(config_yaml(cfg), "config.yaml")
         return run

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
+from harness.tracking.records import WINDOWED, LossWindow
 
 
 def local_artifact_dir(artifact_uri: str) -> Path | None:
@@ -36,17 +36,11 @@ class TrialRun:
         client: Any,
         run_id: str,
         artifact_uri: str,
-        flush_every_s: float = 5.0,
-        log_every_steps: int = 1,
+        flush_every_s: float,  # tracking.flush_every_s
+        log_every_steps: int,  # tracking.log_every_steps
     ) -> None:
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
-        # train/loss, reported at every step, is logged as its mean over each window of this
-        # many steps (at the window's last step), as transformers' Trainer does with
-        # logging_steps: MLflow's SQLite store spends ~0.15 ms of CPU per metric row, which at
-        # every step was most of what harness added to a short trial.
-        self.log_every_steps = max(1, int(log_every_steps))
-        self.window: list[float] = []  # train/loss values of the window so far
-        self.window_step = 0  # the step of the last of them
+        self.window = LossWindow(log_every_steps)
         self.artifact_uri = artifact_uri  # known from create_run: no request to look it up
         self.pending: list[Any] = []
         self.flushed_at = time.monotonic()
@@ -60,13 +54,7 @@ class TrialRun:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, step: int, metrics: Mapping[str, float], buffered: bool = False) -> None:
-
-        if WINDOWED in metrics and self.log_every_steps > 1:
-            metrics = dict(metrics)
-            self.window.append(float(metrics.pop(WINDOWED)))
-            self.window_step = step
-            if len(self.window) >= self.log_every_steps:
-                metrics[WINDOWED] = self._close_window()
+        metrics = self.window.take(step, metrics)
         if metrics:
             self._log(step, metrics, buffered)
 
@@ -84,11 +72,6 @@ class TrialRun:
         due = time.monotonic() - self.flushed_at >= self.flush_every_s
         if not buffered or due or len(self.pending) >= 1000:
             self.flush()
-
-    def _close_window(self) -> float:
-        mean = sum(self.window) / len(self.window)
-        self.window = []
-        return mean
 
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # log_batch takes <= 1000 metrics
@@ -132,8 +115,8 @@ class TrialRun:
 
         run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         try:
-            if self.window:  # the last, partial window
-                self._log(self.window_step, {WINDOWED: self._close_window()}, buffered=True)
+            if self.window.values:  # the last, partial window
+                self._log(self.window.step, {WINDOWED: self.window.close()}, buffered=True)
             if run_tags or self.pending:
                 self.client.log_batch(self.run_id, metrics=self.pending[:1000], tags=run_tags)
                 self.pending = self.pending[1000:]
