@@ -94,3 +94,29 @@ def test_workers_record_in_mlflow_so_the_memory_tracker_refuses_them(make_cfg):
     cfg = make_cfg(*FAST, "sweep.n_workers=2")
     with pytest.raises(ValueError, match=r"sweep\.n_workers > 1 records in MLflow"):
         Sweep(cfg, [], tracker_factory=InMemoryStore().tracker)
+
+
+def test_trials_nested_under_a_parent_run_deleted_by_a_race_move_to_the_settled_one(make_cfg):
+    """Worker Y found W's new parent run and nested its trials under it; W then found an older
+    parent run (a third worker's, its clock behind) and deleted its own. At the end Y's trials
+    move under the parent every worker settled on, and Y tags that one, not the deleted one."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import MLflowTracker, tracking_uri
+
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    doomed = tracker.parent_run({})  # W's, found by Y
+    child = tracker.start_run("trial-0000", {}, {"optuna.trial_number": "0"}, cfg, doomed)
+    child.end("FINISHED")
+    client = MlflowClient(tracking_uri(cfg))
+    started = client.get_run(doomed).info.start_time
+    older = client.create_run(  # the third worker's, created with an earlier clock
+        tracker.experiment_id,
+        start_time=started - 1000,
+        tags={"harness.study": cfg.name, "harness.role": "study"},
+    ).info.run_id
+    client.delete_run(doomed)  # W deletes its own, as parent_run does on losing
+    assert tracker.settle_parent(doomed) == older
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == older
+    assert tracker.settle_parent(older) == older  # settled: nothing moves

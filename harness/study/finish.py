@@ -100,6 +100,10 @@ class SweepFinish:
         )
 
     def _finish(self, study: optuna.Study) -> None:
+        settled = self.tracker.settle_parent(self.parent_id)
+        if settled != self.parent_id:  # another worker's parent run became the study's
+            self.parent_id = settled
+            study.set_user_attr("mlflow_parent_run_id", settled)
         trials = study.get_trials(deepcopy=False)
         counts = {
             state.name.lower(): sum(1 for t in trials if t.state == state)

@@ -177,6 +177,9 @@ class InMemoryTracker:
         record.texts["config.yaml"] = config_yaml(self.cfg)
         return record.run_id
 
+    def settle_parent(self, run_id: str) -> str:
+        return run_id  # one process: no other worker's parent run to race with
+
     def finish_parent(self, run_id: str, metrics: Mapping[str, float], close: bool = True) -> None:
         InMemoryRun(self.store.runs[run_id]).log_metrics(0, metrics)
         if close:

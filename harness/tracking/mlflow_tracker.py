@@ -122,6 +122,17 @@ class MLflowTracker(MLflowStore):
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    def settle_parent(self, run_id: str) -> str:
+        """A worker that found a parent run just before its creator found an older one (made
+        by a third worker whose clock ran behind) and deleted its own, nested its trials
+        under a deleted run: they move under the parent every worker settled on."""
+        settled = self.find_parent()
+        if settled is None or settled == run_id:
+            return run_id
+        for run in self._study_runs(f"tags.`mlflow.parentRunId` = '{run_id}'"):
+            self.set_tag(run.info.run_id, "mlflow.parentRunId", settled)
+        return settled
+
     def fail_stale_run(self, trial_number: int, reason: str) -> None:
         """Fails the runs of a trial Optuna failed because its process died (see
         stale_run_tags)."""

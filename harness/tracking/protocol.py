@@ -59,6 +59,11 @@ class Tracker(Protocol):
         """The study's parent run: found again on resume (RUNNING again), created the first
         time."""
 
+    def settle_parent(self, run_id: str) -> str:
+        """The study's parent run once workers have settled on one (``run_id`` unless another
+        worker's won the race to be it), with the trial runs nested under ``run_id`` moved
+        under it."""
+
     def finish_parent(
         self, run_id: str, metrics: Mapping[str, float], close: bool = True
     ) -> None: ...
