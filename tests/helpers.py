@@ -237,17 +237,12 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     log.close()  # the child has its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
+    while not answers(f"{url}/health"):
         if server.poll() is not None or time.monotonic() > deadline:
             stop_process(server)
             pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()}")
-        time.sleep(0.5)
+        time.sleep(0.5)  # the poll interval of a bounded wait on the server answering
+    return server
 
 
 def stop_process(process: subprocess.Popen) -> None:

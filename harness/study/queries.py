@@ -112,13 +112,12 @@ def summarize(study: optuna.Study, goals: list[tuple[str, str]]) -> StudySummary
     the best one (with the overrides of the invocation that ran it: a resume may have had
     others)."""
     trials = study.get_trials(deepcopy=False)
-    best = best_trial(study)
+    ranked = ranked_trials(study)  # once: the best is its first
+    best = ranked[0] if ranked else None
     multi = is_multi_objective(study)
     sign = 1.0 if goals[0][1] == "maximize" else -1.0
-    if multi:
-        shown = sorted(study.best_trials, key=lambda t: -sign * t.values[0])
-    else:
-        shown = ranked_trials(study)[:5]
+    front = sorted(study.best_trials, key=lambda t: -sign * t.values[0]) if multi else []
+    shown = front if multi else ranked[:5]
     reproduce = ""
     if best is not None:
         overrides = list(best.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
