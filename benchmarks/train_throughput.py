@@ -59,7 +59,8 @@ from transformers import (
 from harness import config, data
 from harness.backends import local
 from harness.backends.base import TrialSpec
-from harness.backends.local import LocalBackend, build_model, make_optimizer
+from harness.backends.families import build_model
+from harness.backends.local import LocalBackend, make_optimizer
 
 GPT2_SMALL = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.n_positions=1024"]
 GPT2_VOCAB = 50257

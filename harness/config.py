@@ -54,11 +54,28 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str | None
+    architecture: str
     n_layer: int
     n_head: int
     n_embd: int
     n_positions: int
     vocab_size: int
+
+
+@dataclass
+class AdapterConfig:
+    name: str
+    merge: bool
+
+
+@dataclass
+class LoraConfig:
+    r: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    target_modules: str
+    dora: bool
 
 
 @dataclass
@@ -103,6 +120,12 @@ class TrainConfig:
     max_steps: int
     device: str
     precision: str
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    compile: bool
+    save_state: bool
+    temperature: float
+    top_p: float
     learning_rate_multiplier: float
 
 
@@ -157,6 +180,7 @@ class SweepConfig:
     objectives: dict[str, str]
     enqueue: list[Any]
     continue_from: str | None
+    devices: list[int]
 
 
 @dataclass
@@ -232,6 +256,12 @@ VALID_RANGES: dict[str, ValidRange] = {
     "train.patience": AT_LEAST_0,  # 0: no early stopping
     "train.max_steps": AT_LEAST_0,  # 0: no cap
     "train.max_new_tokens": AT_LEAST_1,
+    "train.micro_batch_size": AT_LEAST_0,  # 0: train.batch_size, halved on out-of-memory
+    "train.temperature": AT_LEAST_0,  # 0: greedy
+    "train.top_p": ValidRange(0, 1, low_open=True),
+    "lora.r": AT_LEAST_1,
+    "lora.alpha": ABOVE_0,
+    "lora.dropout": FRACTION,
     "train.learning_rate_multiplier": ABOVE_0,
     "sampler.n_startup_trials": AT_LEAST_0,
     "pruner.n_startup_trials": AT_LEAST_0,
@@ -257,6 +287,8 @@ class HarnessConfig:
     seed: int
     backend: Any  # the backend's own arguments, free-form: conf/backend/NAME.yaml
     model: ModelConfig
+    adapter: AdapterConfig
+    lora: LoraConfig
     data: DataConfig
     train: TrainConfig
     search: SearchConfig

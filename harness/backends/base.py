@@ -75,6 +75,7 @@ class Backend(Protocol):
     - ``hard_limits()``: the values the backend accepts for a key, narrower than harness's own.
     - ``eval_metrics(task)``: the metrics every evaluation reports; the objective is one of them.
     - ``example_check(cfg)``: the backend's own rule per data example, or None.
+    - ``check_config(cfg, searched)``: the backend's own checks of the config, before any trial.
 
     A trial (``run``):
     - calls ``reporter.set_total_steps`` before its first report, and again if the estimate
@@ -107,6 +108,12 @@ class Backend(Protocol):
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         """The backend's own rules per data example (see harness.data.ExampleCheck), for
         ``load_dataset`` to run on each file as it is loaded; None: no rule beyond harness's."""
+
+    def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        """Raises a ConfigError for a config this backend cannot run, before any trial and any
+        write: a setting the model or the machine lacks (a knob the loaded architecture does not
+        have, 4-bit quantization without CUDA). ``searched``: the keys the search space varies.
+        Reads at most a model's config file, never the network beyond it."""
 
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Any:
         """Once per study: tokenize / upload / convert the data; the result is reused by every

@@ -43,6 +43,9 @@ class FakeBackend:
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         return EVAL_METRICS.get(task, ())
 
+    def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        pass  # nothing beyond the schema, the tunable keys and the hard limits
+
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None
 

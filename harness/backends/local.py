@@ -21,84 +21,13 @@ from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
+from harness.backends.batching import batches, epoch_batches, example_lengths
+from harness.backends.devices import pick_device
+from harness.backends.families import ARCHITECTURE_KEYS, build_model, freeze
 from harness.config import runs_dir
 from harness.data import Dataset, ExampleCheck
-from harness.tokenization import EncodedSplit, TokenizedData, encode, fit_generation
+from harness.tokenization import EncodedSplit, TokenizedData, encode
 from harness.tracking.protocol import ModelDestination
-
-
-def pick_device(name: str) -> Any:
-    import torch
-
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
-    """A GPT-2 for the task: pretrained with from_pretrained, or tiny and random from scratch."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-    )
-
-    dropout = float(cfg.train.dropout)  # GPT2Config type-checks: a string would raise
-    options: dict[str, Any] = {
-        "resid_pdrop": dropout,
-        "embd_pdrop": dropout,
-        "attn_pdrop": dropout,
-        "pad_token_id": data.pad_id,
-    }
-    if data.task == "classification":
-        options |= {
-            "num_labels": len(data.labels),
-            "id2label": dict(enumerate(data.labels)),
-            "label2id": {label: i for i, label in enumerate(data.labels)},
-        }
-    source = cfg.model.name_or_path
-    if source:
-        auto = (
-            AutoModelForSequenceClassification
-            if data.task == "classification"
-            else AutoModelForCausalLM
-        )
-        return auto.from_pretrained(source, **options)
-    m = cfg.model
-    config = GPT2Config(
-        vocab_size=len(data.tokenizer),
-        n_positions=m.n_positions,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        bos_token_id=data.tokenizer.bos_token_id,
-        eos_token_id=data.tokenizer.eos_token_id,
-        **options,
-    )
-    cls = GPT2ForSequenceClassification if data.task == "classification" else GPT2LMHeadModel
-    return cls(config)
-
-
-def freeze(model: Any, trainable_blocks: int) -> None:
-    """-1 trains everything; k >= 0 trains the last k transformer blocks, the final layer norm
-    and the task head (the LM head is tied to the embeddings and stays trainable)."""
-    if trainable_blocks < 0:
-        return
-    blocks = model.transformer.h
-    for param in model.transformer.parameters():
-        param.requires_grad = False
-    keep = list(blocks[len(blocks) - trainable_blocks :]) if trainable_blocks else []
-    for module in [*keep, model.transformer.ln_f]:
-        for param in module.parameters():
-            param.requires_grad = True
-    if hasattr(model, "lm_head"):
-        model.lm_head.weight.requires_grad = True
 
 
 def make_optimizer(model: Any, train: DictConfig) -> Any:
@@ -131,72 +60,6 @@ def warmup_then_linear_decay(optimizer: Any, total_steps: int, warmup_ratio: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def example_lengths(split: EncodedSplit, max_length: int) -> list[int]:
-    return [
-        min(len(ids) + len(target) if isinstance(target, list) else len(ids), max_length)
-        for ids, target in zip(split.inputs, split.targets, strict=True)
-    ]
-
-
-def epoch_batches(
-    lengths: list[int], batch_size: int, generator: Any, group_by_length: bool
-) -> list[list[int]]:
-    """One epoch's batches of example indices, in random order. With group_by_length, examples
-    are sorted by length inside random megabatches of 16 batches (the idea of transformers'
-    LengthGroupedSampler), so a batch carries little padding; the batches are then shuffled."""
-    import torch
-
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    chunks = []
-    for start in range(0, len(order), 16 * batch_size):
-        group = sorted(order[start : start + 16 * batch_size], key=lambda i: lengths[i])
-        chunks += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    return [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
-
-
-def batches(
-    split: EncodedSplit,
-    chunks: list[list[int]],
-    max_length: int,
-    pad_id: int,
-    task: str,
-    device: Any,
-) -> Any:
-    """Dynamically padded batches, one per chunk of example indices: each is as long as its
-    longest example, not max_length."""
-    import torch
-
-    for chunk in chunks:
-        if task == "classification":
-            rows = [split.inputs[i][:max_length] or [pad_id] for i in chunk]
-            labels = torch.tensor([split.targets[i] for i in chunk])
-        else:
-            rows, label_rows = [], []
-            for i in chunk:
-                ids = fit_generation(split.inputs[i], split.targets[i], max_length)
-                n_target = min(len(split.targets[i]), max_length)
-                rows.append(ids)
-                label_rows.append([-100] * (len(ids) - n_target) + ids[len(ids) - n_target :])
-        width = max(len(r) for r in rows)
-        # padded as Python lists, then one tensor each: far cheaper than a tensor per row
-        input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        if task != "classification":
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])
-        non_blocking = device.type == "cuda"
-        yield {
-            "input_ids": input_ids.to(device, non_blocking=non_blocking),
-            "attention_mask": attention.to(device, non_blocking=non_blocking),
-            "labels": labels.to(device, non_blocking=non_blocking),
-        }
-
-
-# The keys that shape a GPT-2 built from scratch (model.name_or_path unset)
-ARCHITECTURE_KEYS = frozenset({"model.n_layer", "model.n_head", "model.n_embd"})
-
-
 class LocalBackend:
     name = "LocalBackend"
 
@@ -214,6 +77,9 @@ class LocalBackend:
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         return task_metrics.EVAL_METRICS.get(task, ())
+
+    def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        pass
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones

@@ -333,6 +333,9 @@ class OpenAIBackend:
             n_train=len(chats["train"]),
         )
 
+    def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        pass  # nothing beyond the schema, the tunable keys and the hard limits
+
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
         """The API's rules per example (an assistant answer, no empty message, the model's token
         limit), for ``load_dataset`` to run on each file as it is loaded: a too-long example is

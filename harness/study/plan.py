@@ -75,6 +75,7 @@ def plan_study(cfg: DictConfig) -> Plan:
     cfg = with_params(cfg, fixed)
     backend = make_backend(cfg)
     check_tunable(backend.name, backend.tunable_keys(cfg), distributions)
+    backend.check_config(cfg, frozenset(distributions))
     if isinstance(backend, PaidBackend):  # first: counting tokens for the data checks caches files
         backend.check_credentials()
     _check_sampled_values(cfg, space, distributions)
