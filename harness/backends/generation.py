@@ -61,7 +61,7 @@ def complete(
 
     cut = [list(p[-max_prompt_tokens:]) for p in prompts]
     # similar lengths together: little padding. A greedy completion does not depend on its
-    # batch; a sampled one does (the draws are shared), as deterministically as on the seed.
+    # batch; a sampled one does (a batch shares the random draws), still deterministically.
     order = sorted(range(len(cut)), key=lambda i: len(cut[i]))
     completions: list[str] = [""] * len(cut)
     with torch.no_grad(), _seeded(decoding, model):

@@ -232,8 +232,10 @@ class _Training:
 
     def evaluate(self, split: EncodedSplit, prefix: str) -> tuple[dict[str, float], list[str]]:
         """Loss and task metrics on a split; the loss is the mean over examples (classification)
-        or over completion tokens (generation). Also returns the predicted labels of a
-        classification split, in split order (empty for generation)."""
+        or over completion tokens (generation). Generation: also the generated-text metrics,
+        on the test split always, at evaluations when the study optimizes one of them. Also
+        returns the predicted labels of a classification split, in split order (empty for
+        generation)."""
         t = self.train_cfg
         self.model.eval()
         # sorted by length: batches of similar length pad little; results do not depend on order
