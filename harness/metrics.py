@@ -1,5 +1,6 @@
 """Task metrics. Classification maths comes from scikit-learn; text-overlap metrics are the
-SQuAD definitions (normalised exact match, bag-of-tokens F1)."""
+SQuAD definitions (normalised exact match, bag-of-tokens F1), sacrebleu's corpus BLEU and
+rouge-score's ROUGE-L, so the numbers are the ones those libraries' users know."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ from pathlib import Path
 EVAL_METRICS = {
     "classification": ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"),
     "generation": ("eval/loss", "eval/perplexity", "eval/token_accuracy"),
+}
+
+# Metrics of generated text on the validation split, by task: measuring them means generating a
+# completion of every validation prompt at each evaluation, so a backend that can (local)
+# measures them only when the study optimizes one of them (see Backend.eval_metrics_on_demand).
+GENERATED_TEXT_METRICS = {
+    "generation": ("eval/bleu", "eval/rouge_l", "eval/exact_match", "eval/token_f1"),
 }
 
 
@@ -77,11 +85,43 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU on its usual 0-100 scale (13a tokenization, exp smoothing), one
+    reference per prediction. effective_order: n-gram orders no prediction is long enough to
+    have are left out of the mean, so a corpus of answers shorter than 4 tokens is not scored 0
+    whatever it says; on longer text it changes nothing."""
+    from sacrebleu.metrics import BLEU
+
+    if not predictions:
+        return 0.0
+    bleu = BLEU(effective_order=True)
+    return float(bleu.corpus_score(list(predictions), [list(references)]).score)
+
+
+def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """rouge-score's ROUGE-L F-measure (Porter stemming) on the 0-1 scale, mean over examples.
+    Its tokenizer keeps only ASCII letters and digits: text in other scripts scores 0."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if not predictions:
+        return 0.0
+    scorer = RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        scorer.score(reference, prediction)["rougeL"].fmeasure
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
+    return sum(scores) / len(scores)
+
+
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Generated text against the expected completions. Scales: bleu 0-100 (as sacrebleu and
+    papers report it); rouge_l, exact_match and token_f1 0-1."""
     n = max(len(references), 1)
     return {
         "exact_match": sum(map(exact_match, predictions, references)) / n,
         "token_f1": sum(map(token_f1, predictions, references)) / n,
+        "bleu": corpus_bleu(predictions, references),
+        "rouge_l": mean_rouge_l(predictions, references),
     }
 
 

@@ -1,8 +1,9 @@
 """One contract every backend passes unchanged (the Optuna storage-test idea): the fake, local
 GPT-2 training, and the OpenAI backend talking HTTP to the loopback fake through the real SDK.
 The contract is the one harness.backends.base.Backend's docstring states: what a backend
-declares (name, tunable keys from the config, hard limits, evaluation metrics, example check,
-whether it is paid) and what a trial does (steps, evaluations, pruning, determinism)."""
+declares (name, tunable keys from the config, hard limits, evaluation metrics: those every
+evaluation reports and those measured on demand, example check, whether it is paid) and what a
+trial does (steps, evaluations, pruning, determinism)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from harness.backends.local import LocalBackend
 from harness.backends.openai_ft import OpenAIBackend
 from harness.config import VALID_RANGES, with_params
 from harness.data import load_dataset
-from harness.metrics import EVAL_METRICS
+from harness.metrics import EVAL_METRICS, GENERATED_TEXT_METRICS
 from harness.search import to_distributions
 from harness.study import make_backend, plan_study
 from tests.helpers import OrderReporter, RecordingReporter, Setup, trial_spec
@@ -36,6 +37,14 @@ EVAL_KEYS = {
     "fake": EVAL_METRICS["classification"],
     "local": EVAL_METRICS["classification"],
     "openai": ("eval/loss", "eval/token_accuracy", "eval/perplexity"),
+}
+
+# what evaluations measure only when the study optimizes it, by task: generated text costs a
+# completion per validation example, and only the local backend generates during training
+ON_DEMAND = {
+    "fake": {"classification": (), "generation": ()},
+    "local": {"classification": (), "generation": GENERATED_TEXT_METRICS["generation"]},
+    "openai": {"classification": (), "generation": ()},
 }
 
 
@@ -81,6 +90,15 @@ class TestBackendContract:
             assert all(valid.holds(end) for end in (low, high) if end is not None)
             assert merged[key] == (low, high)
 
+    def test_declares_the_metrics_evaluations_measure_on_demand_apart(self, setup):
+        """Either every evaluation reports a metric, or evaluations report it only when the
+        study optimizes it: never both; and no backend claims one it cannot measure."""
+        backend = setup.backend
+        for task, expected in ON_DEMAND[setup.name].items():
+            on_demand = backend.eval_metrics_on_demand(task)
+            assert on_demand == expected
+            assert not set(on_demand) & set(backend.eval_metrics(task))
+
     def test_declares_whether_it_is_paid_and_what_a_trial_costs(self, setup):
         """A paid backend counts the data without uploading (describe) what its estimates and
         `harness validate` use; it is the same count prepare made."""
@@ -105,6 +123,10 @@ class TestBackendContract:
         assert cfg.sweep.metric in declared
         evals = [m for _, m in reporter.calls if cfg.sweep.metric in m]
         assert evals and all(set(declared) <= set(m) for m in evals)
+        # the study optimizes none of the on-demand ones: no evaluation measures them
+        on_demand = set(backend.eval_metrics_on_demand(cfg.data.task))
+        assert cfg.sweep.metric not in on_demand
+        assert not any(on_demand & set(m) for m in evals)
 
     def test_run_reports_steps_in_order_and_one_evaluation_per_epoch(self, setup, tmp_path):
         backend, cfg, prepared = setup

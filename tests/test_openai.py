@@ -128,13 +128,14 @@ class TestSweep:
         assert [m.tags["hosted.id"] for m in models] == [job.fine_tuned_model]
         assert models[0].source_run_id == run.info.run_id
 
-    def test_generation_study_scores_exact_match_and_token_f1(self, openai_cfg, fake_openai):
+    def test_generation_study_scores_text_metrics(self, openai_cfg, fake_openai):
         cfg = openai_cfg("study=faq_openai", "sweep.n_trials=1", "train.epochs=2")
         study = Sweep(cfg, []).run()
         metrics = study.trials[0].user_attrs["metrics"]
         assert study.trials[0].state.name == "COMPLETE"
         assert 0.0 <= metrics["test/exact_match"] <= 1.0
         assert metrics["test/token_f1"] > 0.1  # answers come from the FAQ it was trained on
+        assert 0.0 < metrics["test/bleu"] <= 100.0 and 0.0 < metrics["test/rouge_l"] <= 1.0
 
     def test_failed_job_fails_only_its_trial(self, openai_cfg, fake_openai):
         fake_openai.api.faults.fail_jobs = frozenset({2})

@@ -49,8 +49,14 @@ class TrialSpec:
     _: KW_ONLY
     # What the trial's evaluations are judged by (the study's sweep.metric and sweep.direction,
     # also in a multi-objective study): the metric early stopping and the kept checkpoint follow.
-    metric: str  # one of the backend's eval_metrics
+    metric: str  # one of the backend's eval_metrics or eval_metrics_on_demand
     direction: str  # "maximize" or "minimize"
+
+
+def optimized_metrics(spec: TrialSpec) -> frozenset[str]:
+    """What the study optimizes: sweep.metric and any key of sweep.objectives. An evaluation
+    measures an on-demand metric (Backend.eval_metrics_on_demand) only when one is here."""
+    return frozenset({spec.metric, *spec.config.sweep.objectives})
 
 
 @dataclass
@@ -73,7 +79,10 @@ class Backend(Protocol):
       every study, so it never changes (a renamed backend would refuse its own studies).
     - ``tunable_keys(cfg)``: what a search space may vary under this config.
     - ``hard_limits()``: the values the backend accepts for a key, narrower than harness's own.
-    - ``eval_metrics(task)``: the metrics every evaluation reports; the objective is one of them.
+    - ``eval_metrics(task)``: the metrics every evaluation reports.
+    - ``eval_metrics_on_demand(task)``: the metrics evaluations report only when the study
+      optimizes one of them (they cost more: generated text). The objective is one of these or
+      of ``eval_metrics`` (or a test/* metric).
     - ``example_check(cfg)``: the backend's own rule per data example, or None.
     - ``check_config(cfg, searched)``: the backend's own checks of the config, before any trial.
 
@@ -81,7 +90,9 @@ class Backend(Protocol):
     - calls ``reporter.set_total_steps`` before its first report, and again if the estimate
       changes; the last value given is the number of steps a trial run to the end took;
     - reports ``train/loss`` at each optimizer step 1, 2, ... in increasing order, and at each
-      evaluation (one per epoch unless configured otherwise) every one of ``eval_metrics``;
+      evaluation (one per epoch unless configured otherwise) every one of ``eval_metrics``,
+      and every one of ``eval_metrics_on_demand`` when ``spec.metric`` or a key of the config's
+      ``sweep.objectives`` is one of them (none of them otherwise);
     - lets ``optuna.TrialPruned`` from the reporter propagate: nothing is trained or evaluated
       after it (a paid backend then reports only what the stopped work billed);
     - returns the eval/* metrics of the model it keeps (the best evaluation by ``spec.metric``
@@ -104,6 +115,13 @@ class Backend(Protocol):
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         """The metrics every evaluation of a ``task`` trial reports: what sweep.metric may be."""
+
+    def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
+        """Metrics the evaluations of a ``task`` trial can report but measure only when the
+        study optimizes one of them (sweep.metric or a key of sweep.objectives), since they
+        cost more (the local backend generates text for the whole validation split at each
+        evaluation); then every evaluation reports all of them. sweep.metric may be one of
+        these too. Disjoint from ``eval_metrics``; empty where the backend cannot measure any."""
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         """The backend's own rules per data example (see harness.data.ExampleCheck), for

@@ -43,6 +43,9 @@ class FakeBackend:
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         return EVAL_METRICS.get(task, ())
 
+    def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
+        return ()  # it generates no text
+
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
         pass  # nothing beyond the schema, the tunable keys and the hard limits
 

@@ -24,6 +24,7 @@ from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSp
 from harness.backends.batching import batches, epoch_batches, example_lengths
 from harness.backends.devices import pick_device
 from harness.backends.families import ARCHITECTURE_KEYS, build_model, freeze
+from harness.backends.generation import Decoding, complete, text_metrics_at_evaluations
 from harness.config import runs_dir
 from harness.data import Dataset, ExampleCheck
 from harness.tokenization import EncodedSplit, TokenizedData, encode
@@ -77,6 +78,9 @@ class LocalBackend:
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         return task_metrics.EVAL_METRICS.get(task, ())
+
+    def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
+        return task_metrics.GENERATED_TEXT_METRICS.get(task, ())
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
         pass
@@ -228,8 +232,10 @@ class _Training:
 
     def evaluate(self, split: EncodedSplit, prefix: str) -> tuple[dict[str, float], list[str]]:
         """Loss and task metrics on a split; the loss is the mean over examples (classification)
-        or over completion tokens (generation). Also returns the predicted labels of a
-        classification split, in split order (empty for generation)."""
+        or over completion tokens (generation). Generation: also the generated-text metrics,
+        on the test split always, at evaluations when the study optimizes one of them. Also
+        returns the predicted labels of a classification split, in split order (empty for
+        generation)."""
         t = self.train_cfg
         self.model.eval()
         # sorted by length: batches of similar length pad little; results do not depend on order
@@ -251,6 +257,10 @@ class _Training:
                 "perplexity": task_metrics.perplexity(loss),
                 "token_accuracy": correct / max(weight, 1),
             }
+            if prefix == "test" or text_metrics_at_evaluations(self.spec):
+                completions = self.generate(split, sampled=prefix == "test")
+                references = [e.target for e in split.examples]
+                scores |= task_metrics.generation_metrics(completions, references)
         return result | {f"{prefix}/{k}": v for k, v in scores.items()}, guessed
 
     def forward_split(
@@ -283,28 +293,22 @@ class _Training:
                     correct += int((guesses[mask] == labels[mask]).sum())
         return total_loss, weight, correct, predictions
 
-    def generate(self, split: EncodedSplit) -> list[str]:
-        """Greedy completions of each prompt, up to max_new_tokens or EOS."""
-        import torch
-
-        tokenizer, t = self.data.tokenizer, self.train_cfg
+    def generate(self, split: EncodedSplit, sampled: bool) -> list[str]:
+        """The completion of each prompt, up to max_new_tokens or EOS: greedy, or, where
+        ``sampled`` (the test split's outputs), as train.temperature and train.top_p say."""
+        t = self.train_cfg
+        temperature = t.temperature if sampled else 0.0  # evaluations: a steady objective
+        decoding = Decoding(t.max_new_tokens, temperature, t.top_p, self.cfg.seed)
         limit = self.model.config.n_positions - t.max_new_tokens
-        outputs = []
-        with torch.no_grad(), self.autocast():
-            for prompt in split.inputs:
-                ids = torch.tensor([prompt[-min(limit, t.max_length) :]], device=self.device)
-                generated = self.model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=t.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=self.data.pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                outputs.append(
-                    tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-                )
-        return outputs
+        with self.autocast():
+            return complete(
+                self.model,
+                self.data.tokenizer,
+                split.inputs,
+                decoding,
+                max_prompt_tokens=min(limit, t.max_length),
+                batch_size=max(t.batch_size, 32),
+            )
 
     def test(self) -> tuple[dict[str, float], list[Path]]:
         result, guessed = self.evaluate(self.data.test, "test")
@@ -317,11 +321,6 @@ class _Training:
                     truth, guessed, self.data.labels, path, "test split"
                 )
             )
-        else:
-            predictions = self.generate(self.data.test)
-            references = [e.target for e in self.data.test.examples]
-            scores = task_metrics.generation_metrics(predictions, references)
-            result |= {f"test/{k}": v for k, v in scores.items()}
         return result, artifacts
 
     def save(self) -> Path:

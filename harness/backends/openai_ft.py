@@ -289,6 +289,11 @@ class OpenAIBackend:
         metrics are measured after the job)."""
         return REPORTED_METRICS
 
+    def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
+        """None: the provider evaluates while its job trains; generated-text metrics come after
+        the job, on the test split only."""
+        return ()
+
     # once per study -------------------------------------------------------------------------
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
         prepared = self.describe(cfg, dataset)

@@ -20,6 +20,7 @@ from harness.config import ConfigError, with_params
 from harness.continuation import holds
 from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
+from harness.metrics import GENERATED_TEXT_METRICS
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
 
@@ -106,11 +107,13 @@ def _check_sampled_values(
 
 def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
     """sweep.metric, sweep.direction and sweep.n_workers with its storage."""
-    metrics = backend.eval_metrics(cfg.data.task)
+    task = cfg.data.task
+    metrics = (*backend.eval_metrics(task), *backend.eval_metrics_on_demand(task))
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
-            f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a "
-            f"{cfg.data.task} task by backend {backend.name}; choose one of {', '.join(metrics)}"
+            f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a {task} task "
+            f"by backend {backend.name}{_text_metric_hint(cfg.sweep.metric, task)}; choose one "
+            f"of {', '.join(metrics)}"
         )
     if cfg.sweep.n_workers > 1 and str(cfg.storage.url or "").startswith("sqlite"):
         raise ConfigError(
@@ -124,6 +127,18 @@ def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
         )
 
 
+def _text_metric_hint(metric: str, task: str) -> str:
+    """Why a generated-text metric (eval/bleu, ...) is not on offer, for a refusal's message."""
+    if metric not in GENERATED_TEXT_METRICS["generation"]:
+        return ""
+    if task != "generation":
+        return f" ({metric} scores generated text: a metric of generation tasks)"
+    return (
+        f" ({metric} needs text generated at each evaluation, which this backend does not do; "
+        f"test/{metric.split('/', 1)[1]} is measured on the test split)"
+    )
+
+
 def _check_objectives(
     cfg: DictConfig, chosen: list[tuple[str, str]], backend: Backend
 ) -> list[str]:
@@ -135,8 +150,10 @@ def _check_objectives(
             f"sweep.metric={metric} sweep.direction={direction} (pruning and early stopping "
             "follow them)"
         )
-    task_metrics = backend.eval_metrics(cfg.data.task)
-    for metric, direction in chosen:
+    task = cfg.data.task
+    task_metrics = (*backend.eval_metrics(task), *backend.eval_metrics_on_demand(task))
+    # sweep.metric alone: _check_sweep_settings checks it, naming that key
+    for metric, direction in chosen if cfg.sweep.objectives else []:
         if direction not in ("maximize", "minimize"):
             raise ConfigError(
                 f"sweep.objectives: {metric}: direction must be maximize or minimize, "
@@ -144,7 +161,8 @@ def _check_objectives(
             )
         if not (metric in task_metrics or metric in COST_METRICS or metric.startswith("test/")):
             raise ConfigError(
-                f"sweep.objectives: {metric!r} is not a metric trials report; choose from "
+                f"sweep.objectives: {metric!r} is not a metric trials report"
+                f"{_text_metric_hint(metric, task)}; choose from "
                 f"{', '.join((*task_metrics, *COST_METRICS))} or a test/* metric"
             )
     if len(chosen) == 1:
