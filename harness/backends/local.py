@@ -23,7 +23,13 @@ from harness import metrics as task_metrics
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.backends.batching import batches, epoch_batches, example_lengths
 from harness.backends.devices import pick_device
-from harness.backends.families import ARCHITECTURE_KEYS, build_model, freeze
+from harness.backends.families import (
+    ARCHITECTURE_KEYS,
+    build_model,
+    check_family_knobs,
+    freeze,
+    max_positions,
+)
 from harness.config import runs_dir
 from harness.data import Dataset, ExampleCheck
 from harness.tokenization import EncodedSplit, TokenizedData, encode
@@ -79,7 +85,7 @@ class LocalBackend:
         return task_metrics.EVAL_METRICS.get(task, ())
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        pass
+        check_family_knobs(cfg, searched)
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones
@@ -121,7 +127,7 @@ class _Training:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(self.cfg.seed)
         self.model: Any = build_model(self.cfg, self.data).to(self.device)
-        positions = self.model.config.n_positions
+        positions = max_positions(self.model)
         if self.train_cfg.max_length > positions:
             raise ValueError(
                 f"train.max_length={self.train_cfg.max_length} exceeds the model's "
@@ -288,7 +294,7 @@ class _Training:
         import torch
 
         tokenizer, t = self.data.tokenizer, self.train_cfg
-        limit = self.model.config.n_positions - t.max_new_tokens
+        limit = max_positions(self.model) - t.max_new_tokens
         outputs = []
         with torch.no_grad(), self.autocast():
             for prompt in split.inputs:
