@@ -4,6 +4,10 @@ A pretrained model brings its tokenizer (``from_pretrained``). A tiny model trai
 gets a byte-level BPE tokenizer trained with the ``tokenizers`` library on the training texts,
 saved under ``<runs_dir>/cache/tokenizers/<content hash>`` and loaded back from there, so every
 trial and every later study on the same data uses the very same vocabulary.
+
+Chat rows of a generation task go through the tokenizer's chat template when it has one (an
+instruct checkpoint's): the model is tuned on the format it is prompted with. Without one (GPT-2,
+the tokenizers trained here) they are the plain "role: content" lines of harness.data.
 """
 
 from __future__ import annotations
