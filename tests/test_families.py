@@ -98,7 +98,18 @@ def names_under(model, *prefixes: str) -> set[str]:
 # --- freezing and dropout go through the table ---------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_the_table_names_settings_each_family_config_has(model_type):
+    """A misspelt dropout setting would be stored in the config and change nothing."""
+    from transformers import AutoConfig
+
+    settings = AutoConfig.for_model(model_type).to_dict()
+    family = FAMILIES[model_type]
+    assert set(family.dropout) <= set(settings)
+    assert isinstance(settings[family.positions], int)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
 @pytest.mark.parametrize("head", ["AutoModelForSequenceClassification", "AutoModelForCausalLM"])
 def test_freezing_trains_the_last_blocks_the_final_norm_and_the_head(family, head):
     import transformers
@@ -109,23 +120,23 @@ def test_freezing_trains_the_last_blocks_the_final_norm_and_the_head(family, hea
     every = {name for name, _ in model.named_parameters()}
     parts = FAMILIES[family]
     blocks, norm = parts.blocks + ".", parts.final_norm + "."
-    # the head: the classification head is `score`; GPT-2's LM head is the embedding matrix
-    # (tied: named_parameters lists it once, as transformer.wte), Llama's its own lm_head
+    # the head: the classification head is `score`; the LM head is its own matrix (Llama), or
+    # the embedding matrix (tied, GPT-2 and Gemma: named_parameters lists it once, as wte or
+    # embed_tokens, which then trains too)
     if head == "AutoModelForSequenceClassification":
         heads = names_under(model, "score.")
-    elif family == "gpt2":
-        heads = {"transformer.wte.weight"}
     else:
-        heads = names_under(model, "lm_head.")
-    assert heads
+        heads = {name for name, p in model.named_parameters() if p is model.lm_head.weight}
+        tied = {"gpt2": {"transformer.wte.weight"}, "gemma": {"model.embed_tokens.weight"}}
+        assert heads == tied.get(family, {"lm_head.weight"})
 
     freeze(model, 0)
     assert trainable(model) == names_under(model, norm) | heads
+    assert names_under(model, blocks) and not names_under(model, blocks) & trainable(model)
     freeze(model, 1)
     assert trainable(model) == names_under(model, f"{blocks}1.", norm) | heads
     freeze(model, 2)
     assert trainable(model) == names_under(model, blocks, norm) | heads
-    assert trainable(model) < every  # the embeddings (Llama: and the rest) stay frozen
     fresh = getattr(transformers, head).from_config(config)
     freeze(fresh, -1)
     assert trainable(fresh) == every
