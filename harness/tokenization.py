@@ -4,12 +4,17 @@ A pretrained model brings its tokenizer (``from_pretrained``). A tiny model trai
 gets a byte-level BPE tokenizer trained with the ``tokenizers`` library on the training texts,
 saved under ``<runs_dir>/cache/tokenizers/<content hash>`` and loaded back from there, so every
 trial and every later study on the same data uses the very same vocabulary.
+
+Chat rows of a generation task go through the tokenizer's chat template when it has one (an
+instruct checkpoint's): the model is tuned on the format it is prompted with. Without one (GPT-2,
+the tokenizers trained here) they are the plain "role: content" lines of harness.data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +104,10 @@ def encode(cfg: DictConfig, dataset: Dataset, cache_dir: Path) -> TokenizedData:
         else:
             completions = tokenizer([e.target for e in examples], add_special_tokens=False)
             targets = [[*ids, tokenizer.eos_token_id] for ids in completions["input_ids"]]
+            if tokenizer.chat_template:
+                for index, example in enumerate(examples):
+                    if example.messages:
+                        inputs[index], targets[index] = encode_chat(tokenizer, example.messages)
         return EncodedSplit(inputs, targets, examples)
 
     return TokenizedData(
@@ -110,6 +119,28 @@ def encode(cfg: DictConfig, dataset: Dataset, cache_dir: Path) -> TokenizedData:
         validation=split(dataset.validation),
         test=split(dataset.test),
     )
+
+
+def encode_chat(
+    tokenizer: Any, messages: Sequence[Mapping[str, str]]
+) -> tuple[list[int], list[int]]:
+    """A chat row as the model's chat template writes it: the prompt is every message but the
+    answer, then the template's assistant header (``add_generation_prompt``); the completion is
+    the answer as the template writes it after that header (with its end-of-turn marker), ending
+    with EOS. A template that writes the prompt otherwise in the full chat (rare) gets the bare
+    answer + EOS as its completion."""
+    history = [dict(m) for m in messages[:-1]]
+    prompt_ids = tokenizer.apply_chat_template(
+        history, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
+    # the template's text after the end-of-turn marker (a newline) is no part of the answer
+    answer = full[len(prompt) :].rstrip() if full.startswith(prompt) else messages[-1]["content"]
+    completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not completion or completion[-1] != tokenizer.eos_token_id:
+        completion.append(tokenizer.eos_token_id)
+    return list(prompt_ids), completion
 
 
 def fit_generation(prompt: list[int], completion: list[int], max_length: int) -> list[int]:

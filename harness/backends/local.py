@@ -23,7 +23,13 @@ from harness import metrics as task_metrics
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.backends.batching import batches, epoch_batches, example_lengths
 from harness.backends.devices import pick_device
-from harness.backends.families import ARCHITECTURE_KEYS, build_model, freeze
+from harness.backends.families import (
+    ARCHITECTURE_KEYS,
+    build_model,
+    check_family_knobs,
+    freeze,
+    max_positions,
+)
 from harness.backends.generation import Decoding, complete, text_metrics_at_evaluations
 from harness.config import runs_dir
 from harness.data import Dataset, ExampleCheck
@@ -83,7 +89,7 @@ class LocalBackend:
         return task_metrics.GENERATED_TEXT_METRICS.get(task, ())
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        pass
+        check_family_knobs(cfg, searched)
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones
@@ -125,7 +131,7 @@ class _Training:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(self.cfg.seed)
         self.model: Any = build_model(self.cfg, self.data).to(self.device)
-        positions = self.model.config.n_positions
+        positions = max_positions(self.model)
         if self.train_cfg.max_length > positions:
             raise ValueError(
                 f"train.max_length={self.train_cfg.max_length} exceeds the model's "
@@ -299,7 +305,7 @@ class _Training:
         t = self.train_cfg
         temperature = t.temperature if sampled else 0.0  # evaluations: a steady objective
         decoding = Decoding(t.max_new_tokens, temperature, t.top_p, self.cfg.seed)
-        limit = self.model.config.n_positions - t.max_new_tokens
+        limit = max_positions(self.model) - t.max_new_tokens
         with self.autocast():
             return complete(
                 self.model,
