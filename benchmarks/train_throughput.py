@@ -317,6 +317,7 @@ def summarize(
         complete, every_example = whole_epochs([e for r in done for e in r.epochs], n)
         flops = train_flops_per_token(flop_params, side.adapter)
         result[name] = {
+            "label": side.label,
             "tokens_per_s": tokens_per_s,
             "seconds": [r.seconds for r in done],
             "timed_tokens": [r.tokens for r in done],
@@ -375,7 +376,15 @@ def main() -> None:
     if args.adapter == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         print(f"{args.model} qlora: skipped: bitsandbytes not installed")
         if args.json:
-            print(json.dumps({"model": args.model, "adapter": "qlora", "skipped": "bitsandbytes"}))
+            print(
+                json.dumps(
+                    {
+                        "model": args.model,
+                        "adapter": "qlora",
+                        "skipped": "bitsandbytes not installed",
+                    }
+                )
+            )
         return
     cuda = torch.cuda.is_available()
     setup = make_setup(args, cuda)
