@@ -14,8 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
-exclude=$(git rev-parse --git-path info/exclude)
-grep -qxF "/$dir/" "$exclude" 2>/dev/null || echo "/$dir/" >>"$exclude"
+if [[ $dir != /* ]]; then # inside the checkout: ignored by git, never committed
+  exclude=$(git rev-parse --git-path info/exclude)
+  grep -qxF "/$dir/" "$exclude" 2>/dev/null || echo "/$dir/" >>"$exclude"
+fi
 mkdir -p "$dir"
 
 platforms=()

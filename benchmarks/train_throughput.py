@@ -33,11 +33,13 @@ Reported per side:
   epochs: every training example once per epoch, in ceil(n / batch) steps with one short batch
   (checked on every complete epoch seen, printed as "same examples per epoch"); over steps 2..N
   the counts differ only by which batches fall in step 1 and in the last, partial epoch.
-- peak memory: CUDA: torch.cuda.max_memory_allocated during the run minus what was allocated at
-  its start (weights, gradients, optimizer state, activations; evaluation included). CPU: each
-  side once more in a fresh child process (this script, --memory-child), which takes its
-  resident set size after loading the data, resets the kernel's high-water mark (VmHWM, via
-  /proc/self/clear_refs), trains, and reports the high-water mark minus that size.
+- peak memory of training, read at the end of step N (evaluation and the test pass left out):
+  CUDA: torch.cuda.max_memory_allocated minus what was allocated when the run began (weights,
+  gradients, optimizer state, activations). CPU: each side once more in a fresh child process
+  (this script, --memory-child; a process that trained before keeps freed memory, which would
+  hide the next run's growth), which takes its resident set size after loading the data (and
+  importing peft), resets the kernel's high-water mark (VmHWM, via /proc/self/clear_refs),
+  trains, and reports the high-water mark minus that size (--no-memory skips these runs).
 - MFU (CUDA): tokens/s * training FLOPs per token / the card's dense bf16 peak (measure.py:
   6N for full fine-tuning, 4N for LoRA and QLoRA, N = the parameters in matrix products, i.e. all
   but the embedding tables; tokens are the non-padding ones).
@@ -55,6 +57,8 @@ transformers.Trainer needs the `accelerate` package; --adapter needs `peft`.
     python benchmarks/train_throughput.py                      # tiny GPT-2, CPU or CUDA
     python benchmarks/train_throughput.py --adapter lora       # LoRA vs full, and vs Trainer
     python benchmarks/train_throughput.py --model gpt2-arch --bf16 --steps 300 --json  # on CUDA
+    python benchmarks/train_throughput.py --adapter lora --only harness_full,trainer_lora
+    python benchmarks/train_throughput.py --steps 3 --repeats 1 --no-memory  # smoke run
 """
 
 from __future__ import annotations
