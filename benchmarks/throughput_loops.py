@@ -45,6 +45,7 @@ class Run:
 
     seconds: float
     tokens: int
+    padded: int  # tokens of the padded batches of steps 2..N, padding included
     eval_loss: float
     trainable: int
     epochs: list[list[int]]  # the example indices of each epoch begun, in training order
@@ -126,13 +127,19 @@ def token_lengths(split: Any, max_length: int) -> list[int]:
     return [max(1, min(len(ids), max_length)) for ids in split.inputs]
 
 
-def timed_tokens(epochs: list[list[int]], batch_size: int, steps: int, lengths: list[int]) -> int:
-    """Tokens of steps 2..steps: each epoch's indices in batches of batch_size (the last one
-    shorter), epochs one after another, one batch per step."""
-    batches = (
-        epoch[i : i + batch_size] for epoch in epochs for i in range(0, len(epoch), batch_size)
-    )
-    return sum(sum(lengths[i] for i in batch) for batch in itertools.islice(batches, 1, steps))
+def loader_batches(epochs: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The batches a DataLoader cuts from its sampler's epochs: consecutive batch_size slices of
+    each epoch (the last one shorter), epochs one after another."""
+    return [epoch[i : i + batch_size] for epoch in epochs for i in range(0, len(epoch), batch_size)]
+
+
+def timed_tokens(batches: list[list[int]], steps: int, lengths: list[int]) -> tuple[int, int]:
+    """Non-padding tokens of steps 2..steps (one batch per step), and the tokens the padded
+    batches hold (each padded to its longest example)."""
+    timed = batches[1:steps]
+    tokens = sum(lengths[i] for batch in timed for i in batch)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in timed)
+    return tokens, padded
 
 
 def whole_epochs(epochs: list[list[int]], n: int) -> tuple[int, bool]:
@@ -172,6 +179,7 @@ def run_harness(
     counter = itertools.count(1)
     trainable: list[int] = []
     epochs: list[list[int]] = []
+    batches: list[list[int]] = []
 
     def optimizer_with_clock(model: Any, train: Any) -> Any:
         optimizer = make_optimizer(model, train)
@@ -182,6 +190,7 @@ def run_harness(
     def recorded_epoch(*args: Any, **kwargs: Any) -> list[list[int]]:
         chunks = epoch_batches(*args, **kwargs)
         epochs.append([i for chunk in chunks for i in chunk])
+        batches.extend(chunks)  # grouped: the short batch may be anywhere in the epoch
         return chunks
 
     epoch_batches = local.epoch_batches
@@ -201,9 +210,9 @@ def run_harness(
         ):
             result = LocalBackend().run(spec, SilentReporter())
     lengths = token_lengths(prepared.train, cfg.train.max_length)
-    tokens = timed_tokens(epochs, cfg.train.batch_size, steps, lengths)
+    tokens, padded = timed_tokens(batches, steps, lengths)
     loss = result.metrics["eval/loss"]
-    return Run(clock.seconds, tokens, loss, trainable[0], epochs, clock.peak)
+    return Run(clock.seconds, tokens, padded, loss, trainable[0], epochs, clock.peak)
 
 
 def examples(split: Any, max_length: int, pad_id: int) -> list[dict[str, Any]]:
@@ -286,8 +295,9 @@ def run_trainer(
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    tokens = timed_tokens(epochs, t.batch_size, steps, token_lengths(prepared.train, t.max_length))
-    return Run(clock.seconds, tokens, loss, trainable, epochs, clock.peak)
+    lengths = token_lengths(prepared.train, t.max_length)
+    tokens, padded = timed_tokens(loader_batches(epochs, t.batch_size), steps, lengths)
+    return Run(clock.seconds, tokens, padded, loss, trainable, epochs, clock.peak)
 
 
 def with_cuda_peak(train: Callable[[], Run]) -> Run:

@@ -33,6 +33,8 @@ Reported per side:
   epochs: every training example once per epoch, in ceil(n / batch) steps with one short batch
   (checked on every complete epoch seen, printed as "same examples per epoch"); over steps 2..N
   the counts differ only by which batches fall in step 1 and in the last, partial epoch.
+- padding: the share of padding in the padded batches of steps 2..N (each batch padded to its
+  longest example): how much length grouping saves, on each side.
 - peak memory of training, read at the end of step N (evaluation and the test pass left out):
   CUDA: torch.cuda.max_memory_allocated minus what was allocated when the run began (weights,
   gradients, optimizer state, activations). CPU: each side once more in a fresh child process
@@ -325,6 +327,7 @@ def summarize(
             "tokens_per_s": tokens_per_s,
             "seconds": [r.seconds for r in done],
             "timed_tokens": [r.tokens for r in done],
+            "padding_fraction": statistics.median(1 - r.tokens / r.padded for r in done),
             "eval_loss": done[-1].eval_loss,
             "trainable_params": done[-1].trainable,
             "peak_memory_bytes": peaks[name],
@@ -351,8 +354,8 @@ def ratios_of(result: dict[str, Any], adapter: str) -> dict[str, float]:
 
 def print_table(sides: dict[str, Side], result: dict[str, Any], n: int) -> None:
     print(
-        f"  {'side':<22} {'tokens/s':>9} {'timed tokens':>12} {'peak MiB':>9} {'MFU':>6}  "
-        f"{'trainable':>10}  eval loss"
+        f"  {'side':<22} {'tokens/s':>9} {'timed tokens':>12} {'padding':>7} {'peak MiB':>9} "
+        f"{'MFU':>6}  {'trainable':>10}  eval loss"
     )
     for name, side in sides.items():
         r = result[name]
@@ -360,7 +363,8 @@ def print_table(sides: dict[str, Side], result: dict[str, Any], n: int) -> None:
         mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
         util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(
-            f"  {side.label:<22} {r['tokens_per_s']:9.0f} {tokens:12.0f} {mem:>9} {util:>6}  "
+            f"  {side.label:<22} {r['tokens_per_s']:9.0f} {tokens:12.0f} "
+            f"{r['padding_fraction']:7.1%} {mem:>9} {util:>6}  "
             f"{r['trainable_params']:>10}  {r['eval_loss']:.4f}"
         )
     same = all(result[name]["each_epoch_every_example_once"] for name in sides)
