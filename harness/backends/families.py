@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from harness.backends.adapters import quantization_options
 from harness.tokenization import TokenizedData
 
 # The keys that shape a GPT-2 built from scratch (model.name_or_path unset)
@@ -43,7 +44,7 @@ def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
             if data.task == "classification"
             else AutoModelForCausalLM
         )
-        return auto.from_pretrained(source, **options)
+        return auto.from_pretrained(source, **options, **quantization_options(cfg))
     m = cfg.model
     config = GPT2Config(
         vocab_size=len(data.tokenizer),
