@@ -163,14 +163,14 @@ def test_qlora_loads_the_base_in_4_bit_nf4(make_cfg):
 
 def test_lora_keys_are_tunable_only_with_an_adapter(make_cfg):
     assert "lora.*" in LocalBackend().tunable_keys(make_cfg("adapter=lora"))
-    with pytest.raises(UntunableKeyError, match="cannot tune lora.r"):
+    with pytest.raises(UntunableKeyError, match=r"cannot tune lora\.r"):
         plan_study(make_cfg("adapter=none", "lora.r=choice(8, 16)"))
 
 
 def test_trainable_blocks_with_an_adapter_is_refused(lora_cfg, make_cfg):
     # the full fine-tuning space searches train.trainable_blocks
     with pytest.raises(
-        ConfigError, match="train.trainable_blocks does not apply with adapter=lora"
+        ConfigError, match=r"train\.trainable_blocks does not apply with adapter=lora"
     ):
         plan_study(make_cfg("adapter=lora"))
     with pytest.raises(ConfigError, match="leave it at -1"):
@@ -192,7 +192,7 @@ def test_attention_targets_of_an_unknown_family_are_refused(lora_cfg, tmp_path):
             lora_cfg(f"model.name_or_path={tmp_path / 'neox'}"), frozenset({"lora.target_modules"})
         )
     check_adapter_config(with_params(cfg, {"lora.target_modules": "all_linear"}), frozenset())
-    with pytest.raises(ConfigError, match="lora.target_modules=mlp is not a target set"):
+    with pytest.raises(ConfigError, match=r"lora\.target_modules=mlp is not a target set"):
         check_adapter_config(with_params(cfg, {"lora.target_modules": "mlp"}), frozenset())
 
 
@@ -292,15 +292,17 @@ def test_a_model_built_from_scratch_is_saved_merged(lora_cfg, tmp_path):
 def test_a_lora_trial_lowers_the_loss(lora_cfg, tmp_path):
     cfg = with_params(
         lora_cfg("model=tiny_gpt2", "train.patience=0"),
-        {"train.learning_rate": 1e-2, "train.epochs": 4, "train.batch_size": 16},
+        {"train.learning_rate": 3e-3, "train.epochs": 3, "train.batch_size": 16},
     )
     backend = LocalBackend()
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
     reporter = RecordingReporter("eval/f1")
     result = backend.run(trial_spec(cfg, prepared, tmp_path, save_model=True), reporter)
     losses = [m["train/loss"] for _, m in reporter.calls if "train/loss" in m]
-    quarter = len(losses) // 4
-    assert sum(losses[-quarter:]) / quarter < 0.9 * sum(losses[:quarter]) / quarter
+    epoch = len(losses) // 3
+    assert sum(losses[-epoch:]) < 0.95 * sum(losses[:epoch])  # the last epoch's mean vs the first's
+    evals = [m["eval/loss"] for _, m in reporter.calls if "eval/loss" in m]
+    assert min(evals) < math.log(3)  # below the cross-entropy of guessing among 3 classes
     assert (result.model_dir / "model.safetensors").exists()  # from scratch: saved merged
 
 

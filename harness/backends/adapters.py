@@ -170,7 +170,8 @@ def lora_config(cfg: DictConfig, model_type: str, task: str) -> Any:
     classification = task == "classification"
     return LoraConfig(
         r=int(lora.r),
-        lora_alpha=float(lora.alpha),
+        # PEFT annotates an int, but only ever divides it (alpha / r): a float alpha is fine
+        lora_alpha=float(lora.alpha),  # type: ignore[arg-type]
         use_rslora=bool(lora.rslora),
         lora_dropout=float(lora.dropout),
         use_dora=bool(lora.dora),
