@@ -194,6 +194,9 @@ def test_attention_targets_of_an_unknown_family_are_refused(lora_cfg, tmp_path):
     check_adapter_config(with_params(cfg, {"lora.target_modules": "all_linear"}), frozenset())
     with pytest.raises(ConfigError, match=r"lora\.target_modules=mlp is not a target set"):
         check_adapter_config(with_params(cfg, {"lora.target_modules": "mlp"}), frozenset())
+    searched = lora_cfg("lora.target_modules=choice(all_linear, mlp)")
+    with pytest.raises(ConfigError, match=r"lora\.target_modules=mlp is not a target set"):
+        check_adapter_config(searched, frozenset({"lora.target_modules"}))
 
 
 def test_qlora_without_cuda_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
@@ -307,7 +310,8 @@ def test_a_lora_trial_lowers_the_loss(lora_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trained_adapter_is_saved_and_logged_naming_its_base(lora_cfg, tmp_path):
+@pytest.mark.parametrize("study", ["sentiment_tiny", "faq_chat_tiny"])
+def test_a_trained_adapter_is_saved_and_logged_naming_its_base(make_cfg, tmp_path, study):
     import mlflow
     import yaml
     from mlflow.tracking import MlflowClient
@@ -316,35 +320,38 @@ def test_a_trained_adapter_is_saved_and_logged_naming_its_base(lora_cfg, tmp_pat
     from harness.backends.transformers_model import log_transformers_model
     from harness.tracking import ModelDestination
 
-    cfg = lora_cfg("model=tiny_gpt2")
-    dataset = load_dataset(cfg.data)
-    tokenizer = AutoTokenizer.from_pretrained(LocalBackend().prepare(cfg, dataset).tokenizer_source)
+    dataset = load_dataset(make_cfg(f"study={study}").data)
+    source = LocalBackend().prepare(make_cfg(f"study={study}"), dataset).tokenizer_source
+    tokenizer = AutoTokenizer.from_pretrained(source)
     base = tmp_path / "base"
     GPT2LMHeadModel(
         GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
     ).save_pretrained(base)
     tokenizer.save_pretrained(base)
+    search = "lora_classification" if study == "sentiment_tiny" else "lora_generation"
     cfg = with_params(
-        lora_cfg(f"model.name_or_path={base}"),
-        {"train.epochs": 1, "lora.target_modules": "attention"},
+        make_cfg(
+            f"study={study}", "adapter=lora", f"search={search}", f"model.name_or_path={base}"
+        ),
+        {"train.epochs": 1, "train.max_new_tokens": 4, "lora.target_modules": "attention"},
     )
     backend = LocalBackend()
     result = backend.run(
         trial_spec(cfg, backend.prepare(cfg, dataset), tmp_path / "trial", save_model=True),
-        RecordingReporter("eval/f1"),
+        RecordingReporter(str(cfg.sweep.metric)),
     )
     saved = result.model_dir
-    assert (saved / "adapter_model.safetensors").exists() and not (
-        saved / "model.safetensors"
-    ).exists()
+    assert (saved / "adapter_model.safetensors").exists()
+    assert not (saved / "model.safetensors").exists()  # the base is not copied
     assert str(base) in (saved / "adapter_config.json").read_text()
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("lora", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(experiment)
+    task = cfg.data.task
     model_uri = log_transformers_model(
-        ModelDestination(uri, experiment, run.info.run_id), saved, "classification", None
+        ModelDestination(uri, experiment, run.info.run_id), saved, task, None
     )
     assert client.get_run(run.info.run_id).data.tags["harness.base_model"] == str(base)
     mlflow.set_tracking_uri(uri)
@@ -354,3 +361,9 @@ def test_a_trained_adapter_is_saved_and_logged_naming_its_base(lora_cfg, tmp_pat
     flavor = yaml.safe_load((logged / "MLmodel").read_text())["flavors"]["transformers"]
     assert flavor["peft_adaptor"] == "peft"
     assert flavor["source_model_name"] == flavor["local_base_model_path"] == str(base)
+    if task == "generation":  # MLflow's own loader rebuilds the adapted model
+        ids = torch.tensor([tokenizer("a question")["input_ids"]])
+        loaded = mlflow.transformers.load_model(model_uri, return_type="components")["model"]
+        with torch.no_grad():
+            expected = load_adapted(saved, task).eval()(input_ids=ids).logits
+            assert torch.allclose(loaded.eval()(input_ids=ids).logits, expected, atol=1e-5)

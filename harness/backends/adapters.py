@@ -64,7 +64,8 @@ def check_adapter_config(cfg: DictConfig, searched: frozenset[str]) -> None:
         raise ConfigError(
             f"train.trainable_blocks does not apply with adapter={name}: the adapter trains its "
             "own weights on a frozen base. Remove train.trainable_blocks from the search space "
-            "and leave it at -1, or use adapter=none (full fine-tuning)"
+            "(search=lora_classification or lora_generation: LoRA's spaces) and leave it at -1, "
+            "or use adapter=none (full fine-tuning)"
         )
     _check_target_modules(cfg, searched)
     if name == "qlora":
@@ -72,18 +73,19 @@ def check_adapter_config(cfg: DictConfig, searched: frozenset[str]) -> None:
 
 
 def _check_target_modules(cfg: DictConfig, searched: frozenset[str]) -> None:
-    value = str(cfg.lora.target_modules)
-    if "lora.target_modules" in searched:  # the search space's expression names the sets tried
-        expression = str(cfg.search.space["lora.target_modules"])
-        wanted = [s for s in TARGET_SETS if s in expression]
-    else:
+    key = "lora.target_modules"
+    values = [str(cfg.lora.target_modules)]
+    if key in searched:  # the sets the search space can pick
+        from harness.search import to_distributions
+
+        distribution = to_distributions({key: cfg.search.space[key]})[key]
+        values = [str(v) for v in getattr(distribution, "choices", values)]
+    for value in values:
         if value not in TARGET_SETS:
             raise ConfigError(
-                f"lora.target_modules={value} is not a target set: use one of "
-                f"{', '.join(TARGET_SETS)}"
+                f"{key}={value} is not a target set: use one of {', '.join(TARGET_SETS)}"
             )
-        wanted = [value]
-    if "attention" in wanted:
+    if "attention" in values:
         family = _model_type(cfg)
         if family is not None:
             attention_targets(family)  # raises for a family without a named attention set
@@ -164,6 +166,8 @@ def lora_config(cfg: DictConfig, model_type: str, task: str) -> Any:
     from peft import LoraConfig, TaskType
 
     lora = cfg.lora
+    if lora.target_modules not in TARGET_SETS:  # checked before the trial; a hand-made config
+        raise ConfigError(f"lora.target_modules={lora.target_modules} is not a target set")
     targets: str | list[str] = (
         "all-linear" if lora.target_modules == "all_linear" else attention_targets(model_type)
     )
