@@ -224,6 +224,22 @@ def test_qlora_without_cuda_is_refused_before_anything_is_written(tmp_path, caps
     assert snapshot(runs) == {}
 
 
+def test_qlora_with_cuda_but_without_bitsandbytes_is_refused(make_cfg, monkeypatch):
+    import importlib.util
+
+    import harness.backends.adapters as adapters
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # as if not installed, wherever the test runs
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "bitsandbytes" else find_spec(name),
+    )
+    monkeypatch.setattr(adapters, "_cuda_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"adapter=qlora .*needs bitsandbytes.*harness\[qlora\]"):
+        adapters.check_qlora_possible(make_cfg("adapter=qlora"))
+
+
 # --- saved and logged ------------------------------------------------------------------------
 
 
