@@ -43,14 +43,22 @@ def fingerprint(
 
 
 def model_identity(cfg: DictConfig) -> Any:
-    """The hosted backend's base model, else the local model's config minus its searched keys."""
+    """The hosted backend's base model, else the local model's config minus its searched keys,
+    and its adapter (a LoRA study asks another question than a full fine-tuning one)."""
     hosted = cfg.backend.get("model")
     if hosted:
         return str(hosted)
     searched = set(cfg.search.space)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
-    return {str(k): v for k, v in model.items() if f"model.{k!s}" not in searched}
+    identity = {str(k): v for k, v in model.items() if f"model.{k!s}" not in searched}
+    # Written only where they differ from what every study had before these keys existed (a
+    # GPT-2, no adapter), so that those studies keep their fingerprint and resume
+    if identity.get("architecture") == "gpt2":
+        del identity["architecture"]
+    if cfg.adapter.name != "none":
+        identity["adapter"] = str(cfg.adapter.name)
+    return identity
 
 
 def _digest(examples: Sequence[Example]) -> str:

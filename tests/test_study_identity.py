@@ -185,3 +185,19 @@ def test_an_error_while_sampling_is_the_trials_reason(runs, monkeypatch):
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert len(failed) == 1
     assert "does not support dynamic value space" in failed[0].user_attrs["fail_reason"]
+
+
+def test_another_adapter_or_architecture_is_another_study(runs, capsys):
+    assert sweep(runs, "sweep.n_trials=2") == 0
+    model = study_of(runs).user_attrs["fingerprint"]["model"]
+    # a GPT-2 without adapter is written as before these keys existed: older studies resume
+    assert "architecture" not in model and "adapter" not in model
+    before = snapshot(runs)
+    for change, shown in (
+        ("adapter=lora", '"adapter": "lora"'),
+        ("model=tiny_llama", '"architecture": "llama"'),
+    ):
+        assert sweep(runs, "sweep.n_trials=3", change) == 2
+        error = capsys.readouterr().err
+        assert "is not the study this command describes" in error and shown in error
+        assert snapshot(runs) == before

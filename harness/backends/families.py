@@ -42,6 +42,10 @@ class Family:
     final_norm: str
     dropout: tuple[str, ...]  # the config settings train.dropout sets, all to the same value
     positions: str  # the config setting holding the maximum sequence length
+    # lora.target_modules=attention: the attention's projections (PEFT matches name suffixes)
+    attention: tuple[str, ...]
+    conv1d: bool = False  # linear layers are transformers' Conv1D (weight in x out): LoRA's
+    # fan_in_fan_out must say so
 
 
 _LLAMA_STYLE = Family(
@@ -50,6 +54,7 @@ _LLAMA_STYLE = Family(
     final_norm="model.norm",
     dropout=("attention_dropout",),
     positions="max_position_embeddings",
+    attention=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -59,6 +64,9 @@ FAMILIES: dict[str, Family] = {
         final_norm="transformer.ln_f",
         dropout=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
         positions="n_positions",
+        # "attn.c_proj": the attention's output projection, not the MLP's mlp.c_proj
+        attention=("c_attn", "attn.c_proj"),
+        conv1d=True,
     ),
     "llama": _LLAMA_STYLE,  # SmolLM, TinyLlama, Llama 2/3
     "mistral": _LLAMA_STYLE,
@@ -71,6 +79,7 @@ FAMILIES: dict[str, Family] = {
         final_norm="model.norm",
         dropout=("resid_pdrop", "embd_pdrop", "attention_dropout"),
         positions="max_position_embeddings",
+        attention=("qkv_proj", "o_proj"),
     ),
 }
 
@@ -119,7 +128,9 @@ def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
         family = family_of(AutoConfig.from_pretrained(source))
         # a family outside the table keeps its own dropout (check_family_knobs refused a change)
         options |= _dropout_settings(family, cfg) if family else {}
-        return auto.from_pretrained(source, **options)
+        from harness.backends.adapters import quantization_options  # (adapters reads FAMILIES)
+
+        return auto.from_pretrained(source, **options, **quantization_options(cfg))
     return auto.from_config(_scratch_config(cfg, data, options))
 
 

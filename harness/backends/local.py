@@ -20,6 +20,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
+from harness.backends.adapters import (
+    apply_adapter,
+    check_adapter_config,
+    save_adapted,
+    tunable_adapter_keys,
+)
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.backends.batching import batches, epoch_batches, example_lengths
 from harness.backends.devices import pick_device
@@ -77,6 +83,7 @@ class LocalBackend:
         keys = {"train.*"}
         if not cfg.model.name_or_path:
             keys |= ARCHITECTURE_KEYS
+        keys |= tunable_adapter_keys(cfg)  # lora.* with adapter=lora or qlora
         return frozenset(keys)
 
     def hard_limits(self) -> dict[str, Limit]:
@@ -90,6 +97,7 @@ class LocalBackend:
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
         check_family_knobs(cfg, searched)
+        check_adapter_config(cfg, searched)
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones
@@ -143,6 +151,7 @@ class _Training:
                 f"prompt in the model's {positions} positions"
             )
         freeze(self.model, self.train_cfg.trainable_blocks)
+        self.model = apply_adapter(self.model, self.cfg, self.data.task)  # before the optimizer
         self.optimizer: Any = make_optimizer(self.model, self.train_cfg)
         self.order = torch.Generator().manual_seed(self.cfg.seed)
 
@@ -331,8 +340,7 @@ class _Training:
 
     def save(self) -> Path:
         directory = self.spec.workdir / "model"
-        self.model.save_pretrained(directory)
-        self.data.tokenizer.save_pretrained(directory)
+        save_adapted(self.model, self.data.tokenizer, directory, self.cfg)  # or the adapter
         return directory
 
 
