@@ -155,7 +155,7 @@ def test_one_state_of_about_four_copies_of_the_trainable_weights_then_none(make_
 
 
 def test_a_pruned_or_failed_trial_deletes_its_state(make_cfg, tmp_path):
-    backend, cfg, prepared = setup(make_cfg, "classification")
+    backend, cfg, prepared = setup(make_cfg, "classification", **{"train.epochs": 1})
     import optuna
 
     with pytest.raises(optuna.TrialPruned):
@@ -185,22 +185,25 @@ def killed_after_first_evaluation(backend, cfg, prepared, workdir: Path) -> int:
 
 
 def test_save_state_false_writes_none_and_a_retry_starts_at_step_0(make_cfg, tmp_path):
-    backend, cfg, prepared = setup(make_cfg, "classification", "train.save_state=false")
-    killed_after_first_evaluation(backend, cfg, prepared, tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    backend, cfg, prepared = setup(
+        make_cfg, "classification", "train.save_state=false", **{"train.epochs": 1}
+    )
+    workdir = tmp_path / "trial"
+    killed_after_first_evaluation(backend, cfg, prepared, workdir)
+    assert not workdir.exists() or list(workdir.iterdir()) == []
 
     # a state saved with save_state on is not read with it off
     on = with_params(cfg, {"train.save_state": True})
-    killed_after_first_evaluation(backend, on, prepared, tmp_path)
-    assert (tmp_path / STATE).exists()
+    killed_after_first_evaluation(backend, on, prepared, workdir)
+    assert (workdir / STATE).exists()
     retry = RecordingReporter(cfg.sweep.metric)
-    backend.run(trial_spec(cfg, prepared, tmp_path), retry)
+    backend.run(trial_spec(cfg, prepared, workdir), retry)
     assert retry.calls[0] == (1, retry.calls[0][1]) and "train/loss" in retry.calls[0][1]
     assert trial_state.RESUMED_TAG not in retry.tags
 
 
 def test_a_state_saved_under_other_settings_or_another_trial_key_is_not_loaded(make_cfg, tmp_path):
-    backend, cfg, prepared = setup(make_cfg, "classification")
+    backend, cfg, prepared = setup(make_cfg, "classification", **{"train.epochs": 1})
     for other in (
         trial_spec(with_params(cfg, {"train.learning_rate": 1e-3}), prepared, tmp_path),
         trial_spec(cfg, prepared, tmp_path, key="another-trial"),
