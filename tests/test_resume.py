@@ -230,7 +230,7 @@ def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
         "sweep.n_trials=1",
         "tracking.log_best_model=false",
         "train.batch_size=16",
-        "train.epochs=8",  # long enough that the kill lands mid-trial
+        "train.epochs=4",  # ~100 steps after the first state: the kill lands mid-trial
         "train.eval_every_steps=10",
         "train.patience=0",
         f"paths.runs_dir={runs}",
@@ -239,7 +239,12 @@ def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
     state = runs / "checkpoints" / cfg.name / "trial-0000" / STATE
     process = start_cli("sweep", "--quiet", *words, stdout=subprocess.DEVNULL)
     try:
-        wait_for(lambda: state.exists() or process.poll() is not None, 240, "a state is saved")
+        wait_for(
+            lambda: state.exists() or process.poll() is not None,
+            240,
+            "a state is saved",
+            interval=0.05,
+        )
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -261,4 +266,6 @@ def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
     assert min(m.step for m in losses) > saved_at  # trained from there on, not from step 1
     evaluations = found.client.get_metric_history(retry.info.run_id, "eval/f1")
     assert sorted(m.step for m in evaluations)[:2] == [10, 20]  # the dead trial's, replayed
+    # Optuna heard every evaluation, numbered from the first: pruning compares like with like
+    assert sorted(study.trials[1].intermediate_values) == list(range(1, len(evaluations) + 1))
     assert not state.parent.exists()  # the retry's folder, the dead trial's, is gone

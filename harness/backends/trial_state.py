@@ -185,7 +185,9 @@ class TrialState:
             "losses": [loss.detach().cpu() for loss in losses],
             "rng": rng_states(),
         }
-        temporary = self.path.with_name(f"{STATE_FILE}.tmp")
+        # named by process: a retry on another host that wrongly took this one for dead (a
+        # heartbeat lost) does not write into the same temporary file on a shared disk
+        temporary = self.path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with temporary.open("wb") as file:
             torch.save(state, file)
@@ -228,9 +230,10 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 def discard(workdir: Path) -> None:
-    for name in (STATE_FILE, f"{STATE_FILE}.tmp"):
+    """Deletes the trial's state, and temporary ones a kill left while they were written."""
+    for path in [workdir / STATE_FILE, *workdir.glob(f"{STATE_FILE}.*.tmp")]:
         with contextlib.suppress(FileNotFoundError):
-            (workdir / name).unlink()
+            path.unlink()
 
 
 @contextlib.contextmanager
