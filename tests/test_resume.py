@@ -24,8 +24,6 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow  # real (tiny) training
-
 STATE = trial_state.STATE_FILE
 SETTINGS = {
     "classification": (
@@ -98,6 +96,7 @@ class StateWatcher(RecordingReporter):
         super().report(step, metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "generation"])
 def test_a_trial_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(make_cfg, tmp_path, task):
     backend, cfg, prepared = setup(make_cfg, task)
@@ -131,6 +130,7 @@ def test_a_trial_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(make_cfg,
     assert not (workdir / STATE).exists()
 
 
+@pytest.mark.slow
 def test_one_state_of_about_four_copies_of_the_trainable_weights_then_none(make_cfg, tmp_path):
     """Kept: the trainable weights, the best evaluation's and AdamW's two moments; the frozen
     weights are not saved (trainable_blocks=0: the head only)."""
@@ -154,6 +154,7 @@ def test_one_state_of_about_four_copies_of_the_trainable_weights_then_none(make_
     assert max(sizes[0]) < min(sizes[-1]) / 4
 
 
+@pytest.mark.slow
 def test_a_pruned_or_failed_trial_deletes_its_state(make_cfg, tmp_path):
     backend, cfg, prepared = setup(make_cfg, "classification", **{"train.epochs": 1})
     import optuna
@@ -176,6 +177,18 @@ def test_a_pruned_or_failed_trial_deletes_its_state(make_cfg, tmp_path):
     assert not (tmp_path / "failed" / STATE).exists()
 
 
+def test_a_retry_works_in_the_folder_of_the_trial_it_retries(tmp_path):
+    """Where the dead trial's state is; the sweep deletes that folder after the retry."""
+    from types import SimpleNamespace
+
+    from harness.study.objective import trial_workdir
+
+    first = SimpleNamespace(number=3, user_attrs={})
+    retry = SimpleNamespace(number=7, user_attrs={"harness_retry_of": 3})
+    assert trial_workdir(tmp_path, first) == tmp_path / "trial-0003"  # type: ignore[arg-type]
+    assert trial_workdir(tmp_path, retry) == tmp_path / "trial-0003"  # type: ignore[arg-type]
+
+
 def killed_after_first_evaluation(backend, cfg, prepared, workdir: Path) -> int:
     """A run of ``cfg`` that dies after its first evaluation: the step it saved at."""
     every = cfg.train.eval_every_steps
@@ -184,6 +197,7 @@ def killed_after_first_evaluation(backend, cfg, prepared, workdir: Path) -> int:
     return int(every)
 
 
+@pytest.mark.slow
 def test_save_state_false_writes_none_and_a_retry_starts_at_step_0(make_cfg, tmp_path):
     backend, cfg, prepared = setup(
         make_cfg, "classification", "train.save_state=false", **{"train.epochs": 1}
@@ -202,6 +216,7 @@ def test_save_state_false_writes_none_and_a_retry_starts_at_step_0(make_cfg, tmp
     assert trial_state.RESUMED_TAG not in retry.tags
 
 
+@pytest.mark.slow
 def test_a_state_saved_under_other_settings_or_another_trial_key_is_not_loaded(make_cfg, tmp_path):
     backend, cfg, prepared = setup(make_cfg, "classification", **{"train.epochs": 1})
     for other in (
@@ -215,6 +230,7 @@ def test_a_state_saved_under_other_settings_or_another_trial_key_is_not_loaded(m
         assert not (tmp_path / STATE).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
     """kill -9 of `harness sweep` once its trial has saved a state; the same command again
