@@ -10,7 +10,6 @@ patience, the best evaluation's weights kept for the test split. CPU, CUDA (bf16
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import math
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
+from harness.backends import trial_state
 from harness.backends.adapters import (
     apply_adapter,
     check_adapter_config,
@@ -106,11 +106,12 @@ class LocalBackend:
         return encode(cfg, dataset, runs_dir(cfg) / "cache")
 
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
-        trainer = _Training(spec, reporter)
-        try:
-            return trainer.run()
-        finally:
-            trainer.release()
+        with trial_state.deleted_at_the_end(spec.workdir):
+            trainer = _Training(spec, reporter)
+            try:
+                return trainer.run()
+            finally:
+                trainer.release()
 
     def log_model(
         self,
@@ -181,12 +182,15 @@ class _Training:
         self.reporter.set_total_steps(total)
         eval_every = t.eval_every_steps or steps_per_epoch
         best = _Best(1.0 if self.spec.direction == "maximize" else -1.0)
-        step = 0
         losses: list[Any] = []
+        parts = {"optimizer": self.optimizer, "scheduler": scheduler}
+        saved = trial_state.TrialState(self.spec, self.model, parts, self.order, self.device)
+        step = saved.resume(best, losses, self.reporter)
         lengths = example_lengths(self.data.train, t.max_length)
         self.model.train()
         while step < total and best.stale < (t.patience or math.inf):
-            chunks = epoch_batches(lengths, t.batch_size, self.order, t.group_by_length)
+            done = saved.start_epoch(step)  # batches of this epoch trained before a resume
+            chunks = epoch_batches(lengths, t.batch_size, self.order, t.group_by_length)[done:]
             for batch in batches(
                 self.data.train, chunks, t.max_length, self.data.pad_id, self.data.task, self.device
             ):
@@ -199,10 +203,11 @@ class _Training:
                 if step % eval_every == 0 or step == total:
                     self.report_losses(step, losses)
                     self.evaluate_and_keep(step, best)
+                    saved.save(step, best, losses)
                 if step >= total or (t.patience and best.stale >= t.patience):
                     break
         if best.state is not None:
-            self.model.load_state_dict(best.state)
+            trial_state.load_trainable(self.model, best.state)
         test, artifacts = self.test()
         model_dir = self.save() if self.spec.save_model else None
         return TrialResult({**best.metrics, **test}, artifacts, model_dir, step)
@@ -352,14 +357,16 @@ class _Best:
     sign: float
     score: float = -math.inf
     metrics: dict[str, float] = field(default_factory=dict)
-    state: Any = None
+    state: Any = None  # trainable parameters and buffers only, on the CPU
     stale: int = 0
+    latest: dict[str, float] = field(default_factory=dict)  # the last evaluation offered
 
     def offer(self, evaluated: dict[str, float], metric: str, model: Any) -> None:
+        self.latest = evaluated
         score = self.sign * evaluated[metric]
         if score > self.score:
             self.score, self.metrics, self.stale = score, evaluated, 0
-            self.state = copy.deepcopy(model.state_dict())
+            self.state = trial_state.cpu_copy(trial_state.trainable_state(model))
         else:
             self.stale += 1
 

@@ -82,7 +82,7 @@ class TrialObjective:
         key = trial.user_attrs.get("harness_trial_key") or f"{self.uid}-{trial.number}"
         trial.set_user_attr("harness_trial_key", key)
         self._check_budget(trial, {**self.plan.fixed, **params})
-        workdir = self.checkpoints / f"trial-{trial.number:04d}"
+        workdir = trial_workdir(self.checkpoints, trial)
         tags = {**self.tags, "optuna.trial_number": str(trial.number)}
         try:
             result, run = run_trial(
@@ -174,7 +174,7 @@ class TrialObjective:
 
     def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Keeps the model of the best trial so far and deletes the others' scratch folders."""
-        workdir = self.checkpoints / f"trial-{trial.number:04d}"
+        workdir = trial_workdir(self.checkpoints, trial)
         self._keep_if_best(study, trial, workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         outcome = trial_outcome(trial)
@@ -204,6 +204,14 @@ class TrialObjective:
             logging.getLogger("harness").warning(
                 "could not keep trial %d's model: %s", trial.number, exc
             )
+
+
+def trial_workdir(checkpoints: Path, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Path:
+    """A trial's scratch folder. A retry of a trial whose process died works in that trial's
+    folder: the local backend finds the state the dead process saved there and goes on from
+    it. (A retry that dies is not retried again: no two trials share a folder at once.)"""
+    number = int(trial.user_attrs.get("harness_retry_of", trial.number))
+    return checkpoints / f"trial-{number:04d}"
 
 
 def trial_outcome(trial: optuna.trial.FrozenTrial) -> TrialOutcome:

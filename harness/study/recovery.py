@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 import socket
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -15,6 +17,7 @@ from omegaconf import DictConfig
 
 from harness.backends.base import PaidBackend
 from harness.storage import CLAIM_PREFIX, STORAGE_ATTEMPTS, WORKER_ATTR
+from harness.study.objective import trial_workdir
 from harness.study.plan import Plan
 from harness.study.queries import RUNNING, billed_key
 from harness.study.trial import describe_failure
@@ -29,6 +32,7 @@ class Recovery:
     cfg: DictConfig
     plan: Plan
     storage: Any  # the Optuna storage the sweep's study lives in
+    checkpoints: Path  # the trials' scratch folders
     tracker: Tracker
 
     def _fail_own_running(self, study: optuna.Study) -> None:
@@ -86,7 +90,8 @@ class Recovery:
                 trial.params,
                 user_attrs={"harness_retry_of": trial.number, "harness_trial_key": key},
             )
-        else:
+        else:  # its state, saved for a retry, will not be used
+            shutil.rmtree(trial_workdir(self.checkpoints, trial), ignore_errors=True)
             backend = self.plan.backend
             if isinstance(backend, PaidBackend) and key:
                 try:
