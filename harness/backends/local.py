@@ -20,9 +20,16 @@ from typing import Any
 from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
+from harness.backends.accumulation import GradientAccumulation
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.backends.batching import batches, epoch_batches, example_lengths
-from harness.backends.devices import pick_device
+from harness.backends.devices import (
+    apply_memory_options,
+    check_precision,
+    pick_device,
+    precision_for,
+    run_releasing_memory,
+)
 from harness.backends.families import ARCHITECTURE_KEYS, build_model, freeze
 from harness.config import runs_dir
 from harness.data import Dataset, ExampleCheck
@@ -79,7 +86,7 @@ class LocalBackend:
         return task_metrics.EVAL_METRICS.get(task, ())
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        pass
+        check_precision(cfg, searched)
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones
@@ -88,11 +95,8 @@ class LocalBackend:
         return encode(cfg, dataset, runs_dir(cfg) / "cache")
 
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
-        trainer = _Training(spec, reporter)
-        try:
-            return trainer.run()
-        finally:
-            trainer.release()
+        # memory released whatever happens; out of memory: this trial fails with a hint
+        return run_releasing_memory(spec.config.train, lambda: _Training(spec, reporter))
 
     def log_model(
         self,
@@ -117,8 +121,7 @@ class _Training:
         self.cfg, self.train_cfg = spec.config, spec.config.train
         self.data: TokenizedData = spec.prepared
         self.device = pick_device(self.train_cfg.device)
-        precision = self.train_cfg.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.precision = precision_for(self.train_cfg.precision, self.device)
         torch.manual_seed(self.cfg.seed)
         self.model: Any = build_model(self.cfg, self.data).to(self.device)
         positions = self.model.config.n_positions
@@ -133,7 +136,9 @@ class _Training:
                 f"prompt in the model's {positions} positions"
             )
         freeze(self.model, self.train_cfg.trainable_blocks)
+        apply_memory_options(self.model, self.train_cfg)  # checkpointing, compile
         self.optimizer: Any = make_optimizer(self.model, self.train_cfg)
+        self.accumulation = GradientAccumulation(self.train_cfg, self.data.task, self.precision)
         self.order = torch.Generator().manual_seed(self.cfg.seed)
 
     def release(self) -> None:
@@ -146,11 +151,10 @@ class _Training:
                 torch.cuda.empty_cache()
 
     def autocast(self) -> Any:
-        import torch
+        return self.precision.autocast()
 
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def micro_batch_size(self) -> int:
+        return self.accumulation.size
 
     def run(self) -> TrialResult:
         t = self.train_cfg
@@ -189,21 +193,13 @@ class _Training:
         return TrialResult({**best.metrics, **test}, artifacts, model_dir, step)
 
     def train_step(self, batch: dict[str, Any], scheduler: Any) -> Any:
-        """One optimizer step on a batch; returns its loss, still on the device."""
-        import torch
-
-        with self.autocast():
-            loss = self.model(**batch).loss
-        loss.backward()
-        if self.train_cfg.grad_clip > 0:
-            # foreach: one kernel over all gradients (the default loops on CPU)
-            torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.train_cfg.grad_clip, foreach=True
-            )
-        self.optimizer.step()
+        """One optimizer step on a batch (accumulated over micro-batches); returns its loss,
+        still on the device."""
+        loss = self.accumulation.backward(self.model, batch)
+        self.precision.step(self.optimizer, self.model.parameters(), self.train_cfg.grad_clip)
         scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     def evaluate_and_keep(self, step: int, best: _Best) -> None:
         """Evaluates on the validation split, keeps the weights if they are the best yet, and
