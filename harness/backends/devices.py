@@ -222,6 +222,10 @@ def run_releasing_memory(train: DictConfig, start: Callable[[], MemoryTrial[Resu
         if trial is not None:
             trial.release()
         del trial
+        if train.compile:
+            # dynamo's caches hold the compiled model, and the next trial's model would count
+            # against their recompilation limit (compiled code is shared by every Module)
+            torch._dynamo.reset()
         free_memory(device)
     raise failure  # here, outside the handler: it carries no context of the trial's frames
 
