@@ -90,15 +90,16 @@ def test_out_of_memory_trial_fails_alone_with_a_hint(make_cfg, monkeypatch):
         "search=none",
         "pruner=none",
         "train.batch_size=choice(8, 4)",
+        "sweep.enqueue=[{train.batch_size: 8}, {train.batch_size: 4}]",  # the failing one first
         "train.micro_batch_size=8",  # set by the user: kept, so batch size 8 cannot fit
         "train.epochs=1",
         "train.max_steps=3",
     ]
     cfg = make_cfg(*overrides, "sweep.n_trials=2")
     study = Sweep(cfg, overrides, tracker_factory=InMemoryStore().tracker).run()
-    by_batch = {t.params["train.batch_size"]: t for t in study.trials}
-    assert by_batch[4].state.name == "COMPLETE"
-    failed = by_batch[8]
+    assert [t.params["train.batch_size"] for t in study.trials] == [8, 4]
+    failed, after = study.trials
+    assert after.state.name == "COMPLETE"  # the next trial ran, on the memory given back
     assert failed.state.name == "FAIL"
     reason = failed.user_attrs["fail_reason"]
     assert reason.startswith("TrialOutOfMemoryError: out of memory on cpu at micro-batch 8 ")
