@@ -479,8 +479,10 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     _apply_search_overrides(cfg, split)
     remember_resolved(cfg)  # its secrets are masked from now on, wherever they show up
     from harness.checks import check_config  # it reads VALID_RANGES from here
+    from harness.gpus import settle_workers
 
     check_config(cfg)
+    settle_workers(cfg)  # sweep.devices: one worker per GPU
     return cfg
 
 

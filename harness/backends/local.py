@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from harness import metrics as task_metrics
 from harness.backends import trial_state
+from harness.backends.accumulation import GradientAccumulation
 from harness.backends.adapters import (
     apply_adapter,
     check_adapter_config,
@@ -28,7 +29,13 @@ from harness.backends.adapters import (
 )
 from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
 from harness.backends.batching import batches, epoch_batches, example_lengths
-from harness.backends.devices import pick_device
+from harness.backends.devices import (
+    apply_memory_options,
+    check_precision,
+    pick_device,
+    precision_for,
+    run_releasing_memory,
+)
 from harness.backends.families import (
     ARCHITECTURE_KEYS,
     build_model,
@@ -98,6 +105,7 @@ class LocalBackend:
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
         check_family_knobs(cfg, searched)
         check_adapter_config(cfg, searched)
+        check_precision(cfg, searched)
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None  # any example fits: train.max_length truncates the long ones
@@ -106,12 +114,10 @@ class LocalBackend:
         return encode(cfg, dataset, runs_dir(cfg) / "cache")
 
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
+        # memory released whatever happens; out of memory: this trial fails with a hint; the
+        # saved state deleted when the trial ends (only a dead process leaves it)
         with trial_state.deleted_at_the_end(spec.workdir):
-            trainer = _Training(spec, reporter)
-            try:
-                return trainer.run()
-            finally:
-                trainer.release()
+            return run_releasing_memory(spec.config.train, lambda: _Training(spec, reporter))
 
     def log_model(
         self,
@@ -136,8 +142,7 @@ class _Training:
         self.cfg, self.train_cfg = spec.config, spec.config.train
         self.data: TokenizedData = spec.prepared
         self.device = pick_device(self.train_cfg.device)
-        precision = self.train_cfg.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.precision = precision_for(self.train_cfg.precision, self.device)
         torch.manual_seed(self.cfg.seed)
         self.model: Any = build_model(self.cfg, self.data).to(self.device)
         positions = max_positions(self.model)
@@ -153,7 +158,9 @@ class _Training:
             )
         freeze(self.model, self.train_cfg.trainable_blocks)
         self.model = apply_adapter(self.model, self.cfg, self.data.task)  # before the optimizer
+        apply_memory_options(self.model, self.train_cfg)  # checkpointing, compile
         self.optimizer: Any = make_optimizer(self.model, self.train_cfg)
+        self.accumulation = GradientAccumulation(self.train_cfg, self.data.task, self.precision)
         self.order = torch.Generator().manual_seed(self.cfg.seed)
 
     def release(self) -> None:
@@ -166,11 +173,10 @@ class _Training:
                 torch.cuda.empty_cache()
 
     def autocast(self) -> Any:
-        import torch
+        return self.precision.autocast()
 
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def micro_batch_size(self) -> int:
+        return self.accumulation.size
 
     def run(self) -> TrialResult:
         t = self.train_cfg
@@ -184,6 +190,8 @@ class _Training:
         best = _Best(1.0 if self.spec.direction == "maximize" else -1.0)
         losses: list[Any] = []
         parts = {"optimizer": self.optimizer, "scheduler": scheduler}
+        if self.precision.scaler is not None:  # fp16: the loss scale it has learned
+            parts["scaler"] = self.precision.scaler
         saved = trial_state.TrialState(self.spec, self.model, parts, self.order, self.device)
         step = saved.resume(best, losses, self.reporter)
         lengths = example_lengths(self.data.train, t.max_length)
@@ -213,21 +221,13 @@ class _Training:
         return TrialResult({**best.metrics, **test}, artifacts, model_dir, step)
 
     def train_step(self, batch: dict[str, Any], scheduler: Any) -> Any:
-        """One optimizer step on a batch; returns its loss, still on the device."""
-        import torch
-
-        with self.autocast():
-            loss = self.model(**batch).loss
-        loss.backward()
-        if self.train_cfg.grad_clip > 0:
-            # foreach: one kernel over all gradients (the default loops on CPU)
-            torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.train_cfg.grad_clip, foreach=True
-            )
-        self.optimizer.step()
+        """One optimizer step on a batch (accumulated over micro-batches); returns its loss,
+        still on the device."""
+        loss = self.accumulation.backward(self.model, batch)
+        self.precision.step(self.optimizer, self.model.parameters(), self.train_cfg.grad_clip)
         scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     def evaluate_and_keep(self, step: int, best: _Best) -> None:
         """Evaluates on the validation split, keeps the weights if they are the best yet, and

@@ -20,6 +20,7 @@ RUNNING = optuna.trial.TrialState.RUNNING
 SWEEP_ONLY_KEYS = {
     "sweep.n_trials",
     "sweep.n_workers",
+    "sweep.devices",
     "sweep.timeout_s",
     "sweep.budget_usd",
     "sweep.enqueue",

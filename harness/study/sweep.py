@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from harness import continuation, search
 from harness.config import ConfigError, runs_dir
+from harness.gpus import pin_this_process, worker_envs
 from harness.provenance import provenance
 from harness.secrets import first_line, redact_override
 from harness.storage import (
@@ -306,12 +307,16 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
             study.stop()
 
     def _start_workers(self) -> list[subprocess.Popen[bytes]]:
-        """sweep.n_workers - 1 more processes on this study; this one is the first."""
+        """sweep.n_workers - 1 more processes on this study; this one is the first. With
+        sweep.devices, each process sees only its GPU (harness/gpus.py)."""
+        devices = worker_envs(list(self.cfg.sweep.devices)) or [{}] * self.cfg.sweep.n_workers
+        pin_this_process(devices[0])
         extra = self.cfg.sweep.n_workers - 1
         if extra <= 0 or self.is_helper:
             return []
         # the overrides go in the environment: they may hold secrets (workers.OVERRIDES_ENV)
         command = [sys.executable, "-m", "harness.cli", "sweep", "sweep.n_workers=1"]
+        command.append("sweep.devices=[]")  # pinned by this process
         return [
             subprocess.Popen(
                 command,
@@ -322,6 +327,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
                     # seeds apart from this host's other workers and from other hosts'
                     "HARNESS_WORKER_INDEX": str(self.seed_index + index),
                     PARENT_ENV: self.parent_id,
+                    **devices[index],
                 },
                 start_new_session=True,  # Ctrl-C is forwarded once, by workers.stop
             )
