@@ -334,16 +334,20 @@ def _redact_uncaught(overrides: list[str]) -> None:
 
 
 def _exit_on_second_interrupt() -> None:
-    """The first Ctrl-C (or SIGTERM) raises KeyboardInterrupt: the running trial stops, is
-    recorded as failed, its runs are closed. A second one, while that cleanup runs, exits at
-    once. The interrupt also cuts an MLflow request that is retrying short (a tracking server
-    gone), and the requests that close the runs get one short try each."""
+    """The first Ctrl-C raises KeyboardInterrupt: the running trial stops, is recorded as
+    failed, its runs are closed. SIGTERM (a scheduler taking the machine) raises Preempted, a
+    KeyboardInterrupt after which the trial is retried from its saved state. A second one,
+    while that cleanup runs, exits at once. The interrupt also cuts an MLflow request that is
+    retrying short (a tracking server gone), and the requests that close the runs get one
+    short try each."""
     import signal
     import threading
 
     interrupted = False
 
     def on_interrupt(signum: int, frame: Any) -> None:
+        from harness.workers import Preempted
+
         nonlocal interrupted
         if interrupted:
             print("\ninterrupted again: exiting now", file=sys.stderr, flush=True)
@@ -353,7 +357,7 @@ def _exit_on_second_interrupt() -> None:
             tracking = sys.modules.get("harness.tracking")  # not loaded: no request to hurry
             if tracking is not None:
                 tracking.hurry_server_requests()
-            raise KeyboardInterrupt
+            raise Preempted if signum == signal.SIGTERM else KeyboardInterrupt
 
     def on_unraisable(unraisable: Any) -> None:
         # A Ctrl-C that lands in a garbage collector's callback (SQLAlchemy has weakref ones)

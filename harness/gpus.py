@@ -52,6 +52,13 @@ def worker_envs(devices: list[int]) -> list[dict[str, str]]:
     under CUDA_VISIBLE_DEVICES=2,3, sweep.devices=[0,1] means GPUs 2 and 3."""
     seen = ((_before_pin[0] if _before_pin else os.environ.get(VISIBLE)) or "").strip()
     if not seen:
+        count = _gpu_count()
+        missing = [device for device in devices if count and device >= count]
+        if missing:
+            raise ConfigError(
+                f"sweep.devices={devices}: GPU {missing[0]} is not among the {count} GPUs of "
+                "this host (nvidia-smi -L lists them)"
+            )
         return [{VISIBLE: str(device)} for device in devices]
     names = [name.strip() for name in seen.split(",")]
     missing = [device for device in devices if device >= len(names)]
@@ -61,6 +68,15 @@ def worker_envs(devices: list[int]) -> list[dict[str, str]]:
             f"process sees ({VISIBLE}={seen})"
         )
     return [{VISIBLE: names[device]} for device in devices]
+
+
+def _gpu_count() -> int:
+    """The host's CUDA GPUs, counted through NVML without initialising CUDA (which would fix
+    the GPUs this process sees before it is pinned); 0 where torch has no CUDA (nothing to
+    check the indices against: the workers are pinned all the same)."""
+    import torch
+
+    return int(torch.cuda.device_count())
 
 
 def pin_this_process(entry: dict[str, str]) -> None:

@@ -21,6 +21,12 @@ PARENT_ENV = "_HARNESS_PARENT_RUN"  # ... with the MLflow parent run they record
 OVERRIDES_ENV = "_HARNESS_OVERRIDES"
 
 
+class Preempted(KeyboardInterrupt):
+    """SIGTERM: the scheduler is taking the machine (SLURM, Kubernetes, a spot instance), not
+    the user stopping the study. The running trial keeps its saved state and is retried, where
+    a Ctrl-C fails it for good."""
+
+
 def overrides_env(overrides: list[str]) -> dict[str, str]:
     """The environment entry that hands ``overrides`` to a worker process."""
     return {OVERRIDES_ENV: json.dumps(overrides)}
@@ -54,13 +60,13 @@ def wait_for(workers: list[subprocess.Popen[bytes]]) -> None:
         logging.getLogger("harness").warning("%d worker(s) exited with an error", len(failed))
 
 
-def stop(workers: list[subprocess.Popen[bytes]]) -> None:
+def stop(workers: list[subprocess.Popen[bytes]], preempted: bool = False) -> None:
     """Ctrl-C or an error here: each worker gets one interrupt (they run in their own session,
-    so a terminal's Ctrl-C reaches only this process) and 30 s in all to close its trial, then
-    is killed."""
+    so a terminal's Ctrl-C reaches only this process), SIGTERM where this process got one (their
+    trials are retried too), and 30 s in all to close its trial, then is killed."""
     for worker in workers:
         if worker.poll() is None:
-            worker.send_signal(signal.SIGINT)
+            worker.send_signal(signal.SIGTERM if preempted else signal.SIGINT)
     deadline = time.monotonic() + 30
     for worker in workers:
         try:

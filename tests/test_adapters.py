@@ -152,10 +152,21 @@ def test_adapter_none_leaves_the_model_alone(make_cfg):
     assert quantization_options(make_cfg("adapter=lora")) == {}
 
 
-def test_qlora_loads_the_base_in_4_bit_nf4(make_cfg):
-    config = quantization_options(make_cfg("adapter=qlora"))["quantization_config"]
+@pytest.mark.parametrize(
+    ("card_has_bf16", "precision", "compute"),
+    [(True, "auto", "bfloat16"), (False, "auto", "float16"), (True, "fp16", "float16")],
+)
+def test_qlora_loads_the_base_in_4_bit_nf4(
+    make_cfg, monkeypatch, card_has_bf16, precision, compute
+):
+    """Computes in the trial's precision: bf16, fp16 on a card without it (the check of a
+    card's bf16 stood in for: no CUDA here)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: card_has_bf16)
+    options = quantization_options(make_cfg("adapter=qlora", f"train.precision={precision}"))
+    config = options["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
-    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == options["dtype"] == getattr(torch, compute)
 
 
 # --- checks before any trial -----------------------------------------------------------------

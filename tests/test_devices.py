@@ -139,6 +139,18 @@ def test_bad_devices_are_refused_before_any_trial(make_cfg, monkeypatch, overrid
         make_cfg("backend=fake", *overrides)
 
 
+def test_devices_beyond_the_hosts_gpus_are_refused(make_cfg, monkeypatch):
+    """Without CUDA_VISIBLE_DEVICES the indices are the host's GPUs, counted through NVML
+    (torch.cuda.device_count: 0 on this CPU machine, so the count is stood in for)."""
+    from harness import gpus
+
+    monkeypatch.delenv(VISIBLE, raising=False)
+    monkeypatch.setattr(gpus, "_gpu_count", lambda: 2)
+    make_cfg("backend=fake", "sweep.devices=[1,0]")
+    with pytest.raises(ConfigError, match=r"GPU 2 is not among the 2 GPUs of this host"):
+        make_cfg("backend=fake", "sweep.devices=[0,2]")
+
+
 def test_devices_with_sqlite_storage_are_refused(make_cfg, tmp_path, monkeypatch):
     """Several workers, so the rule for sweep.n_workers > 1 applies."""
     monkeypatch.delenv(VISIBLE, raising=False)

@@ -166,6 +166,28 @@ def test_a_checkpoint_loads_with_the_family_dropout_and_the_task_head(
         assert model.lm_head.out_features == len(prepared.tokenizer)
 
 
+def test_a_checkpoint_saved_in_bf16_trains_in_fp32(make_cfg, tokenizer, tmp_path):
+    """transformers keeps a checkpoint's saved dtype; AdamW on bf16 weights would round small
+    updates away (and a CPU trial would run in bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path / "bf16"
+    save_checkpoint(directory, "llama", tokenizer)
+    AutoModelForCausalLM.from_pretrained(directory).to(torch.bfloat16).save_pretrained(directory)
+    cfg = make_cfg(f"model.name_or_path={directory}")
+    model = build_model(cfg, LocalBackend().prepare(cfg, load_dataset(cfg.data)))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_more_trainable_blocks_than_the_model_has_trains_them_all():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 100))
+    freeze(model, 5)  # 2 blocks
+    assert all(p.requires_grad for p in model.model.layers.parameters())
+
+
 def test_a_llama_is_built_from_scratch_with_model_tiny_llama(make_cfg):
     cfg = with_params(make_cfg("model=tiny_llama"), {"train.dropout": 0.2})
     model = build_model(cfg, LocalBackend().prepare(cfg, load_dataset(cfg.data)))

@@ -232,9 +232,11 @@ def test_a_state_saved_under_other_settings_or_another_trial_key_is_not_loaded(m
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
-    """kill -9 of `harness sweep` once its trial has saved a state; the same command again
-    retries the trial, which goes on from that state and finishes the study."""
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs, stop):
+    """kill -9 of `harness sweep` once its trial has saved a state, or SIGTERM (a scheduler
+    pre-empting the node: the process closes its runs and keeps the state); the same command
+    again retries the trial, which goes on from that state and finishes the study."""
     import signal
 
     import torch
@@ -261,13 +263,18 @@ def test_a_sweep_killed_mid_trial_resumes_the_trial_from_its_saved_state(runs):
             "a state is saved",
             interval=0.05,
         )
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        process.send_signal(getattr(signal, stop))
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == (-signal.SIGKILL if stop == "SIGKILL" else 130)
     saved_at = int(torch.load(state, weights_only=True)["step"])
+    if stop == "SIGTERM":  # closed by the process itself, retry enqueued
+        stopped = existing_study(cfg)
+        assert stopped is not None
+        assert [t.state.name for t in stopped.trials] == ["FAIL", "WAITING"]
+        assert "pre-empted" in stopped.trials[0].user_attrs["fail_reason"]
 
     done = run_cli("sweep", "--quiet", *words)
     assert done.returncode == 0, done.stdout + done.stderr

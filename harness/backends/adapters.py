@@ -134,7 +134,8 @@ def _cuda_available() -> bool:
 
 def quantization_options(cfg: DictConfig) -> dict[str, Any]:
     """What from_pretrained takes to load the base of a QLoRA trial in 4 bits (NF4, double
-    quantization, bf16 compute, as the QLoRA paper); nothing for other adapters."""
+    quantization, bf16 compute as in the QLoRA paper, fp16 where the card lacks bf16); nothing
+    for other adapters."""
     if str(cfg.adapter.name) != "qlora":
         return {}
     import torch
@@ -142,13 +143,18 @@ def quantization_options(cfg: DictConfig) -> dict[str, Any]:
 
     # Left to transformers: the output layer (lm_head, or a classifier's `score`) stays
     # unquantized, and the model goes to the current CUDA device (device_map {"": device}).
+    # computes in the trial's precision: bf16, or fp16 on cards without it (devices.py)
+    bf16 = cfg.train.precision != "fp16" and torch.cuda.is_bf16_supported(including_emulation=False)
+    compute = torch.bfloat16 if bf16 else torch.float16
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
-        )
+        ),
+        "dtype": compute,  # the layers left unquantized (norms; prepare_model_for_kbit_training
+        # then casts them to fp32)
     }
 
 

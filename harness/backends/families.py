@@ -128,9 +128,15 @@ def build_model(cfg: DictConfig, data: TokenizedData) -> Any:
         family = family_of(AutoConfig.from_pretrained(source))
         # a family outside the table keeps its own dropout (check_family_knobs refused a change)
         options |= _dropout_settings(family, cfg) if family else {}
+        import torch
+
         from harness.backends.adapters import quantization_options  # (adapters reads FAMILIES)
 
-        return auto.from_pretrained(source, **options, **quantization_options(cfg))
+        # fp32 weights, whatever dtype the checkpoint was saved in (transformers would keep
+        # bf16): AdamW on bf16 weights rounds small updates away, and autocast computes in
+        # bf16 on CUDA anyway. QLoRA's base is 4-bit instead (quantization_options).
+        loading = {"dtype": torch.float32} | quantization_options(cfg)
+        return auto.from_pretrained(source, **options, **loading)
     return auto.from_config(_scratch_config(cfg, data, options))
 
 
@@ -193,7 +199,8 @@ def freeze(model: Any, trainable_blocks: int) -> None:
     for param in model.get_submodule(family.base).parameters():
         param.requires_grad = False
     blocks = model.get_submodule(family.blocks)
-    keep = list(blocks[len(blocks) - trainable_blocks :]) if trainable_blocks else []
+    # more blocks than the model has: all of them (a negative start would slice from the front)
+    keep = list(blocks[max(0, len(blocks) - trainable_blocks) :]) if trainable_blocks else []
     for module in [*keep, model.get_submodule(family.final_norm)]:
         for param in module.parameters():
             param.requires_grad = True

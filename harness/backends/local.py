@@ -178,6 +178,13 @@ class _Training:
     def micro_batch_size(self) -> int:
         return self.accumulation.size
 
+    def eval_batch_size(self) -> int:
+        """Examples per forward pass without gradients (evaluation, generation): at least 32,
+        but no more than the micro-batch when it is smaller than the batch (set small, or
+        halved, for memory: the logits of a wide batch would not fit either)."""
+        micro, batch = self.accumulation.size, int(self.train_cfg.batch_size)
+        return micro if micro < batch else max(batch, 32)
+
     def run(self) -> TrialResult:
         t = self.train_cfg
         steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
@@ -261,7 +268,7 @@ class _Training:
         # sorted by length: batches of similar length pad little; results do not depend on order
         lengths = example_lengths(split, t.max_length)
         order = sorted(range(len(split)), key=lambda i: lengths[i])
-        size = max(t.batch_size, 32)
+        size = self.eval_batch_size()
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
         total_loss, weight, correct, predictions = self.forward_split(split, chunks)
         loss = total_loss / max(weight, 1)
@@ -327,7 +334,7 @@ class _Training:
                 split.inputs,
                 decoding,
                 max_prompt_tokens=min(limit, t.max_length),
-                batch_size=max(t.batch_size, 32),
+                batch_size=self.eval_batch_size(),
             )
 
     def test(self) -> tuple[dict[str, float], list[Path]]:

@@ -130,7 +130,9 @@ class TrialState:
         except Exception as exc:  # unreadable: start over rather than fail the retry
             logging.getLogger("harness").warning("ignoring %s: %s", self.path, exc)
             return 0
-        if saved.get("identity") != self.identity:
+        # the same settings, and the same parts: train.precision=auto may have resolved to fp16
+        # (a loss scaler) on the dead trial's card and to bf16 on the retry's
+        if saved.get("identity") != self.identity or set(saved["parts"]) != set(self.parts):
             logging.getLogger("harness").warning(
                 "ignoring %s: saved by another trial or other settings", self.path
             )
@@ -239,10 +241,15 @@ def discard(workdir: Path) -> None:
 @contextlib.contextmanager
 def deleted_at_the_end(workdir: Path) -> Iterator[None]:
     """Deletes the trial's state when the trial ends: returned, pruned, failed, interrupted
-    (Ctrl-C, SIGTERM: harness records the trial as failed and does not retry it). Only a
-    process that dies leaves it, for the retry of its trial."""
+    (Ctrl-C: harness records the trial as failed and does not retry it). A process that dies
+    leaves it for the retry of its trial, and so does one pre-empted (SIGTERM: its trial is
+    retried, see harness.study.objective)."""
+    from harness.workers import Preempted
+
     try:
         yield
+    except Preempted:
+        raise
     except (Exception, KeyboardInterrupt):
         discard(workdir)
         raise

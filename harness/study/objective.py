@@ -37,7 +37,7 @@ from harness.tracking import (
     unreachable_reason,
     unwritable_store_message,
 )
-from harness.workers import locked
+from harness.workers import Preempted, locked
 
 
 class TrialObjective:
@@ -66,6 +66,9 @@ class TrialObjective:
         try:
             return self._run_one(trial)
         except optuna.TrialPruned:
+            raise
+        except Preempted:
+            _retry_preempted(trial)
             raise
         except Exception as exc:
             if "fail_reason" not in trial.user_attrs:
@@ -206,10 +209,27 @@ class TrialObjective:
             )
 
 
+def _retry_preempted(trial: optuna.Trial) -> None:
+    """A trial stopped by SIGTERM (a scheduler took the machine) is retried by the next sweep
+    of the study, in the same folder (its saved state) and under the same trial key (a hosted
+    job re-attached to). Optuna records the trial itself as failed."""
+    key = trial.user_attrs.get("harness_trial_key")
+    if key is None:  # stopped before its params were drawn: nothing of it to go on from
+        return
+    trial.set_user_attr(
+        "fail_reason", "pre-empted (SIGTERM): the next sweep retries it from its saved state"
+    )
+    root = int(trial.user_attrs.get("harness_retry_of", trial.number))  # its folder's trial
+    trial.study.enqueue_trial(
+        trial.params, user_attrs={"harness_retry_of": root, "harness_trial_key": key}
+    )
+
+
 def trial_workdir(checkpoints: Path, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Path:
-    """A trial's scratch folder. A retry of a trial whose process died works in that trial's
-    folder: the local backend finds the state the dead process saved there and goes on from
-    it. (A retry that dies is not retried again: no two trials share a folder at once.)"""
+    """A trial's scratch folder. A retry of a trial whose process died (or was pre-empted)
+    works in that trial's folder: the local backend finds the state saved there and goes on
+    from it. (A retry whose process dies is not retried again, and a pre-empted one is retried
+    in the first trial's folder: no two trials share a folder at once.)"""
     number = int(trial.user_attrs.get("harness_retry_of", trial.number))
     return checkpoints / f"trial-{number:04d}"
 

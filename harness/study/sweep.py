@@ -51,7 +51,7 @@ from harness.tracking import (
     tracking_uri,
     unreachable_reason,
 )
-from harness.workers import HELPER_ENV, PARENT_ENV, overrides_env, stop, wait_for
+from harness.workers import HELPER_ENV, PARENT_ENV, Preempted, overrides_env, stop, wait_for
 
 
 class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
@@ -82,6 +82,9 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         self.on_trial, self.on_progress = on_trial, on_progress
         # told how many trials the stored study had finished, once it is read (a progress bar)
         self.on_start: Callable[[int], None] = lambda finished: None
+        if cfg.sweep.devices and not self.is_helper:
+            # before the plan's checks ask CUDA anything: CUDA reads the variable once
+            pin_this_process(worker_envs(list(cfg.sweep.devices))[0])
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
         # warm-start param sets, found before anything is written (another study may be missing)
@@ -197,7 +200,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         try:
             self._run_trials(study)
         except BaseException as exc:
-            stop(self.workers)
+            stop(self.workers, preempted=isinstance(exc, Preempted))
             self._close_parent(study, exc)
             full = full_disk(exc)
             if full is not None and not isinstance(exc, ConfigError):

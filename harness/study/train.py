@@ -43,6 +43,8 @@ def train_once(
     split no longer tells over-fitting apart, and the test split stays held out. A local
     model is logged, and registered under ``register_as`` when given."""
     plan = plan_study(cfg)
+    # its workdir is new each time and nothing retries it: a state saved there is never read
+    plan.cfg = with_params(plan.cfg, {"train.save_state": False})
     if with_validation:
         data = plan.dataset
         plan.dataset = replace(data, train=[*data.train, *data.validation])
