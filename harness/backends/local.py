@@ -1,10 +1,12 @@
-"""Local GPT-2 fine-tuning: transformers models, one readable torch training loop.
+"""Local fine-tuning of a causal LM: transformers models, one readable torch training loop.
 
-Classification adds a head (GPT2ForSequenceClassification, which pools the last non-pad token);
-generation trains GPT2LMHeadModel on prompt + completion with the prompt masked out of the loss.
-The loop: AdamW (no decay on biases and norms), linear warmup then linear decay, gradient
-clipping, dynamic padding, evaluation every epoch (or every N steps), early stopping with
-patience, the best evaluation's weights kept for the test split. CPU, CUDA (bf16 autocast) or MPS.
+The model (any family from_pretrained loads, or a tiny one from scratch) comes from families.py,
+with a classification head or prompt tokens masked out of a generation loss; adapters.py puts
+LoRA/QLoRA on it. The loop: AdamW (no decay on biases and norms), linear warmup then linear
+decay, gradient clipping, dynamic padding, micro-batches accumulated to the batch
+(accumulation.py), evaluation every epoch (or every N steps) with the trial's state saved for a
+retry (trial_state.py), early stopping with patience, the best evaluation's weights kept for the
+test split. CPU, CUDA (bf16 autocast, or fp16 with loss scaling: devices.py) or MPS.
 """
 
 from __future__ import annotations
