@@ -25,6 +25,7 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -184,6 +185,16 @@ def to_distributions(space: Mapping[str, str]) -> dict[str, BaseDistribution]:
         if distribution is not None:
             distributions[key] = distribution
     return distributions
+
+
+def searched_choices(cfg: Any, key: str, searched: frozenset[str]) -> list[Any]:
+    """The values ``key`` may take in the trials of ``cfg``: its value, or, where the search
+    space varies it, the choices of its choice(...) (a range's values need no name check)."""
+    value = OmegaConf.select(cfg, key)
+    if key not in searched:
+        return [value]
+    distribution = to_distributions({key: cfg.search.space[key]})[key]
+    return list(getattr(distribution, "choices", [value]))
 
 
 def fixed_values(space: Mapping[str, str]) -> dict[str, Any]:

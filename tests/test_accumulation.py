@@ -82,16 +82,17 @@ def test_classification_micro_batches_weigh_their_examples():
     assert [w for _, w in parts] == pytest.approx([2 / 5, 2 / 5, 1 / 5])
 
 
-def raise_oom_above(model, rows: int, calls: list[int]) -> None:
+def raise_oom_above(model, rows: int, calls: list[int], error=None) -> None:
     """The model runs out of memory in training when a forward pass gets more than ``rows``
-    examples (as a GPU would), before computing anything; ``calls`` records each pass's rows."""
+    examples (as a GPU would), before computing anything; ``calls`` records each pass's rows.
+    ``error``: what it raises (torch's OutOfMemoryError by default)."""
     forward = model.forward
 
     def limited(*args, **kwargs):
         n = len(kwargs["input_ids"])
         calls.append(n)
         if model.training and n > rows:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {n} rows)")
+            raise error or torch.OutOfMemoryError(f"CUDA out of memory (simulated: {n} rows)")
         return forward(*args, **kwargs)
 
     model.forward = limited
@@ -113,6 +114,35 @@ def test_automatic_micro_batch_halves_until_the_step_fits():
     calls.clear()
     accumulation.backward(model, padded_batch("generation"))
     assert calls == [1] * 5  # the next steps start at the size that fit
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # what cuBLAS says when it cannot allocate its workspace: a plain RuntimeError
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("CUDA error: out of memory"),
+    ],
+)
+def test_a_cuda_librarys_allocation_failure_halves_too(error):
+    model = tiny_model("generation")
+    train = OmegaConf.create({"batch_size": 5, "micro_batch_size": 0})
+    accumulation = GradientAccumulation(train, "generation", Precision(torch.device("cpu")))
+    calls: list[int] = []
+    raise_oom_above(model, 2, calls, error)
+    accumulation.backward(model, padded_batch("generation"))
+    assert accumulation.size == 2 and calls[:2] == [5, 2]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory():
+    model = tiny_model("generation")
+    train = OmegaConf.create({"batch_size": 5, "micro_batch_size": 0})
+    accumulation = GradientAccumulation(train, "generation", Precision(torch.device("cpu")))
+    calls: list[int] = []
+    raise_oom_above(model, 2, calls, RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        accumulation.backward(model, padded_batch("generation"))
+    assert calls == [5] and accumulation.size == 5
 
 
 @pytest.mark.parametrize("micro_batch_size", [0, 2])

@@ -48,6 +48,9 @@ def test_precision_on_a_cpu():
     [
         ("train.precision=fp16", r"train.precision=fp16 needs a CUDA device \(its loss scaling"),
         ("train.precision=fp8", r"train.precision='fp8' is not a precision: choose auto, fp32"),
+        # searched: each choice is checked, not only the config's own value
+        ("train.precision=choice(fp32,fp16)", r"train.precision=fp16 needs a CUDA device"),
+        ("train.precision=choice(fp32,fp8)", r"train.precision='fp8' is not a precision"),
     ],
 )
 def test_precision_a_cpu_cannot_run_is_refused_before_any_trial(make_cfg, override, message):

@@ -3,9 +3,10 @@ model in micro-batches (train.micro_batch_size), each loss weighted so that the 
 gradient equals the whole batch's. With train.micro_batch_size=0 the micro-batch starts at the
 whole batch and halves at each out-of-memory error until the step fits.
 
-The halving reacts to torch.OutOfMemoryError wherever it is raised: CUDA's allocator raises it,
-and so does the CPU's when an allocation fails, so it is the same code on every device (and the
-tests exercise it on a CPU by raising the error themselves)."""
+The halving reacts to an out-of-memory error (devices.is_out_of_memory: torch's, or a CUDA
+library's allocation failure) wherever it is raised: CUDA's allocator raises it, and so does the
+CPU's when an allocation fails, so it is the same code on every device (and the tests exercise
+it on a CPU by raising the error themselves)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from harness.backends.devices import Precision, free_memory
+from harness.backends.devices import Precision, free_memory, is_out_of_memory
 
 
 def micro_batches(
@@ -61,13 +62,11 @@ class GradientAccumulation:
         loss, detached, still on the device. An out-of-memory error when the micro-batch can be
         halved (automatic, above 1): gradients zeroed, memory freed, and the step redone with
         half the micro-batch; otherwise it is raised."""
-        import torch
-
         while True:
             try:
                 return self._accumulate(model, batch)
-            except torch.OutOfMemoryError:
-                if not self.automatic or self.size == 1:
+            except Exception as exc:
+                if not (is_out_of_memory(exc) and self.automatic and self.size > 1):
                     raise
             # out of the handler: the error, and the activations its traceback held, are gone
             model.zero_grad(set_to_none=True)

@@ -64,13 +64,10 @@ def check_adapter_config(cfg: DictConfig, searched: frozenset[str]) -> None:
 
 
 def _check_target_modules(cfg: DictConfig, searched: frozenset[str]) -> None:
-    key = "lora.target_modules"
-    values = [str(cfg.lora.target_modules)]
-    if key in searched:  # the sets the search space can pick
-        from harness.search import to_distributions
+    from harness.search import searched_choices
 
-        distribution = to_distributions({key: cfg.search.space[key]})[key]
-        values = [str(v) for v in getattr(distribution, "choices", values)]
+    key = "lora.target_modules"
+    values = [str(v) for v in searched_choices(cfg, key, searched)]  # the sets trials can pick
     for value in values:
         if value not in TARGET_SETS:
             raise ConfigError(

@@ -105,12 +105,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def check_precision(cfg: DictConfig, searched: frozenset[str]) -> None:
     """train.precision names a precision, and fp16 only where the trial will run on CUDA:
     refused before any trial (fp16 autocast on a CPU is slow and its loss scaler is CUDA's)."""
-    name = str(cfg.train.precision)
-    if name not in PRECISIONS:
-        raise ConfigError(
-            f"train.precision={name!r} is not a precision: choose {', '.join(PRECISIONS)}"
-        )
-    if name == "fp16" and "train.precision" not in searched:
+    from harness.search import searched_choices
+
+    names = [str(v) for v in searched_choices(cfg, "train.precision", searched)]
+    for name in names:  # the value, or each choice of a searched precision
+        if name not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision={name!r} is not a precision: choose {', '.join(PRECISIONS)}"
+            )
+    if "fp16" in names:
         device = pick_device(str(cfg.train.device))
         if device.type != "cuda":
             raise ConfigError(_FP16_OFF_CUDA.format(device=device))
@@ -188,6 +191,20 @@ class MemoryTrial(Protocol[Result]):
     def micro_batch_size(self) -> int: ...
 
 
+# What CUDA libraries say when they cannot allocate, raised as a plain RuntimeError (cuBLAS
+# creating its handle or workspace, cuDNN, kernels of Triton or bitsandbytes), not as torch's
+# OutOfMemoryError
+_ALLOCATION_FAILED = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILED)
+
+
 class TrialOutOfMemoryError(RuntimeError):
     """A trial ran out of device memory: the message says where, with which settings, and what
     to change. Only that trial fails; the study goes on."""
@@ -210,8 +227,10 @@ def run_releasing_memory(train: DictConfig, start: Callable[[], MemoryTrial[Resu
         trial = start()
         device = trial.device
         return trial.run()
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
         traceback.clear_frames(exc.__traceback__)
+        if not is_out_of_memory(exc) or isinstance(exc, TrialOutOfMemoryError):
+            raise
         from harness.backends.accumulation import first_micro_batch
 
         micro = trial.micro_batch_size() if trial is not None else first_micro_batch(train)
