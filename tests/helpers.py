@@ -196,6 +196,22 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=
         time.sleep(interval)
 
 
+def save_tiny_gpt2(cfg: Any, dataset: Any, directory: Path) -> Path:
+    """A tiny random GPT-2 checkpoint in ``directory``, beside the tokenizer the local backend
+    trains for ``cfg``'s data, as save_pretrained writes a Hub checkpoint: what
+    model.name_or_path=<dir> loads in tests (nothing downloads)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from harness.backends.local import LocalBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(LocalBackend().prepare(cfg, dataset).tokenizer_source)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    ).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def answers(url: str) -> bool:
     """Whether ``url`` answers 200 (False for a refused connection, an error or a timeout)."""
     try:

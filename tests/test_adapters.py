@@ -24,7 +24,7 @@ from harness.cli import main
 from harness.config import ConfigError, with_params
 from harness.data import load_dataset
 from harness.study.plan import plan_study
-from tests.helpers import RecordingReporter, snapshot, trial_spec
+from tests.helpers import RecordingReporter, save_tiny_gpt2, snapshot, trial_spec
 
 LABELS = 3
 WIDTH = 16  # hidden size of the tiny models built here
@@ -342,19 +342,12 @@ def test_a_trained_adapter_is_saved_and_logged_naming_its_base(make_cfg, tmp_pat
     import mlflow
     import yaml
     from mlflow.tracking import MlflowClient
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from harness.backends.transformers_model import log_transformers_model
     from harness.tracking import ModelDestination
 
     dataset = load_dataset(make_cfg(f"study={study}").data)
-    source = LocalBackend().prepare(make_cfg(f"study={study}"), dataset).tokenizer_source
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    base = tmp_path / "base"
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    ).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = save_tiny_gpt2(make_cfg(f"study={study}"), dataset, tmp_path / "base")
     search = "lora_classification" if study == "sentiment_tiny" else "lora_generation"
     cfg = with_params(
         make_cfg(
@@ -389,6 +382,9 @@ def test_a_trained_adapter_is_saved_and_logged_naming_its_base(make_cfg, tmp_pat
     assert flavor["peft_adaptor"] == "peft"
     assert flavor["source_model_name"] == flavor["local_base_model_path"] == str(base)
     if task == "generation":  # MLflow's own loader rebuilds the adapted model
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
         ids = torch.tensor([tokenizer("a question")["input_ids"]])
         loaded = mlflow.transformers.load_model(model_uri, return_type="components")["model"]
         with torch.no_grad():

@@ -15,7 +15,14 @@ from harness.data import load_dataset
 from harness.storage import storage_for
 from harness.study import Sweep, train_once
 from harness.tracking import tracking_uri
-from tests.helpers import RecordingReporter, study_runs, trial_spec, window_ends, write
+from tests.helpers import (
+    RecordingReporter,
+    save_tiny_gpt2,
+    study_runs,
+    trial_spec,
+    window_ends,
+    write,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -183,17 +190,9 @@ def test_generation_task_reports_loss_perplexity_and_text_metrics(make_cfg, tmp_
 def test_pretrained_checkpoint_loads_with_from_pretrained(make_cfg, tmp_path, study):
     """model.name_or_path=<dir>: the code path real users take with model=gpt2, exercised on a
     tiny causal-LM checkpoint this test saves itself."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     cfg = make_cfg(f"study={study}")
     dataset = load_dataset(cfg.data)
-    tokenizer_source = LocalBackend().prepare(cfg, dataset).tokenizer_source
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    checkpoint = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    ).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    checkpoint = save_tiny_gpt2(cfg, dataset, tmp_path / "tiny-gpt2")
 
     pretrained_cfg = with_params(
         make_cfg(f"study={study}", f"model.name_or_path={checkpoint}", "train.max_new_tokens=4"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from harness.backends.families import FAMILIES
+from harness.backends.families import FAMILIES, model_type_of
 from harness.config import ConfigError
 
 ADAPTERS = ("none", "lora", "qlora")
@@ -73,23 +73,8 @@ def _check_target_modules(cfg: DictConfig, searched: frozenset[str]) -> None:
             raise ConfigError(
                 f"{key}={value} is not a target set: use one of {', '.join(TARGET_SETS)}"
             )
-    if "attention" in values:
-        family = _model_type(cfg)
-        if family is not None:
-            attention_targets(family)  # raises for a family without a named attention set
-
-
-def _model_type(cfg: DictConfig) -> str | None:
-    """The model family the trial will build: model.architecture from scratch, else the
-    checkpoint's config.json (None when it cannot be read here: the trial says so later)."""
-    if not cfg.model.name_or_path:
-        return str(cfg.model.architecture)
-    try:
-        from transformers import AutoConfig
-
-        return str(AutoConfig.from_pretrained(cfg.model.name_or_path).model_type)
-    except Exception:  # offline without the checkpoint: build_model's own error, in the trial
-        return None
+    if "attention" in values:  # raises for a family without a named attention set
+        attention_targets(model_type_of(cfg))
 
 
 def attention_targets(model_type: str) -> list[str]:

@@ -219,7 +219,7 @@ def check_family_knobs(cfg: DictConfig, searched: frozenset[str]) -> None:
     source = cfg.model.name_or_path
     if not source:
         return
-    model_type = _model_type(str(source))
+    model_type = model_type_of(cfg)
     if model_type in FAMILIES:
         return
     defaults = OmegaConf.load(CONF_DIR / "config.yaml")
@@ -235,10 +235,14 @@ def check_family_knobs(cfg: DictConfig, searched: frozenset[str]) -> None:
             )
 
 
-def _model_type(source: str) -> str:
-    """The model_type of a checkpoint, from its config alone (config.json: no weights read)."""
+def model_type_of(cfg: DictConfig) -> str:
+    """The family a trial of ``cfg`` builds: model.architecture from scratch, else the
+    checkpoint's model_type, from its config alone (config.json: no weights read)."""
     from transformers import AutoConfig
 
+    source = cfg.model.name_or_path
+    if not source:
+        return str(cfg.model.architecture)
     try:
         return str(AutoConfig.from_pretrained(source).model_type)
     except (OSError, ValueError) as exc:
