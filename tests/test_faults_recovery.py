@@ -46,6 +46,9 @@ POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 FAKE = ("backend=fake", "pruner=none", "sampler=random")
 # a slow trial (3 evaluations, 0.05 s apart): a kill lands in its middle as often as at its ends
 SLOW = ("backend.seconds_per_epoch=0.05", "train.epochs=3")
+# a trial long enough (1.5 s) that polls of the study (every 0.3 s, each slow on a busy machine)
+# see it running: with SLOW's, a whole study could end between two polls, and the wait with it
+WATCHED = ("backend.seconds_per_epoch=0.5", "train.epochs=3")
 ENV = cli_env()
 
 
@@ -299,7 +302,7 @@ def test_kill_9_at_random_moments_of_trials_then_the_same_command_resumes(runs):
 
 
 def test_the_storage_folder_removed_mid_study_stops_it_with_one_message(runs, tmp_path):
-    words = command(runs, *SLOW, "sweep.n_trials=6", "storage.retry_s=0.7")
+    words = command(runs, *WATCHED, "sweep.n_trials=6", "storage.retry_s=0.7")
     cfg = load_config(words)
     process = start(words)
     away = tmp_path / "optuna-away"
@@ -398,7 +401,7 @@ def test_a_postgres_outage_longer_than_the_retry_window_stops_then_resumes(
 ):
     name = f"outage_{uuid.uuid4().hex[:8]}"
     url = f"postgresql://postgres@127.0.0.1:{postgres_proxy.port}/test"
-    words = command(runs, *SLOW, f"name={name}", f"storage.url={url}", "sweep.n_trials=5")
+    words = command(runs, *WATCHED, f"name={name}", f"storage.url={url}", "sweep.n_trials=5")
     words.append("storage.retry_s=0.7")  # the outage outlasts 0.7 s of retries
     cfg = load_config(words)
     process = start(words)

@@ -1,6 +1,7 @@
 """A local trial's full state, saved at each evaluation (train.save_state), so that a retry of a
-trial whose process died (kill -9, a pre-empted node) goes on from the last evaluation instead
-of from step 0, and ends with the metrics an uninterrupted run has (exactly, on CPU).
+trial whose process died (kill -9, a lost node) or was pre-empted (SIGTERM) goes on from the last
+evaluation instead of from step 0, and ends with the metrics an uninterrupted run has (exactly,
+on CPU).
 
 One file, ``<workdir>/trial-state.pt``, written to a temporary name and renamed over the last
 one (atomic: a kill while saving leaves the previous state whole), so a trial's disk holds one
@@ -19,8 +20,8 @@ holds what the rest of the trial cannot rebuild:
 - the trial's identity (its key and the config that shapes its training): a state saved by
   another trial, or by this one under other settings, is never loaded.
 
-The state is deleted when the trial ends in any way this process sees (``deleted_at_the_end``):
-only a dead process leaves it, for its retry.
+The state is deleted when the trial ends in any way this process sees (``deleted_at_the_end``),
+but pre-emption (SIGTERM): only a dead or pre-empted process leaves it, for its retry.
 """
 
 from __future__ import annotations
