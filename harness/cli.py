@@ -173,7 +173,10 @@ def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, ending: Any) 
     short = ending.shortfall
     if ending.summary.best is None:
         last = ending.last_failure
-        console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
+        if ending.stop_reason and ending.stop_reason in last:  # said above: once is enough
+            console.print("[red]no trial completed[/red]")
+        else:
+            console.print(f"[red]no trial completed[/red]; the last failure: {escape(last)}")
         if short:
             console.print(short, markup=False, soft_wrap=True)
         return 1

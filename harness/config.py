@@ -126,6 +126,8 @@ class TrainConfig:
     save_state: bool
     temperature: float
     top_p: float
+    method: str
+    dpo_beta: float
     learning_rate_multiplier: float
 
 
@@ -263,6 +265,7 @@ VALID_RANGES: dict[str, ValidRange] = {
     "lora.alpha": ABOVE_0,
     "lora.dropout": FRACTION,
     "train.learning_rate_multiplier": ABOVE_0,
+    "train.dpo_beta": ABOVE_0,
     "sampler.n_startup_trials": AT_LEAST_0,
     "pruner.n_startup_trials": AT_LEAST_0,
     "pruner.n_warmup_steps": AT_LEAST_0,

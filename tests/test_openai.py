@@ -15,14 +15,8 @@ import mlflow
 import optuna
 import pytest
 
-from harness.backends.openai_ft import (
-    UNPARSED,
-    HostedJobError,
-    MissingApiKeyError,
-    OpenAIBackend,
-    decode_result_file,
-    parse_label,
-)
+from harness.backends.hosted import UNPARSED, HostedJobError, MissingApiKeyError, parse_label
+from harness.backends.openai_ft import OpenAIBackend, decode_result_file
 from harness.chat_data import check_chats, to_chats
 from harness.config import ConfigError, load_config, with_params
 from harness.cost import encoding_for

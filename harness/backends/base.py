@@ -193,3 +193,36 @@ def check_tunable(backend_name: str, tunable: frozenset[str], keys: Iterable[str
             f"{', '.join(sorted(tunable))}. Fix the key with a plain value or remove it from "
             "the search space."
         )
+
+
+# train.method -> what it trains on, for messages
+TRAINING_METHODS = {
+    "sft": "supervised fine-tuning on answers to imitate",
+    "dpo": "preference tuning (DPO) on preferred/non-preferred answer pairs",
+}
+
+
+def check_training_method(cfg: DictConfig, backend_name: str, offered: Iterable[str]) -> None:
+    """train.method names a method this backend offers, and the data fit it (preference pairs
+    for dpo, and only for dpo): a ConfigError before any trial otherwise."""
+    from harness.config import ConfigError
+
+    method, offered = str(cfg.train.method), tuple(offered)
+    if method not in TRAINING_METHODS:
+        raise ConfigError(
+            f"train.method={method!r} is not a training method: choose "
+            + " or ".join(f"{m} ({why})" for m, why in TRAINING_METHODS.items())
+        )
+    if method not in offered:
+        raise ConfigError(
+            f"train.method={method}: backend {backend_name!r} offers only "
+            f"{', '.join(offered)}. Preference tuning runs on hosted backends that offer it: "
+            "backend=openai, backend=azure_openai or backend=together."
+        )
+    preference = str(cfg.data.task) == "preference"
+    if preference != (method == "dpo"):
+        fix = "train.method=dpo" if preference else "a data set with data.task=preference"
+        raise ConfigError(
+            f"train.method={method} with data.task={cfg.data.task}: {method} trains on "
+            f"{'preference pairs' if method == 'dpo' else 'answers to imitate'}; use {fix}"
+        )

@@ -14,7 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
+from harness.backends.base import (
+    Backend,
+    Limit,
+    Reporter,
+    TrialResult,
+    TrialSpec,
+    check_training_method,
+)
 from harness.data import Dataset, ExampleCheck
 from harness.metrics import EVAL_METRICS
 
@@ -47,7 +54,7 @@ class FakeBackend:
         return ()  # it generates no text
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        pass  # nothing beyond the schema, the tunable keys and the hard limits
+        check_training_method(cfg, self.name, ("sft",))
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck | None:
         return None

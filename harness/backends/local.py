@@ -29,7 +29,14 @@ from harness.backends.adapters import (
     save_adapted,
     tunable_adapter_keys,
 )
-from harness.backends.base import Backend, Limit, Reporter, TrialResult, TrialSpec
+from harness.backends.base import (
+    Backend,
+    Limit,
+    Reporter,
+    TrialResult,
+    TrialSpec,
+    check_training_method,
+)
 from harness.backends.batching import batches, epoch_batches, example_lengths
 from harness.backends.devices import (
     apply_memory_options,
@@ -105,6 +112,7 @@ class LocalBackend:
         return task_metrics.GENERATED_TEXT_METRICS.get(task, ())
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        check_training_method(cfg, self.name, ("sft",))
         check_family_knobs(cfg, searched)
         check_adapter_config(cfg, searched)
         check_precision(cfg, searched)

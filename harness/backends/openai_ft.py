@@ -33,20 +33,35 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.backends.base import Backend, Limit, PaidBackend, Reporter, TrialResult, TrialSpec
+from harness.backends.base import (
+    Backend,
+    Limit,
+    PaidBackend,
+    Reporter,
+    TrialResult,
+    TrialSpec,
+    check_training_method,
+)
+from harness.backends.hosted import (
+    ApiKey,
+    Billing,
+    HostedJobError,
+    RefusedApiKeyError,
+    Scoring,
+    chat_completer,
+    record_billing,
+    score_test_split,
+)
 from harness.chat_data import (
     Chat,
     TokenCounts,
@@ -59,11 +74,9 @@ from harness.chat_data import (
 from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
-from harness.secrets import remember
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
-UNPARSED = "<unparsed>"
 MAX_EVENT_PAGES = 1000  # x 100 events: more than any job's steps
 # a job's per-step metrics (events' data, or the result CSV's columns) -> our metric names
 STEP_METRICS = {
@@ -73,8 +86,6 @@ STEP_METRICS = {
     "valid_loss": "valid/batch_loss",
     "valid_mean_token_accuracy": "valid/batch_token_accuracy",
 }
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-KEY_FILE_MAX_BYTES = 4096  # what is read of backend.api_key_file: its first line at most
 # what a job's hyperparameters may be, by the fine-tuning API (n_epochs 1-50, batch_size 1-256)
 API_LIMITS: dict[str, Limit] = {"train.epochs": (1, 50), "train.batch_size": (1, 256)}
 
@@ -89,38 +100,6 @@ def transient_errors() -> tuple[type[Exception], ...]:
         openai.RateLimitError,
         openai.ConflictError,
     )
-
-
-class HostedJobError(RuntimeError):
-    """A job that failed, was cancelled by someone else, or could not be created or followed."""
-
-
-class MissingApiKeyError(ConfigError):
-    pass
-
-
-class RefusedApiKeyError(ConfigError):
-    """The provider answered 401 or 403 to the key: wrong, revoked, or without fine-tuning."""
-
-
-@dataclass(frozen=True)
-class Billing:
-    """What a job cost once it is over: the provider's ``trained_tokens`` x price where it
-    reports them, else an estimate, and ``source`` says which."""
-
-    status: str  # the job's last status seen
-    tokens: int
-    usd: float
-    source: str  # "billed" (the provider's trained_tokens), else why the figure is an estimate
-    step: int  # the step the job reached, as far as harness knows: where the cost is logged
-
-    @property
-    def billed(self) -> bool:
-        return self.source == "billed"
-
-    def tags(self) -> dict[str, str]:
-        tags = {"openai.final_status": self.status, "openai.cost_source": self.source}
-        return {**tags, "openai.trained_tokens": str(self.tokens)} if self.billed else tags
 
 
 @dataclass
@@ -171,8 +150,7 @@ class OpenAIBackend:
         self.base_url = base_url
         self.azure_endpoint = azure_endpoint
         self.api_version = api_version
-        self.api_key_env = api_key_env
-        self.api_key_file = api_key_file
+        self.key = ApiKey(api_key_env, api_key_file, base_url)
         self.organization = organization
         self.system_prompt = system_prompt
         self.poll_interval_s = poll_interval_s
@@ -198,6 +176,9 @@ class OpenAIBackend:
         self.api_key()
         self._check_key_accepted()
 
+    def api_key(self) -> str:
+        return self.key.read()
+
     def _check_key_accepted(self) -> None:
         """One request that needs the key (listing fine-tuning jobs, which the sweep needs
         too), not retried: a 401 or 403 is a RefusedApiKeyError. Any other failure (the server
@@ -209,52 +190,12 @@ class OpenAIBackend:
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             where = self.azure_endpoint or self.base_url or "api.openai.com"
             raise RefusedApiKeyError(
-                f"{where} refused the API key read from {self.key_source()} "
+                f"{where} refused the API key read from {self.key.source()} "
                 f"(HTTP {exc.status_code}): set a valid key there; a key needs the fine-tuning "
                 "permission"
             ) from None
         except openai.OpenAIError:
             pass
-
-    def key_source(self) -> str:
-        """Where ``api_key`` reads the key from, in words (never the key)."""
-        if self.api_key_file:
-            return f"the file {Path(self.api_key_file).expanduser()} (backend.api_key_file)"
-        if os.environ.get(self.api_key_env, "").strip():
-            return f"the environment variable {self.api_key_env} (backend.api_key_env)"
-        return (
-            f"nowhere: {self.api_key_env} is not set (backend.api_key_env), so a placeholder "
-            "was sent to the loopback server"
-        )
-
-    def api_key(self) -> str:
-        if self.api_key_file:
-            path = Path(self.api_key_file).expanduser()
-            if not path.exists():
-                raise MissingApiKeyError(f"backend.api_key_file: {path} does not exist")
-            if not path.is_file():  # a folder, or a device such as /dev/zero (read forever)
-                raise MissingApiKeyError(
-                    f"backend.api_key_file: {path} is not a regular file; give the file that "
-                    "holds the key on its first line"
-                )
-            with path.open("rb") as handle:  # a key is short: the first line, bounded
-                first = handle.readline(KEY_FILE_MAX_BYTES).decode("utf-8", "replace").strip()
-            if first:
-                remember(first)  # masked wherever it might show up
-                return first
-            raise MissingApiKeyError(f"backend.api_key_file: {path} is empty")
-        key = os.environ.get(self.api_key_env, "").strip()
-        if key:
-            remember(key)
-            return key
-        if self.base_url and urlsplit(self.base_url).hostname in LOOPBACK_HOSTS:
-            return "harness-loopback"  # a local server (harness fake-openai) needs no real key
-        raise MissingApiKeyError(
-            f"no API key: set the environment variable {self.api_key_env} (export "
-            f"{self.api_key_env}=...), or put the key in a file and set "
-            "backend.api_key_file=PATH. harness never reads a key from the config, so it "
-            "cannot end up in logged configs."
-        )
 
     @property
     def client(self) -> Any:
@@ -339,7 +280,7 @@ class OpenAIBackend:
         )
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        pass  # nothing beyond the schema, the tunable keys and the hard limits
+        check_training_method(cfg, self.name, ("sft",))
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
         """The API's rules per example (an assistant answer, no empty message, the model's token
@@ -524,6 +465,7 @@ class OpenAIBackend:
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
     ) -> TrialResult:
+        cfg, prepared = spec.config, spec.prepared
         spec.workdir.mkdir(parents=True, exist_ok=True)
         artifacts, checkpoints = self._job_files(spec, job, follower)
         bill = follower.billing(job)
@@ -543,7 +485,16 @@ class OpenAIBackend:
                 }
             )
         else:
-            test, scored = self._test_files(spec, job.fine_tuned_model)
+            limit = (
+                prepared.max_answer_tokens
+                if prepared.task == "classification"
+                else int(cfg.train.max_new_tokens)
+            )
+            ask = chat_completer(self.client, str(job.fine_tuned_model), limit, int(cfg.seed))
+            scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
+            test, scored = score_test_split(
+                ask, scoring, spec.workdir, f"{cfg.name} trial {spec.number}"
+            )
             artifacts += scored
         metrics = {
             **follower.final_eval,
@@ -585,78 +536,6 @@ class OpenAIBackend:
         path.write_text(json.dumps(checkpoints, indent=2), encoding="utf-8")
         artifacts.append(path)
         return artifacts, checkpoints
-
-    def _test_files(self, spec: TrialSpec, model: str) -> tuple[dict[str, float], list[Path]]:
-        """The fine-tuned model's test metrics, and its answers (and for classification the
-        confusion matrix) as files in the trial's folder."""
-        prepared: Prepared = spec.prepared
-        test, predictions = self._evaluate(model, prepared, spec)
-        path = spec.workdir / "test_predictions.jsonl"
-        path.write_text(
-            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
-            encoding="utf-8",
-        )
-        artifacts = [path]
-        if predictions and prepared.task == "classification":
-            from harness.metrics import save_confusion_matrix
-
-            truth = [p["expected"] for p in predictions]
-            predicted = [p["label"] for p in predictions]
-            labels = prepared.labels + ([UNPARSED] if UNPARSED in predicted else [])
-            artifacts.append(
-                save_confusion_matrix(
-                    truth,
-                    predicted,
-                    labels,
-                    spec.workdir / "confusion_matrix.png",
-                    f"{spec.config.name} trial {spec.number}: test split",
-                )
-            )
-        return test, artifacts
-
-    def _evaluate(
-        self, model: str, prepared: Prepared, spec: TrialSpec
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Test-split metrics of the fine-tuned model, answers at temperature 0."""
-        from harness.metrics import classification_metrics, generation_metrics
-
-        classification = prepared.task == "classification"
-        limit = prepared.max_answer_tokens if classification else spec.config.train.max_new_tokens
-
-        def ask(chat: Chat) -> tuple[str, int, int]:
-            response = self.client.chat.completions.create(
-                model=model,
-                messages=chat.prompt,
-                temperature=0,
-                max_tokens=int(limit),
-                seed=int(spec.config.seed),
-            )
-            usage = response.usage
-            return (
-                response.choices[0].message.content or "",
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-            )
-
-        with ThreadPoolExecutor(self.eval_concurrency) as pool:
-            answers = list(pool.map(ask, prepared.test))
-        expected = [c.answer for c in prepared.test]
-        predictions: list[dict[str, Any]] = []
-        for chat, (answer, _, _) in zip(prepared.test, answers, strict=True):
-            row: dict[str, Any] = {"source": chat.source, "expected": chat.answer, "answer": answer}
-            if classification:
-                row["label"] = parse_label(answer, prepared.labels)
-            predictions.append(row)
-        if classification:
-            scores = classification_metrics(
-                expected, [p["label"] for p in predictions], prepared.labels
-            )
-            scores["unparsed"] = sum(p["label"] == UNPARSED for p in predictions) / len(expected)
-        else:
-            scores = generation_metrics([a for a, _, _ in answers], expected)
-        scores["prompt_tokens"] = float(sum(p for _, p, _ in answers))
-        scores["completion_tokens"] = float(sum(c for _, _, c in answers))
-        return {f"test/{k}": float(v) for k, v in scores.items()}, predictions
 
 
 class _Follower:
@@ -816,21 +695,6 @@ class _Follower:
                 self.reported_steps.add(step)
 
 
-def record_billing(reporter: Reporter, bill: Billing) -> None:
-    """Reports what a stopped job billed as its trial's ``cost_usd``, at the step the job
-    reached. Never raises but for Ctrl-C: the trial's own ending is what goes on up."""
-    metrics = {"cost_usd": bill.usd}
-    if bill.billed:
-        metrics["trained_tokens"] = float(bill.tokens)
-    try:
-        reporter.set_tags(bill.tags())
-        reporter.report(bill.step, metrics)  # no evaluation in it: nothing to prune on
-    except Exception as exc:
-        logging.getLogger("harness").warning(
-            "could not record what a job billed ($%.4f, %s): %s", bill.usd, bill.source, exc
-        )
-
-
 def decode_result_file(raw: bytes) -> str:
     """A result CSV, served plain or base64-encoded."""
     text = raw.decode("utf-8", errors="replace").strip()
@@ -841,21 +705,6 @@ def decode_result_file(raw: bytes) -> str:
     except ValueError:
         return text + "\n"
     return decoded + "\n"
-
-
-def parse_label(answer: str, labels: list[str]) -> str:
-    """The label an answer names: an exact match (case, spaces and punctuation aside), else the
-    only label mentioned in it as a whole word; otherwise UNPARSED, which counts as wrong."""
-
-    def norm(text: str) -> str:
-        return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
-
-    said = norm(answer)
-    by_norm = {norm(label): label for label in labels}
-    if said in by_norm:
-        return by_norm[said]
-    mentioned = [label for n, label in by_norm.items() if re.search(rf"\b{re.escape(n)}\b", said)]
-    return mentioned[0] if len(mentioned) == 1 else UNPARSED
 
 
 def _plain(key: str, mapping: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from harness import search
 from harness.backends.base import PaidBackend, TrialResult
+from harness.backends.hosted import ProviderRefusedError
 from harness.config import with_params
 from harness.storage import full_disk
 from harness.study.plan import Plan
@@ -128,6 +129,9 @@ class TrialObjective:
     def _stop_if_all_would_fail(self, trial: optuna.Trial, exc: Exception) -> None:
         """Records why a trial failed; a failure every next trial would share stops the study."""
         trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
+        if isinstance(exc, ProviderRefusedError):  # so would every next job request
+            self.stop_reason = str(exc)
+            trial.study.stop()
         if is_unreachable(exc):  # every next trial would fail the same way, slowly
             self.tracking_gone = unreachable_reason(exc)
             trial.study.stop()
