@@ -62,7 +62,7 @@ def test_the_bundled_set_is_80_varied_pairs_split_at_random():
     rows = dataset.train + dataset.validation + dataset.test
     assert dataset.task == "preference" and dataset.labels == []
     assert len(rows) >= 80
-    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (68, 14, 14)
+    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (100, 22, 22)
     words = [set(re.findall(r"[a-z0-9]+", e.text.lower())) for e in rows]
     closest = max(len(a & b) / len(a | b) for i, a in enumerate(words) for b in words[:i])
     assert closest <= 0.5  # no two prompts share most of their words: no templated copies
@@ -225,11 +225,11 @@ def test_validate_names_the_task_and_counts_the_pairs_for_a_hosted_job(tmp_path,
     assert main(["validate", str(BUNDLED), runs]) == 0
     out = capsys.readouterr().out
     assert "dataset preferences (preference, detected: preference (" in out
-    assert "rows: train 68, validation 14, test 14 (total 96)" in out
+    assert "rows: train 100, validation 22, test 22 (total 144)" in out
     assert "backend=openai" in out  # where the pairs' tokens are counted
     assert main(["validate", str(BUNDLED), "backend=openai", runs]) == 0
     out = capsys.readouterr().out
-    assert "hosted fine-tuning rules" in out and "68 training examples" in out
+    assert "hosted fine-tuning rules" in out and "100 training examples" in out
     tokens = int(re.search(r"training file: (\d+) tokens", out).group(1))
     dataset = load_dataset(data_cfg())
     answers_only = sum(len(e.target) + len(e.rejected) for e in dataset.train) // 4
@@ -577,3 +577,30 @@ def test_the_preferred_rate_on_held_out_prompts_follows_beta(fake):
         assert all(r["answer"] in (r["expected"], r["rejected"]) for r in rows)
         rates[beta] = scores["preferred_rate"]
     assert rates[0.2] >= 0.8 and rates[0.01] <= rates[0.2] - 0.3, rates
+
+
+def test_on_the_bundled_set_better_hyperparameters_give_a_higher_held_out_preferred_rate(fake):
+    """The bundled study means something on the fake: its test prompts are unseen, yet a model
+    tuned well (beta 0.2, 3 epochs) answers closer to their preferred answers than one tuned
+    badly (beta 0.01, 1 epoch at a tiny multiplier), as the set asks most facts more than one
+    way, as support questions come. (The fake's draws depend on its file ids, which differ from
+    run to run: hence a margin, not a number; over 1000 draws of ids it was never under 0.13
+    for preferred_rate, 0.07 for rouge_l.)"""
+    from harness.backends.hosted import Scoring, chat_completer, score_chats
+
+    client = client_of(fake)
+    chats = to_chats(load_dataset(data_cfg()), "{labels}")
+    file_id = client.files.create(
+        file=("train.jsonl", to_preference_jsonl(chats["train"])), purpose="fine-tune"
+    ).id
+    rates = {}
+    for name, method in (("good", dpo(0.2)), ("bad", dpo(0.01, epochs=1, multiplier=0.05))):
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4.1-mini", training_file=file_id, method=method, seed=0
+        )
+        model = finished(client, job.id).fine_tuned_model
+        ask = chat_completer(client, model, 64, 0)
+        held_out = chats["validation"] + chats["test"]  # 44 prompts: a margin that holds
+        rates[name] = score_chats(ask, Scoring("preference", [], held_out, 2))[0]
+    assert rates["good"]["preferred_rate"] >= rates["bad"]["preferred_rate"] + 0.1, rates
+    assert rates["good"]["rouge_l"] > rates["bad"]["rouge_l"] + 0.05, rates
