@@ -109,10 +109,16 @@ def test_trl_shape_in_text_and_conversational_form_and_csv_cells(tmp_path):
         chosen = json.dumps([{"role": "assistant", "content": f"good {i}"}])
         writer.writerow([f"[urgent] q {i}", chosen, f"bad {i}"])
     csv_text = cells.getvalue()
+    openai_cells = io.StringIO()  # OpenAI's shape in CSV: each field a JSON cell
+    writer = csv.writer(openai_cells)
+    writer.writerow(["input", "preferred_output", "non_preferred_output"])
+    for row in (openai_row(f"q {i}", f"good {i}", f"bad {i}") for i in range(12)):
+        writer.writerow([json.dumps(row[name]) for name in row])
     for name, content in (
         ("text.jsonl", jsonl(text)),
         ("conv.jsonl", jsonl(conversational)),
         ("cells.csv", csv_text),
+        ("openai_cells.csv", openai_cells.getvalue()),
     ):
         path = write(tmp_path / name, content)
         assert detect_task(path, data_cfg(f"data.path={path}"))[0] == "preference"
