@@ -5,8 +5,9 @@ Formats: JSONL or CSV (UTF-8, with or without BOM), field names from the config.
   final assistant turn is the label
 - generation rows: ``{prompt, completion}`` or chat rows ``{"messages": [...]}`` (OpenAI format);
   a chat row becomes a prompt (every turn before the last assistant turn) and a completion.
-- preference rows (harness.preference_data): a prompt with a preferred and a non-preferred
-  answer, in OpenAI's and Together's DPO shape or TRL's ``{prompt, chosen, rejected}``.
+- preference rows: a prompt with a preferred and a non-preferred answer, in OpenAI's and
+  Together's DPO shape or TRL's ``{prompt, chosen, rejected}``, read by harness.preference_data
+  (imported where used: it imports this module).
 One file holds one row format (chat, prompt/completion, text/label or one preference shape): a
 row in another format than the file's first is refused at its line. ``detect_task`` tells the
 task from a file's rows (``harness validate FILE``).
