@@ -314,13 +314,13 @@ class TestJobSafety:
         assert result.metrics["eval/loss"] > 0
 
     def test_result_rows_fill_steps_the_events_missed(self, openai_cfg, fake_openai):
-        from harness.backends.openai_ft import _Follower
+        from harness.backends.openai_follow import Follower
 
         cfg = openai_cfg()
         backend = make_backend(cfg)
         prepared = backend.describe(cfg, load_dataset(cfg.data))
         reporter = RecordingReporter("eval/loss")
-        follower = _Follower(backend, "ftjob-x", reporter, cfg, prepared)
+        follower = Follower(backend, "ftjob-x", reporter, cfg, prepared)
         follower.reported_steps = {1}
         follower.report_result_rows(
             "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"

@@ -25,14 +25,10 @@ The API key comes from the environment (``backend.api_key_env``) or a file
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -54,7 +50,6 @@ from harness.backends.base import (
 )
 from harness.backends.hosted import (
     ApiKey,
-    Billing,
     HostedJobError,
     RefusedApiKeyError,
     Scoring,
@@ -62,6 +57,13 @@ from harness.backends.hosted import (
     record_billing,
     score_test_split,
 )
+from harness.backends.openai_follow import (
+    TERMINAL,
+    Follower,
+    decode_result_file,
+    transient_errors,
+)
+from harness.backends.openai_refusal import refusal_or_none
 from harness.chat_data import (
     Chat,
     TokenCounts,
@@ -75,31 +77,10 @@ from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
-MAX_EVENT_PAGES = 1000  # x 100 events: more than any job's steps
-# a job's per-step metrics (events' data, or the result CSV's columns) -> our metric names
-STEP_METRICS = {
-    "train_loss": "train/loss",
-    "train_mean_token_accuracy": "train/token_accuracy",
-    "train_accuracy": "train/token_accuracy",  # the result CSV's name for it
-    "valid_loss": "valid/batch_loss",
-    "valid_mean_token_accuracy": "valid/batch_token_accuracy",
-}
 # what a job's hyperparameters may be, by the fine-tuning API (n_epochs 1-50, batch_size 1-256)
 API_LIMITS: dict[str, Limit] = {"train.epochs": (1, 50), "train.batch_size": (1, 256)}
-
-
-def transient_errors() -> tuple[type[Exception], ...]:
-    """Errors worth retrying: the connection (timeouts too), the server, rate limits, conflicts."""
-    import openai
-
-    return (
-        openai.APIConnectionError,  # includes APITimeoutError
-        openai.InternalServerError,
-        openai.RateLimitError,
-        openai.ConflictError,
-    )
+PROVIDERS = ("openai", "azure_openai")  # backend.provider: whose API the client speaks
 
 
 @dataclass
@@ -124,10 +105,13 @@ class OpenAIBackend:
     def __init__(  # no defaults: conf/backend/openai.yaml holds each value and says what it is
         self,
         *,
+        provider: str,
         model: str,
         base_url: str | None,
         azure_endpoint: str | None,
         api_version: str | None,
+        training_type: str | None,
+        azure_deployment: str | None,
         api_key_env: str,
         api_key_file: str | None,
         organization: str | None,
@@ -135,6 +119,7 @@ class OpenAIBackend:
         poll_interval_s: float,
         max_poll_interval_s: float,
         max_job_hours: float,
+        max_pause_hours: float,
         request_retries: int,
         request_timeout_s: float,
         create_attempts: int,
@@ -146,16 +131,21 @@ class OpenAIBackend:
         prices_per_1m_training_tokens: Mapping[str, float],
         example_token_limits: Mapping[str, int],
     ) -> None:
+        self.provider = provider
         self.model = model
         self.base_url = base_url
         self.azure_endpoint = azure_endpoint
         self.api_version = api_version
-        self.key = ApiKey(api_key_env, api_key_file, base_url)
+        self.training_type = training_type
+        self.azure_deployment = azure_deployment
+        # a loopback Azure endpoint (the fake) is sent a placeholder key, as a loopback base_url
+        self.key = ApiKey(api_key_env, api_key_file, base_url or azure_endpoint)
         self.organization = organization
         self.system_prompt = system_prompt
         self.poll_interval_s = poll_interval_s
         self.max_poll_interval_s = max_poll_interval_s
         self.max_job_s = max_job_hours * 3600
+        self.max_pause_s = max_pause_hours * 3600
         self.request_retries = request_retries
         self.request_timeout_s = request_timeout_s
         self.create_attempts = max(1, create_attempts)
@@ -173,6 +163,7 @@ class OpenAIBackend:
     def check_credentials(self) -> None:
         """A sweep's first check, before anything is written or counted: no key, or one the
         provider refuses, is a one-line error saying where the key was read from."""
+        self.check_provider()
         self.api_key()
         self._check_key_accepted()
 
@@ -198,16 +189,51 @@ class OpenAIBackend:
             pass
 
     @property
+    def azure(self) -> bool:
+        return self.provider == "azure_openai" or bool(self.azure_endpoint)
+
+    def check_provider(self) -> None:
+        """Azure OpenAI's settings are complete, and only Azure's are set for Azure: a
+        ConfigError before any request otherwise."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"backend.provider={self.provider!r}: choose {' or '.join(PROVIDERS)} "
+                "(conf/backend/openai.yaml, conf/backend/azure_openai.yaml)"
+            )
+        if self.provider == "azure_openai" and not self.azure_endpoint:
+            raise ConfigError(
+                "backend.azure_endpoint is null: backend=azure_openai needs the resource's "
+                "endpoint, e.g. backend.azure_endpoint=https://NAME.openai.azure.com (Azure "
+                "portal: the resource's Keys and Endpoint page)"
+            )
+        if self.azure and not self.api_version:
+            raise ConfigError(
+                "backend.api_version is null: Azure OpenAI needs an API version, e.g. "
+                "backend.api_version=2025-04-01-preview"
+            )
+        for key, value in (
+            ("training_type", self.training_type),
+            ("azure_deployment", self.azure_deployment),
+        ):
+            if value and not self.azure:
+                raise ConfigError(
+                    f"backend.{key}={value!r} is Azure OpenAI's setting: use backend=azure_openai "
+                    f"(with backend.azure_endpoint), or set backend.{key}=null"
+                )
+
+    @property
     def client(self) -> Any:
         if self._client is None:
             import openai
+
+            self.check_provider()
 
             options: dict[str, Any] = {
                 "api_key": self.api_key(),
                 "max_retries": self.request_retries,
                 "timeout": self.request_timeout_s,
             }
-            if self.azure_endpoint:
+            if self.azure:
                 self._client = openai.AzureOpenAI(
                     azure_endpoint=self.azure_endpoint, api_version=self.api_version, **options
                 )
@@ -280,6 +306,7 @@ class OpenAIBackend:
         )
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
+        self.check_provider()
         check_training_method(cfg, self.name, ("sft",))
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
@@ -311,9 +338,10 @@ class OpenAIBackend:
     # one trial ------------------------------------------------------------------------------
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
         cfg, prepared = spec.config, spec.prepared
+        started = time.monotonic()
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
-        follower = _Follower(self, job.id, reporter, cfg, prepared)
+        follower = Follower(self, job.id, reporter, cfg, prepared)
         try:  # from here on, any way out but success cancels the job: nobody would follow it
             reporter.set_tags(
                 {
@@ -324,11 +352,13 @@ class OpenAIBackend:
                 }
             )
             job = follower.follow()
-        except BaseException:  # pruned, Ctrl-C, lost contact, a tracking error
+        except BaseException:  # pruned, Ctrl-C, lost contact, paused too long, tracking
             # cancelled, as nobody would follow it; the trial keeps what the job billed, which
             # is all of it where the job finished before the cancel landed
+            _tag_pause(reporter, follower.paused_seconds())
             record_billing(reporter, follower.billing(self._cancel_and_read_back(job.id)))
             raise
+        _tag_pause(reporter, follower.paused_seconds())
         if job.status != "succeeded":
             error = job.error
             code = getattr(error, "code", None) or "no code"
@@ -336,7 +366,13 @@ class OpenAIBackend:
             reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
             record_billing(reporter, follower.billing(job))
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
-        return self._results(spec, reporter, job, follower)
+        result = self._results(spec, reporter, job, follower)
+        # the trial's time, the job's pauses aside: the provider's capacity, not the trial
+        paused = follower.paused_seconds()
+        result.metrics["train/seconds"] = time.monotonic() - started - paused
+        if paused:
+            result.metrics["paused_seconds"] = paused
+        return result
 
     def _find_job(self, key: str) -> Any:
         """A job carrying this trial key that is not failed or cancelled, or None. The key is
@@ -390,15 +426,26 @@ class OpenAIBackend:
             "harness_trial": str(number),
             "harness_trial_key": key,
         }
-        return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
-            model=self.model,
-            training_file=prepared.training_file,
-            validation_file=prepared.validation_file,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-            seed=int(cfg.seed),
-            suffix=suffix or None,
-            metadata=metadata,
-        )
+        import openai
+
+        # Azure's training tier is a top-level create field the OpenAI SDK does not know
+        extra = {"trainingType": self.training_type} if self.azure and self.training_type else None
+        try:
+            return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
+                model=self.model,
+                training_file=prepared.training_file,
+                validation_file=prepared.validation_file,
+                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+                seed=int(cfg.seed),
+                suffix=suffix or None,
+                metadata=metadata,
+                extra_body=extra,
+            )
+        except openai.APIStatusError as exc:
+            refused = refusal_or_none(exc, self.azure)
+            if refused is not None:  # every next trial would get the same answer
+                raise refused from None
+            raise
 
     def abandon(self, key: str) -> float | None:
         """Cancels the job of a trial that will not be followed again (its process died and no
@@ -463,9 +510,8 @@ class OpenAIBackend:
         return job
 
     def _results(
-        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
+        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower
     ) -> TrialResult:
-        cfg, prepared = spec.config, spec.prepared
         spec.workdir.mkdir(parents=True, exist_ok=True)
         artifacts, checkpoints = self._job_files(spec, job, follower)
         bill = follower.billing(job)
@@ -476,26 +522,8 @@ class OpenAIBackend:
                 "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
             }
         )
-        test: dict[str, float] = {}
-        if self.azure_endpoint:  # Azure serves a fine-tuned model only once it is deployed
-            reporter.set_tags(
-                {
-                    "harness.test_skipped": "Azure OpenAI needs a deployment of the fine-tuned "
-                    "model before it answers; deploy it and score it with harness train"
-                }
-            )
-        else:
-            limit = (
-                prepared.max_answer_tokens
-                if prepared.task == "classification"
-                else int(cfg.train.max_new_tokens)
-            )
-            ask = chat_completer(self.client, str(job.fine_tuned_model), limit, int(cfg.seed))
-            scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
-            test, scored = score_test_split(
-                ask, scoring, spec.workdir, f"{cfg.name} trial {spec.number}"
-            )
-            artifacts += scored
+        test, scored = self._test_scores(spec, reporter, str(job.fine_tuned_model))
+        artifacts += scored
         metrics = {
             **follower.final_eval,
             **test,
@@ -506,12 +534,58 @@ class OpenAIBackend:
             "id": str(job.fine_tuned_model),
             "job_id": str(job.id),
             "base_model": self.model,
-            "provider": "azure-openai" if self.azure_endpoint else "openai-api",
+            "provider": "azure-openai" if self.azure else "openai-api",
         }
         return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
 
+    def _test_scores(
+        self, spec: TrialSpec, reporter: Reporter, model: str
+    ) -> tuple[dict[str, float], list[Path]]:
+        """The fine-tuned model's test/* metrics and files, through chat completions. Azure
+        serves a fine-tuned model only once it is deployed: scoring goes through
+        backend.azure_deployment, and only where that deployment answers as this trial's model
+        (another trial's, or a base model, would score the wrong model); else it is skipped,
+        and the run's tag says why."""
+        cfg, prepared = spec.config, spec.prepared
+        limit = (
+            prepared.max_answer_tokens
+            if prepared.task == "classification"
+            else int(cfg.train.max_new_tokens)
+        )
+        skipped = ""
+        if self.azure and not self.azure_deployment:
+            skipped = (
+                "Azure OpenAI needs a deployment of the fine-tuned model before it answers; "
+                "deploy it and set backend.azure_deployment, or score it with harness train"
+            )
+        elif self.azure:
+            served = self._deployed_model(str(self.azure_deployment), limit, int(cfg.seed))
+            if served and served != model:
+                skipped = (
+                    f"the deployment {self.azure_deployment} (backend.azure_deployment) serves "
+                    f"{served}, not this trial's model {model}: deploy it there to score it"
+                )
+        if skipped:
+            reporter.set_tags({"harness.test_skipped": skipped})
+            return {}, []
+        asked = self.azure_deployment if self.azure else model
+        ask = chat_completer(self.client, str(asked), limit, int(cfg.seed))
+        scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
+        return score_test_split(ask, scoring, spec.workdir, f"{cfg.name} trial {spec.number}")
+
+    def _deployed_model(self, deployment: str, max_tokens: int, seed: int) -> str:
+        """The model an Azure deployment answers as (its answers' ``model`` field)."""
+        answer = self.client.chat.completions.create(
+            model=deployment,
+            messages=[{"role": "user", "content": "ping"}],
+            temperature=0,
+            max_tokens=max_tokens,
+            seed=seed,
+        )
+        return str(answer.model or "")
+
     def _job_files(
-        self, spec: TrialSpec, job: Any, follower: _Follower
+        self, spec: TrialSpec, job: Any, follower: Follower
     ) -> tuple[list[Path], list[dict[str, Any]]]:
         """The job's result CSV (its rows reported where no event did) and its checkpoints,
         written to the trial's folder: (the files, the checkpoints)."""
@@ -538,173 +612,10 @@ class OpenAIBackend:
         return artifacts, checkpoints
 
 
-class _Follower:
-    """Polls one job to its end, passing its metrics events to the reporter in step order."""
-
-    def __init__(
-        self,
-        backend: OpenAIBackend,
-        job_id: str,
-        reporter: Reporter,
-        cfg: DictConfig,
-        prepared: Prepared,
-    ) -> None:
-        self.backend, self.job_id, self.reporter = backend, job_id, reporter
-        self.prepared = prepared
-        self.estimated_tokens = int(cfg.train.epochs) * prepared.file_tokens
-        # until an event says otherwise: what the API's own arithmetic gives
-        batches = -(-prepared.n_train // int(cfg.train.batch_size))
-        self.expected_steps = int(cfg.train.epochs) * batches
-        reporter.set_total_steps(self.expected_steps)
-        self.seen: set[str] = set()
-        self.reported_steps: set[int] = set()
-        self.last_step = 0
-        self.total_steps = 0
-        self.final_eval: dict[str, float] = {}
-
-    def follow(self) -> Any:
-
-        transient = transient_errors()
-        backend = self.backend
-        delay = backend.poll_interval_s
-        deadline = time.monotonic() + backend.max_job_s
-        failures = 0
-        status = "unknown"
-        while True:
-            try:
-                # status first, then events: a finished job's events are all there by then
-                job = backend.client.fine_tuning.jobs.retrieve(self.job_id)
-                progressed = self._read_events()
-                failures, status = 0, job.status
-            except transient as exc:
-                failures += 1
-                if failures >= backend.poll_failures:
-                    raise HostedJobError(
-                        f"lost contact with fine-tuning job {self.job_id}: {failures} polls "
-                        f"failed in a row, the last with {type(exc).__name__}: {exc}"
-                    ) from exc
-                progressed = False
-            else:
-                if status in TERMINAL:
-                    return job
-            if time.monotonic() > deadline:
-                raise HostedJobError(
-                    f"fine-tuning job {self.job_id} still {status} after "
-                    f"{backend.max_job_s / 3600:g} h (backend.max_job_hours): cancelled"
-                )
-            time.sleep(delay)
-            delay = (
-                backend.poll_interval_s
-                if progressed
-                else min(backend.max_poll_interval_s, delay * 1.5)
-            )
-
-    def _read_events(self) -> bool:
-        """Reports metrics events not seen before, oldest first. Events come newest first, a
-        page at a time: read pages until one holds an event already seen."""
-        fresh = []
-        page = self.backend.client.fine_tuning.jobs.list_events(self.job_id, limit=100)
-        for _ in range(MAX_EVENT_PAGES):  # bounded, should a server repeat a page
-            for event in page.data:
-                if event.id in self.seen:
-                    break
-                fresh.append(event)
-            else:
-                if page.has_more and page.data:
-                    page = self.backend.client.fine_tuning.jobs.list_events(
-                        self.job_id, limit=100, after=page.data[-1].id
-                    )
-                    continue
-            break
-        metrics = [e.data for e in fresh if e.type == "metrics" and isinstance(e.data, dict)]
-        for data in sorted(metrics, key=lambda d: int(d.get("step", 0))):
-            self._report(data)
-        self.seen.update(e.id for e in fresh)
-        return bool(fresh)
-
-    def _report(self, data: Mapping[str, Any]) -> None:
-        step = int(data["step"])
-        total = int(data.get("total_steps") or self.total_steps)
-        if total and total != (self.total_steps or self.expected_steps):
-            self.reporter.set_total_steps(total)  # the job's own count replaces our estimate
-        self.total_steps = total
-        self.last_step = max(self.last_step, step)
-        self.reported_steps.add(step)
-        known = {k: v for k, v in data.items() if k in STEP_METRICS and v is not None}
-        metrics = {STEP_METRICS[k]: float(v) for k, v in known.items()}
-        if data.get("full_valid_loss") is not None:  # an epoch end: the whole validation file
-            # the spend so far, once an epoch (not per step: it is stored with the trial)
-            metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
-            loss = float(data["full_valid_loss"])
-            self.final_eval = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-            accuracy = data.get("full_valid_mean_token_accuracy")
-            if accuracy is not None:
-                self.final_eval["eval/token_accuracy"] = float(accuracy)
-            metrics.update(self.final_eval)
-        self.reporter.report(step, metrics)  # may raise TrialPruned: the caller cancels
-
-    def tokens_so_far(self) -> int:
-        total = self.total_steps or self.expected_steps
-        return round(self.estimated_tokens * min(1.0, self.last_step / max(1, total)))
-
-    def billing(self, job: Any | None) -> Billing:
-        """What the job cost, once over: its ``trained_tokens``, which the API reports as the
-        billable tokens it processed (a job that finished despite a cancel: every epoch;
-        one cancelled mid-run: the steps it did, by OpenAI's account; Azure says it charges
-        nothing for cancelled jobs, and harness records what the job reports). Without that
-        figure, an estimate that says so; a job not seen to end may run on to the end, so it
-        counts whole."""
-        status = str(getattr(job, "status", None) or "unknown")
-        reported = getattr(job, "trained_tokens", None)
-        unreported = "estimate: the provider reported no trained_tokens"
-        if status in TERMINAL and reported is not None:
-            tokens, source = int(reported), "billed"
-        elif status in ("failed", "cancelled"):
-            tokens, source = self.tokens_so_far(), f"{unreported}; the steps seen"
-        elif status == "succeeded":
-            tokens, source = self.estimated_tokens, f"{unreported}; every epoch"
-        elif job is None:
-            tokens = self.estimated_tokens
-            source = "estimate: the job could not be read back; counted whole"
-        else:
-            tokens = self.estimated_tokens
-            source = (
-                f"estimate: the job was still {status} when harness stopped waiting "
-                "(backend.cancel_wait_s); counted whole, as it may run to its end"
-            )
-        step = (self.total_steps or self.expected_steps) if status == "succeeded" else 0
-        return Billing(
-            status, tokens, tokens * self.prepared.usd_per_token, source, max(step, self.last_step)
-        )
-
-    def report_result_rows(self, text: str) -> None:
-        """The result file's rows for steps no event reported (events can be missed)."""
-        for row in csv.DictReader(io.StringIO(text)):
-            try:
-                step = int(float(row["step"]))
-            except (KeyError, ValueError):
-                continue
-            if step in self.reported_steps:
-                continue
-            metrics = {}
-            for column, name in STEP_METRICS.items():
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    metrics[name] = float(row[column])
-            if metrics:
-                self.reporter.report(step, metrics)
-                self.reported_steps.add(step)
-
-
-def decode_result_file(raw: bytes) -> str:
-    """A result CSV, served plain or base64-encoded."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    if text.startswith("step"):
-        return text + "\n"
-    try:
-        decoded = base64.b64decode(raw.strip(), validate=True).decode("utf-8").strip()
-    except ValueError:
-        return text + "\n"
-    return decoded + "\n"
+def _tag_pause(reporter: Reporter, paused: float) -> None:
+    """Labels the trial's run with the time its job was seen paused, where it was."""
+    if paused:
+        reporter.set_tags({"openai.paused_seconds": f"{paused:.1f}"})
 
 
 def _plain(key: str, mapping: Any) -> dict[str, Any]:
