@@ -322,6 +322,8 @@ class FakeOpenAI:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.chat_requests: list[dict[str, Any]] = []
         self.responses: list[int] = []  # status of every answer sent, in order
+        self.job_requests: list[dict[str, Any]] = []  # the body of every job create, in order
+        self.key_headers: list[str] = []  # the header each request's key came in, in order
         # Azure OpenAI deployments: name -> the fine-tuned model it serves. With auto_deploy
         # set, each job that succeeds is deployed under that name, replacing the model before
         # (as a user's script that deploys each new model would)
@@ -348,6 +350,7 @@ class FakeOpenAI:
         with self.lock:
             self.requests.append((method, path))
             key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            self.key_headers.append("api-key" if headers.get("api-key") else "authorization")
             if not key or (self.api_key is not None and key != self.api_key):
                 raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
             if deployment and deployment.group(1) not in self.deployments:
@@ -402,6 +405,7 @@ class FakeOpenAI:
     # jobs --------------------------------------------------------------------------------------
     def create_job(self, query, body, headers):
         request = json.loads(body or b"{}")
+        self.job_requests.append(request)
         model = request.get("model")
         if not model:
             raise ApiError(400, "Missing required parameter: 'model'.", param="model")

@@ -235,7 +235,7 @@ class OpenAIBackend:
             }
             if self.azure:
                 self._client = openai.AzureOpenAI(
-                    azure_endpoint=self.azure_endpoint, api_version=self.api_version, **options
+                    azure_endpoint=str(self.azure_endpoint), api_version=self.api_version, **options
                 )
             else:
                 self._client = openai.OpenAI(
