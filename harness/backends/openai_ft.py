@@ -32,8 +32,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +47,20 @@ from harness.backends.base import (
     TrialResult,
     TrialSpec,
     check_training_method,
+    optimized_metrics,
 )
 from harness.backends.hosted import (
+    Answer,
     ApiKey,
     HostedJobError,
     RefusedApiKeyError,
     Scoring,
     chat_completer,
     record_billing,
+    score_chats,
     score_test_split,
 )
+from harness.backends.openai_dpo import BETA_LIMIT, base_model, check_beta, method_json
 from harness.backends.openai_follow import (
     TERMINAL,
     Follower,
@@ -71,11 +75,13 @@ from harness.chat_data import (
     check_examples,
     to_chats,
     to_jsonl,
+    to_preference_jsonl,
     token_limit,
 )
 from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
+from harness.metrics import GENERATED_TEXT_METRICS
 
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
 # what a job's hyperparameters may be, by the fine-tuning API (n_epochs 1-50, batch_size 1-256)
@@ -97,6 +103,7 @@ class Prepared:
     usd_per_token: float
     max_answer_tokens: int
     n_train: int  # training examples: steps per epoch = ceil(n_train / batch_size)
+    validation: list[Chat] = field(default_factory=list)  # scored after a DPO job succeeds
 
 
 class OpenAIBackend:
@@ -245,11 +252,12 @@ class OpenAIBackend:
 
     # what it declares ---------------------------------------------------------------------
     def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
-        """The job's hyperparameters: all a hosted job lets a trial choose."""
-        return frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
+        """The job's hyperparameters: all a hosted job lets a trial choose (and DPO's beta)."""
+        keys = {"train.epochs", "train.batch_size", "train.learning_rate_multiplier"}
+        return frozenset(keys | ({"train.dpo_beta"} if str(cfg.train.method) == "dpo" else set()))
 
     def hard_limits(self) -> dict[str, Limit]:
-        return dict(API_LIMITS)
+        return {**API_LIMITS, "train.dpo_beta": BETA_LIMIT}
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         """What a job reports on the validation split while it trains, whatever the task (test
@@ -257,17 +265,21 @@ class OpenAIBackend:
         return REPORTED_METRICS
 
     def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
-        """None: the provider evaluates while its job trains; generated-text metrics come after
-        the job, on the test split only."""
-        return ()
+        """A preference model's answers on the validation split (eval/preferred_rate,
+        eval/rouge_l), scored once its DPO job succeeded, at the job's last step: the provider's
+        DPO loss says little of what users prefer. Other tasks: none (the provider evaluates
+        while its job trains; generated-text metrics come on the test split)."""
+        return GENERATED_TEXT_METRICS.get(task, ()) if task == "preference" else ()
 
     # once per study -------------------------------------------------------------------------
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
         prepared = self.describe(cfg, dataset)
         chats = to_chats(dataset, self.system_prompt)
         uploaded = {}
+        # preference pairs go up as DPO rows; the name's hash tells the two kinds apart
+        write = to_preference_jsonl if dataset.task == "preference" else to_jsonl
         for split in ("train", "validation"):
-            content = to_jsonl(chats[split])
+            content = write(chats[split])
             name = f"harness-{cfg.name}-{split}-{hashlib.sha256(content).hexdigest()[:16]}.jsonl"
             uploaded[split] = self._upload(name, content)
         prepared.training_file = uploaded["train"]
@@ -279,15 +291,16 @@ class OpenAIBackend:
         ``harness validate`` shows and ``prepare`` uploads."""
         encoding, limit = self._encoding(cfg), token_limit(self.token_limits, self.model)
         chats = to_chats(dataset, self.system_prompt)
+        keep = self.eval_max_examples or None
         counts = {
             split: check_chats(rows, split, encoding, limit, self._counted)
             for split, rows in chats.items()
         }
         try:
-            usd_per_token = price_per_token(self.prices, self.model)
+            usd_per_token = price_per_token(self.prices, base_model(self.model))
         except KeyError:
             raise ConfigError(
-                f"no training price for model {self.model!r}: add it to "
+                f"no training price for model {base_model(self.model)!r}: add it to "
                 f"backend.prices_per_1m_training_tokens (USD per 1M training tokens; 0 for a "
                 "free server)"
             ) from None
@@ -297,17 +310,29 @@ class OpenAIBackend:
             labels=list(dataset.labels),
             training_file="",
             validation_file="",
-            test=chats["test"][: self.eval_max_examples or None],
+            test=chats["test"][:keep],
             file_tokens=sum(counts["train"]),
             tokens_note=encoding.note,
             usd_per_token=usd_per_token,
             max_answer_tokens=max(answers) + 8,
             n_train=len(chats["train"]),
+            validation=chats["validation"][:keep],
         )
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
         self.check_provider()
-        check_training_method(cfg, self.name, ("sft",))
+        check_training_method(cfg, self.name, ("sft", "dpo"))
+        check_beta(cfg, searched)
+        wanted = set(self.eval_metrics_on_demand(str(cfg.data.task))) & {
+            str(cfg.sweep.metric),
+            *cfg.sweep.objectives,
+        }
+        if wanted and self.azure and not self.azure_deployment:
+            raise ConfigError(
+                f"{sorted(wanted)[0]} is measured on the fine-tuned model's answers, which Azure "
+                "OpenAI serves only through a deployment: set backend.azure_deployment, or "
+                "optimize eval/loss"
+            )
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
         """The API's rules per example (an assistant answer, no empty message, the model's token
@@ -415,11 +440,6 @@ class OpenAIBackend:
 
     def _create_job(self, cfg: DictConfig, prepared: Prepared, number: int, key: str) -> Any:
         """One create request, not retried by the SDK (it would send no idempotency key)."""
-        hyperparameters = {
-            "n_epochs": int(cfg.train.epochs),
-            "batch_size": int(cfg.train.batch_size),
-            "learning_rate_multiplier": float(cfg.train.learning_rate_multiplier),
-        }
         suffix = re.sub(r"[^a-zA-Z0-9-]", "-", f"{cfg.name}-t{number}")[-40:].strip("-")
         metadata = {
             "harness_study": str(cfg.name)[:512],
@@ -435,7 +455,7 @@ class OpenAIBackend:
                 model=self.model,
                 training_file=prepared.training_file,
                 validation_file=prepared.validation_file,
-                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+                method=method_json(cfg),
                 seed=int(cfg.seed),
                 suffix=suffix or None,
                 metadata=metadata,
@@ -459,7 +479,7 @@ class OpenAIBackend:
             job = self._cancel_and_read_back(job.id) or job
         if job.status not in TERMINAL or job.trained_tokens is None:
             return None
-        usd = float(job.trained_tokens * price_per_token(self.prices, self.model))
+        usd = float(job.trained_tokens * price_per_token(self.prices, base_model(self.model)))
         logging.getLogger("harness").warning(
             "the job %s of an abandoned trial (key %s) ended %s: billed %d tokens, $%.4f",
             job.id,
@@ -512,6 +532,7 @@ class OpenAIBackend:
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower
     ) -> TrialResult:
+        prepared = spec.prepared
         spec.workdir.mkdir(parents=True, exist_ok=True)
         artifacts, checkpoints = self._job_files(spec, job, follower)
         bill = follower.billing(job)
@@ -522,10 +543,22 @@ class OpenAIBackend:
                 "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
             }
         )
-        test, scored = self._test_scores(spec, reporter, str(job.fine_tuned_model))
-        artifacts += scored
+        ask = self._answerer(spec, reporter, str(job.fine_tuned_model))
+        evaluation: dict[str, float] = {}
+        test: dict[str, float] = {}
+        if ask is not None:
+            try:
+                evaluation = self._validation_scores(spec, reporter, ask, follower.last_step)
+            except BaseException:  # pruned at it, or Ctrl-C: the job billed in full
+                record_billing(reporter, bill)
+                raise
+            scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
+            title = f"{spec.config.name} trial {spec.number}"
+            test, scored = score_test_split(ask, scoring, spec.workdir, title)
+            artifacts += scored
         metrics = {
             **follower.final_eval,
+            **evaluation,
             **test,
             "cost_usd": bill.usd,
             "trained_tokens": float(bill.tokens),
@@ -538,14 +571,14 @@ class OpenAIBackend:
         }
         return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
 
-    def _test_scores(
+    def _answerer(
         self, spec: TrialSpec, reporter: Reporter, model: str
-    ) -> tuple[dict[str, float], list[Path]]:
-        """The fine-tuned model's test/* metrics and files, through chat completions. Azure
-        serves a fine-tuned model only once it is deployed: scoring goes through
-        backend.azure_deployment, and only where that deployment answers as this trial's model
-        (another trial's, or a base model, would score the wrong model); else it is skipped,
-        and the run's tag says why."""
+    ) -> Callable[[Chat], Answer] | None:
+        """What asks the fine-tuned model one prompt, through chat completions at temperature
+        0; None where it cannot be asked (the run's tag says why). Azure serves a fine-tuned
+        model only once it is deployed: it is asked through backend.azure_deployment, and only
+        where that deployment answers as this trial's model (another trial's, or a base
+        model, would score the wrong model)."""
         cfg, prepared = spec.config, spec.prepared
         limit = (
             prepared.max_answer_tokens
@@ -567,11 +600,25 @@ class OpenAIBackend:
                 )
         if skipped:
             reporter.set_tags({"harness.test_skipped": skipped})
-            return {}, []
+            return None
         asked = self.azure_deployment if self.azure else model
-        ask = chat_completer(self.client, str(asked), limit, int(cfg.seed))
-        scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
-        return score_test_split(ask, scoring, spec.workdir, f"{cfg.name} trial {spec.number}")
+        return chat_completer(self.client, str(asked), limit, int(cfg.seed))
+
+    def _validation_scores(
+        self, spec: TrialSpec, reporter: Reporter, ask: Callable[[Chat], Answer], step: int
+    ) -> dict[str, float]:
+        """A preference model's eval/preferred_rate and eval/rouge_l on the validation split,
+        reported at the job's last step, where the study optimizes one (they cost a chat
+        request per pair): the evaluation a DPO study is judged and pruned by."""
+        prepared = spec.prepared
+        wanted = self.eval_metrics_on_demand(prepared.task)
+        if not prepared.validation or not set(wanted) & optimized_metrics(spec):
+            return {}
+        scoring = Scoring(prepared.task, [], prepared.validation, self.eval_concurrency)
+        scores, _ = score_chats(ask, scoring)
+        evaluation = {name: scores[name.removeprefix("eval/")] for name in wanted}
+        reporter.report(step, evaluation)  # may raise TrialPruned
+        return evaluation
 
     def _deployed_model(self, deployment: str, max_tokens: int, seed: int) -> str:
         """The model an Azure deployment answers as (its answers' ``model`` field)."""
