@@ -60,7 +60,7 @@ from harness.backends.hosted import (
     score_chats,
     score_test_split,
 )
-from harness.backends.openai_dpo import BETA_LIMIT, base_model, check_beta, method_json
+from harness.backends.openai_dpo import base_model, check_beta, method_json
 from harness.backends.openai_follow import (
     TERMINAL,
     Follower,
@@ -257,7 +257,9 @@ class OpenAIBackend:
         return frozenset(keys | ({"train.dpo_beta"} if str(cfg.train.method) == "dpo" else set()))
 
     def hard_limits(self) -> dict[str, Limit]:
-        return {**API_LIMITS, "train.dpo_beta": BETA_LIMIT}
+        """The API's limits of the keys every config may tune. DPO's beta, tunable under
+        train.method=dpo only, is held to the API's (0, 2] by check_config instead."""
+        return dict(API_LIMITS)
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
         """What a job reports on the validation split while it trains, whatever the task (test
@@ -363,7 +365,6 @@ class OpenAIBackend:
     # one trial ------------------------------------------------------------------------------
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
         cfg, prepared = spec.config, spec.prepared
-        started = time.monotonic()
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
         follower = Follower(self, job.id, reporter, cfg, prepared)
@@ -392,9 +393,9 @@ class OpenAIBackend:
             record_billing(reporter, follower.billing(job))
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
         result = self._results(spec, reporter, job, follower)
-        # the trial's time, the job's pauses aside: the provider's capacity, not the trial
+        # the time the provider held the job paused: the study leaves it out of the trial's
+        # train/seconds (its capacity, not the trial's cost in time)
         paused = follower.paused_seconds()
-        result.metrics["train/seconds"] = time.monotonic() - started - paused
         if paused:
             result.metrics["paused_seconds"] = paused
         return result
