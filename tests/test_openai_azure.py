@@ -300,3 +300,16 @@ class TestAzure:
         assert len(fake_openai.api.chat_requests) == 1  # only the check
         skipped = reporter.tags["harness.test_skipped"]
         assert "serves gpt-4.1-mini-2025-04-14, not this trial's model ft:gpt-4.1-mini" in skipped
+
+
+def test_the_fake_server_takes_refusal_and_pause_faults_on_its_command_line():
+    from harness.fake_openai import _api_from_options, _serve_options
+
+    options = _serve_options(
+        ["--refuse-jobs", "400", "--pause-jobs", "1,3", "--pause-at-step", "5",
+         "--pause-seconds", "2.5"]
+    )  # fmt: skip
+    faults = _api_from_options(options).faults
+    assert faults.refuse_jobs == "400" and faults.pause_jobs == frozenset({1, 3})
+    assert faults.pause_at_step == 5 and faults.pause_s == 2.5
+    assert _api_from_options(_serve_options([])).faults.refuse_jobs == ""
