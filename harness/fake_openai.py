@@ -29,6 +29,10 @@ that arrive only once their job has finished, a provider that refuses every new 
 does past its fine-tuning cutoff), and jobs paused at a step for a span of the server clock and
 then resumed (as Azure's Developer training tier pauses jobs when its spot capacity is taken).
 
+Azure OpenAI's layout is served too (``/openai/...``, the key in ``api-key``); a fine-tuned
+model answers there only through a deployment (``deployments``, or ``auto_deploy``: each new model
+deployed under one name).
+
 ``RequestClock`` makes jobs move with the requests made rather than with wall time, so a test
 sees the same job states on a loaded machine as on an idle one.
 """

@@ -1,23 +1,31 @@
-"""Hosted fine-tuning trials through the OpenAI API (or any server that speaks it, or Azure).
+"""Hosted fine-tuning trials through the OpenAI fine-tuning API: OpenAI, any server that speaks
+it (``backend.base_url``), and Azure OpenAI (``backend=azure_openai``: the same API and jobs, its
+training tier sent as ``trainingType``, its fine-tuned models answering through a deployment).
 
-Per study (``prepare``): the data become chat rows, are checked as the API would check them,
-counted with tiktoken, and uploaded once per study and content (the file name carries the content
-hash, so a resumed study or another host finds the upload instead of repeating it).
+Per study (``prepare``): the data become chat rows (preference pairs: DPO rows), are checked as
+the API would check them, counted with tiktoken, and uploaded once per study and content (the file
+name carries the content hash, so a resumed study or another host finds the upload instead of
+repeating it).
 
-Per trial (``run``): one supervised job with the trial's ``n_epochs``, ``batch_size`` and
-``learning_rate_multiplier``, its seed, a suffix naming study and trial, and the trial's key in
-its metadata. Before creating a job, the backend looks for one carrying that key: the SDK's own
-retries are off for the create (they send no idempotency key, so a create whose response was lost
-would be paid twice), and a study resumed after a crash finds the job its dead process started.
-The job is followed with backoff; its metrics events go to the reporter at their steps, and the
+Per trial (``run``): one job, supervised or DPO (``train.method``; ``openai_dpo``), with the
+trial's ``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` (and DPO's beta), its seed, a
+suffix naming study and trial, and the trial's key in its metadata. Before creating a job, the
+backend looks for one carrying that key: the SDK's own retries are off for the create (they send
+no idempotency key, so a create whose response was lost would be paid twice), and a study resumed
+after a crash finds the job its dead process started. A create the provider refuses for every
+trial (OpenAI takes no new fine-tuning jobs from 2027-01-06) stops the study (``openai_refusal``).
+The job is followed with backoff (``openai_follow``: a paused job is followed on, its pause kept
+out of the trial's time); its metrics events go to the reporter at their steps, and the
 validation loss at each epoch end is the evaluation Optuna may prune on, which cancels the job.
 A succeeded job's model is evaluated on the test split through chat completions at temperature 0,
-by the same metric code as the local backend.
+by the same metric code as the local backend; a DPO model first on the validation pairs, where
+the study optimizes how often its answers come closer to the preferred one.
 
 Spend is what the provider billed: a trial that ends any other way (pruned, Ctrl-C, a failed job,
-lost contact) cancels its job and reads it back until it is over, then reports the job's own
-``trained_tokens`` x price as its ``cost_usd``. A job that finished before the cancel landed
-billed every epoch, however early its trial stopped following it.
+lost contact, a pause past backend.max_pause_hours) cancels its job and reads it back until it is
+over, then reports the job's own ``trained_tokens`` x price as its ``cost_usd``. A job that
+finished before the cancel landed billed every epoch, however early its trial stopped following
+it.
 
 The API key comes from the environment (``backend.api_key_env``) or a file
 (``backend.api_key_file``), never from the config, so it cannot reach a logged config.
