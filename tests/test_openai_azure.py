@@ -313,3 +313,21 @@ def test_the_fake_server_takes_refusal_and_pause_faults_on_its_command_line():
     assert faults.refuse_jobs == "400" and faults.pause_jobs == frozenset({1, 3})
     assert faults.pause_at_step == 5 and faults.pause_s == 2.5
     assert _api_from_options(_serve_options([])).faults.refuse_jobs == ""
+
+
+def test_time_paused_does_not_count_toward_max_job_hours(openai_cfg):
+    from harness.backends.hosted import HostedJobError
+    from harness.backends.openai_follow import Follower
+
+    cfg = openai_cfg("backend.max_job_hours=0.01", "backend.max_pause_hours=0.02")  # 36 s, 72 s
+    backend = make_backend(cfg)
+    prepared = backend.describe(cfg, load_dataset(cfg.data))
+    follower = Follower(backend, "ftjob-x", RecordingReporter("eval/loss"), cfg, prepared)
+    follower.started, follower.status = 0.0, "paused"
+    follower._check_time(10.0)  # paused from second 10 ...
+    follower.status = "running"
+    follower._check_time(70.0)  # ... to second 70: 60 s paused, within max_pause_hours
+    assert follower.paused_seconds(70.0) == 60.0
+    follower._check_time(95.0)  # 35 s of training: within max_job_hours, though 95 s passed
+    with pytest.raises(HostedJobError, match=r"after 0.01 h of training \(backend.max_job_hours"):
+        follower._check_time(97.0)
