@@ -24,8 +24,14 @@ one that finished first stays succeeded with every epoch's tokens, the cancel re
 refuses it.
 
 Faults can be injected (``Faults``): 5xx and 429 answers, jobs that fail half-way, job creates
-whose response is never sent (the job exists; the client sees a dropped connection), and cancels
-that arrive only once their job has finished.
+whose response is never sent (the job exists; the client sees a dropped connection), cancels
+that arrive only once their job has finished, a provider that refuses every new job (as OpenAI
+does past its fine-tuning cutoff), and jobs paused at a step for a span of the server clock and
+then resumed (as Azure's Developer training tier pauses jobs when its spot capacity is taken).
+
+Azure OpenAI's layout is served too (``/openai/...``, the key in ``api-key``); a fine-tuned
+model answers there only through a deployment (``deployments``, or ``auto_deploy``: each new model
+deployed under one name).
 
 ``RequestClock`` makes jobs move with the requests made rather than with wall time, so a test
 sees the same job states on a loaded machine as on an idle one.
@@ -52,6 +58,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 DROP = object()  # a handler's answer meaning: close the connection, send nothing
+DEPLOYED_MODEL = "x-fake-deployed-model"  # (internal) the model a deployment's request reaches
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -87,6 +94,12 @@ class Faults:
     ignore_metadata_filter: bool = False  # as some API-compatible servers do: list all jobs
     # the next N cancels arrive only once their job has finished: it succeeds, billed in full
     finish_before_cancel: int = 0
+    # every job create refused as a provider that no longer trains answers: "403" (permission
+    # denied) or "400" (the model cannot be fine-tuned); "" takes jobs
+    refuse_jobs: str = ""
+    pause_jobs: frozenset[int] = frozenset()  # creation numbers of jobs the system pauses ...
+    pause_at_step: int = 1  # ... once this step is done ...
+    pause_s: float = 0.0  # ... for this span of the server clock, then resumes
     seed: int = 0
 
 
@@ -137,6 +150,8 @@ class Job:
     steps_per_epoch: int
     invalid_reason: str | None = None  # the training file breaks a rule: fails validation
     fail_at_step: int | None = None
+    pause_at_step: int | None = None  # paused by the system after this step (Faults.pause_jobs)
+    pause_s: float = 0.0
     cancel_at: float | None = None  # server time when a requested cancel lands
     status: str = "validating_files"
     steps_done: int = 0
@@ -148,6 +163,7 @@ class Job:
     events: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     last_metrics: dict[str, float] = field(default_factory=dict)
+    pause_seen: bool = False  # its pause began (events said so)
     method: str = "supervised"  # or "dpo": preference tuning
     beta: float | None = None  # dpo: how far the model may move from its base
     rejected: list[str] = field(default_factory=list)  # dpo: each example's non-preferred answer
@@ -402,6 +418,13 @@ class FakeOpenAI:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.chat_requests: list[dict[str, Any]] = []
         self.responses: list[int] = []  # status of every answer sent, in order
+        self.job_requests: list[dict[str, Any]] = []  # the body of every job create, in order
+        self.key_headers: list[str] = []  # the header each request's key came in, in order
+        # Azure OpenAI deployments: name -> the fine-tuned model it serves. With auto_deploy
+        # set, each job that succeeds is deployed under that name, replacing the model before
+        # (as a user's script that deploys each new model would)
+        self.deployments: dict[str, str] = {}
+        self.auto_deploy: str | None = None
 
     def _id(self, prefix: str) -> str:
         salt = hashlib.sha1(str(time.time()).encode()).hexdigest()[:10]
@@ -423,11 +446,14 @@ class FakeOpenAI:
         with self.lock:
             self.requests.append((method, path))
             key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            self.key_headers.append("api-key" if headers.get("api-key") else "authorization")
             if not key or (self.api_key is not None and key != self.api_key):
                 raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
-            if deployment:
+            if deployment and deployment.group(1) not in self.deployments:
                 message = f"The API deployment {deployment.group(1)} does not exist."
                 raise ApiError(404, message, "DeploymentNotFound")
+            if deployment:  # answers as the model deployed under that name
+                headers = {**headers, DEPLOYED_MODEL: self.deployments[deployment.group(1)]}
             draw = self.rng.random()
             if draw < self.faults.rate_limit_rate:
                 raise ApiError(429, "Rate limit reached (injected).", "rate_limit_exceeded")
@@ -475,9 +501,12 @@ class FakeOpenAI:
     # jobs --------------------------------------------------------------------------------------
     def create_job(self, query, body, headers):
         request = json.loads(body or b"{}")
+        self.job_requests.append(request)
         model = request.get("model")
         if not model:
             raise ApiError(400, "Missing required parameter: 'model'.", param="model")
+        if self.faults.refuse_jobs:
+            raise _refusal(self.faults.refuse_jobs, str(model))
         training = self._file(str(request.get("training_file")))
         validation_id = request.get("validation_file")
         if validation_id:
@@ -510,6 +539,8 @@ class FakeOpenAI:
             steps_per_epoch=steps_per_epoch,
             invalid_reason=invalid or None,
             fail_at_step=(steps_per_epoch * n_epochs) // 2 + 1 if fails else None,
+            pause_at_step=self.faults.pause_at_step if number in self.faults.pause_jobs else None,
+            pause_s=self.faults.pause_s,
             method=method,
             beta=beta,
             rejected=rejected,
@@ -636,7 +667,14 @@ class FakeOpenAI:
         if job.status == "queued":
             job.status = "running"
             self._event(job, "Fine-tuning job started")
-        steps = (elapsed - t.validate_s - t.queue_s) / t.step_s
+        training = elapsed - t.validate_s - t.queue_s
+        pause_from = math.inf if job.pause_at_step is None else job.pause_at_step * t.step_s
+        resumed = training >= pause_from + job.pause_s
+        if resumed:  # the pause took no training time
+            training -= job.pause_s
+        steps = (training if resumed else min(training, pause_from)) / t.step_s
+        if job.status == "paused" and resumed:  # its span is over: it trains on
+            self._resume(job)
         target = job.total_steps if steps >= job.total_steps else int(steps)
         while job.steps_done < target:
             job.steps_done += 1
@@ -653,8 +691,22 @@ class FakeOpenAI:
                 )
                 return
             self._step_event(job, step)
+            if step == job.pause_at_step and not job.pause_seen:
+                self._pause(job)
+                if resumed:  # a read long after: the whole pause lies behind it
+                    self._resume(job)
         if job.steps_done >= job.total_steps:
             self._succeed(job)
+
+    def _pause(self, job: Job) -> None:
+        job.status, job.pause_seen = "paused", True
+        self.log(f"job {job.number} {job.id} paused by the system at step {job.steps_done}")
+        self._event(job, "Fine-tuning job paused: training capacity was pre-empted")
+
+    def _resume(self, job: Job) -> None:
+        job.status = "running"
+        self.log(f"job {job.number} {job.id} resumed at step {job.steps_done}")
+        self._event(job, "Fine-tuning job resumed")
 
     def _step_event(self, job: Job, step: int) -> None:
         noise = 0.04 * (_unit(job.recipe, step) - 0.5) * (8 / job.batch_size) ** 0.5
@@ -711,6 +763,8 @@ class FakeOpenAI:
         job.fine_tuned_model = self._model_name(job)
         job.trained_tokens = job.file_tokens * job.n_epochs
         self._event(job, f"New fine-tuned model created: {job.fine_tuned_model}")
+        if self.auto_deploy:
+            self.deployments[self.auto_deploy] = job.fine_tuned_model
         self._finish(job, "succeeded", None)
         self._event(job, "The job has successfully completed")
 
@@ -723,7 +777,7 @@ class FakeOpenAI:
     # chat --------------------------------------------------------------------------------------
     def chat(self, query, body, headers):
         request = json.loads(body or b"{}")
-        model = str(request.get("model", ""))
+        model = headers.get(DEPLOYED_MODEL) or str(request.get("model", ""))
         messages = request.get("messages") or []
         if not messages:
             raise ApiError(400, "'messages' must be a non-empty array", param="messages")
@@ -790,6 +844,22 @@ class FakeOpenAI:
         (r"/v1/fine_tuning/jobs/([\w-]+)/checkpoints", "GET", list_checkpoints),
         (r"/v1/chat/completions", "POST", chat),
     ]
+
+
+def _refusal(kind: str, model: str) -> ApiError:
+    """What a provider that no longer takes fine-tuning jobs answers a create. The bodies are
+    modelled, not captured: OpenAI's 403 once fine-tuning was closed to an organisation (users
+    reported a permission-denied answer; its exact message is not published), and the 400 it
+    has long given for a model that cannot be fine-tuned (openai-cookbook issue 657)."""
+    if kind == "403":
+        return ApiError(
+            403,
+            "Your organization does not have access to fine-tuning: new fine-tuning jobs are "
+            "no longer accepted.",
+            "fine_tuning_not_available",
+        )
+    message = f"Model {model} is not available for fine-tuning or does not exist."
+    return ApiError(400, message, "model_not_available", "model")
 
 
 def _hyperparameters(request: Mapping[str, Any]) -> tuple[int, int, float]:
@@ -1031,6 +1101,20 @@ def _serve_options(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-failure-rate", type=float, default=0.0, help="jobs that fail")
     parser.add_argument("--drop-creates", type=int, default=0, help="job creates left unanswered")
     parser.add_argument("--plain-results", action="store_true", help="result CSV not base64")
+    parser.add_argument(
+        "--refuse-jobs",
+        choices=("403", "400"),
+        default="",
+        help="refuse every job create as a provider that no longer trains: 403 (permission "
+        "denied) or 400 (the model cannot be fine-tuned)",
+    )
+    parser.add_argument(
+        "--pause-jobs",
+        default="",
+        help="creation numbers (1,2,...) of jobs the system pauses, as Azure's Developer tier may",
+    )
+    parser.add_argument("--pause-at-step", type=int, default=1, help="... after this step")
+    parser.add_argument("--pause-seconds", type=float, default=5.0, help="... for this long")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -1049,6 +1133,10 @@ def _api_from_options(options: argparse.Namespace) -> FakeOpenAI:
             rate_limit_rate=options.rate_limit_rate,
             job_failure_rate=options.job_failure_rate,
             drop_create_responses=options.drop_creates,
+            refuse_jobs=options.refuse_jobs,
+            pause_jobs=frozenset(int(n) for n in options.pause_jobs.split(",") if n.strip()),
+            pause_at_step=options.pause_at_step,
+            pause_s=options.pause_seconds,
             seed=options.seed,
         ),
         api_key=options.api_key,

@@ -314,13 +314,13 @@ class TestJobSafety:
         assert result.metrics["eval/loss"] > 0
 
     def test_result_rows_fill_steps_the_events_missed(self, openai_cfg, fake_openai):
-        from harness.backends.openai_ft import _Follower
+        from harness.backends.openai_follow import Follower
 
         cfg = openai_cfg()
         backend = make_backend(cfg)
         prepared = backend.describe(cfg, load_dataset(cfg.data))
         reporter = RecordingReporter("eval/loss")
-        follower = _Follower(backend, "ftjob-x", reporter, cfg, prepared)
+        follower = Follower(backend, "ftjob-x", reporter, cfg, prepared)
         follower.reported_steps = {1}
         follower.report_result_rows(
             "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
@@ -718,17 +718,25 @@ class TestCrashAndSecrets:
         assert mlruns["trial-0001"].data.tags["openai.reattached"] == "true"
         assert crashed_job.status == "succeeded"
 
-    def test_api_key_appears_in_no_record_or_output(self, fake_openai, runs, make_cfg):
+    @pytest.mark.parametrize("provider", ["openai", "azure"])
+    def test_api_key_appears_in_no_record_or_output(self, fake_openai, runs, make_cfg, provider):
         secret = "sk-test-DoNotLeak-7f3a9c1e5b"
         fake_openai.api.api_key = secret  # the fake refuses any other key: it was really sent
         fake_openai.api.faults.fail_jobs = frozenset({2})  # error paths print too
-        env = cli_env(OPENAI_API_KEY=secret)
-        command = self.sweep_command(fake_openai, runs, *QUICK)
+        azure = provider == "azure"
+        endpoint = fake_openai.base_url.removesuffix("/v1")
+        where = ["backend=azure_openai", f"backend.azure_endpoint={endpoint}"] if azure else []
+        env = cli_env(**{"AZURE_OPENAI_API_KEY" if azure else "OPENAI_API_KEY": secret})
+        command = self.sweep_command(fake_openai, runs, *QUICK, *where)
         result = run_cli(*command, env=env, timeout=240)
         assert result.returncode == 1, result.stdout + result.stderr  # a failed trial: short
         assert "COMPLETE" in result.stdout and "FAIL" in result.stdout
+        # Azure takes its key in the api-key header, OpenAI in Authorization: Bearer
+        assert set(fake_openai.api.key_headers) == {"api-key" if azure else "authorization"}
         printed = run_cli(*command, "--cfg", "job", env=env, timeout=60)
-        validated = run_cli("validate", "study=tickets_openai", runs=runs, env=env, timeout=60)
+        validated = run_cli(
+            "validate", "study=tickets_openai", *where, runs=runs, env=env, timeout=60
+        )
         assert validated.returncode == 0, validated.stderr
         assert "cost per trial shape" in validated.stdout and "budget $2.00" in validated.stdout
         for output in (result, printed, validated):
@@ -737,7 +745,7 @@ class TestCrashAndSecrets:
         assert any(p.name == "mlflow.db" for p in stored) and len(stored) > 10
         for path in stored:  # the MLflow store, its artifacts, the Optuna journal, caches
             assert secret.encode() not in path.read_bytes(), path
-        cfg = make_cfg("study=tickets_openai")
+        cfg = make_cfg("study=tickets_openai", *where)
         _, mlruns = mlflow_runs(cfg)
         for run in mlruns.values():
             values = [*run.data.params.values(), *run.data.tags.values()]

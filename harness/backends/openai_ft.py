@@ -1,23 +1,31 @@
-"""Hosted fine-tuning trials through the OpenAI API (or any server that speaks it, or Azure).
+"""Hosted fine-tuning trials through the OpenAI fine-tuning API: OpenAI, any server that speaks
+it (``backend.base_url``), and Azure OpenAI (``backend=azure_openai``: the same API and jobs, its
+training tier sent as ``trainingType``, its fine-tuned models answering through a deployment).
 
-Per study (``prepare``): the data become chat rows, are checked as the API would check them,
-counted with tiktoken, and uploaded once per study and content (the file name carries the content
-hash, so a resumed study or another host finds the upload instead of repeating it).
+Per study (``prepare``): the data become chat rows (preference pairs: DPO rows), are checked as
+the API would check them, counted with tiktoken, and uploaded once per study and content (the file
+name carries the content hash, so a resumed study or another host finds the upload instead of
+repeating it).
 
-Per trial (``run``): one supervised job with the trial's ``n_epochs``, ``batch_size`` and
-``learning_rate_multiplier``, its seed, a suffix naming study and trial, and the trial's key in
-its metadata. Before creating a job, the backend looks for one carrying that key: the SDK's own
-retries are off for the create (they send no idempotency key, so a create whose response was lost
-would be paid twice), and a study resumed after a crash finds the job its dead process started.
-The job is followed with backoff; its metrics events go to the reporter at their steps, and the
+Per trial (``run``): one job, supervised or DPO (``train.method``; ``openai_dpo``), with the
+trial's ``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` (and DPO's beta), its seed, a
+suffix naming study and trial, and the trial's key in its metadata. Before creating a job, the
+backend looks for one carrying that key: the SDK's own retries are off for the create (they send
+no idempotency key, so a create whose response was lost would be paid twice), and a study resumed
+after a crash finds the job its dead process started. A create the provider refuses for every
+trial (OpenAI takes no new fine-tuning jobs from 2027-01-06) stops the study (``openai_refusal``).
+The job is followed with backoff (``openai_follow``: a paused job is followed on, its pause kept
+out of the trial's time); its metrics events go to the reporter at their steps, and the
 validation loss at each epoch end is the evaluation Optuna may prune on, which cancels the job.
 A succeeded job's model is evaluated on the test split through chat completions at temperature 0,
-by the same metric code as the local backend.
+by the same metric code as the local backend; a DPO model first on the validation pairs, where
+the study optimizes how often its answers come closer to the preferred one.
 
 Spend is what the provider billed: a trial that ends any other way (pruned, Ctrl-C, a failed job,
-lost contact) cancels its job and reads it back until it is over, then reports the job's own
-``trained_tokens`` x price as its ``cost_usd``. A job that finished before the cancel landed
-billed every epoch, however early its trial stopped following it.
+lost contact, a pause past backend.max_pause_hours) cancels its job and reads it back until it is
+over, then reports the job's own ``trained_tokens`` x price as its ``cost_usd``. A job that
+finished before the cancel landed billed every epoch, however early its trial stopped following
+it.
 
 The API key comes from the environment (``backend.api_key_env``) or a file
 (``backend.api_key_file``), never from the config, so it cannot reach a logged config.
@@ -25,19 +33,15 @@ The API key comes from the environment (``backend.api_key_env``) or a file
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import logging
-import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +55,27 @@ from harness.backends.base import (
     TrialResult,
     TrialSpec,
     check_training_method,
+    optimized_metrics,
 )
 from harness.backends.hosted import (
+    Answer,
     ApiKey,
-    Billing,
     HostedJobError,
     RefusedApiKeyError,
     Scoring,
     chat_completer,
     record_billing,
+    score_chats,
     score_test_split,
 )
+from harness.backends.openai_dpo import base_model, check_beta, method_json
+from harness.backends.openai_follow import (
+    TERMINAL,
+    Follower,
+    decode_result_file,
+    transient_errors,
+)
+from harness.backends.openai_refusal import refusal_or_none
 from harness.chat_data import (
     Chat,
     TokenCounts,
@@ -69,37 +83,18 @@ from harness.chat_data import (
     check_examples,
     to_chats,
     to_jsonl,
+    to_preference_jsonl,
     token_limit,
 )
 from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
+from harness.metrics import GENERATED_TEXT_METRICS
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 REPORTED_METRICS = ("eval/loss", "eval/token_accuracy", "eval/perplexity")
-MAX_EVENT_PAGES = 1000  # x 100 events: more than any job's steps
-# a job's per-step metrics (events' data, or the result CSV's columns) -> our metric names
-STEP_METRICS = {
-    "train_loss": "train/loss",
-    "train_mean_token_accuracy": "train/token_accuracy",
-    "train_accuracy": "train/token_accuracy",  # the result CSV's name for it
-    "valid_loss": "valid/batch_loss",
-    "valid_mean_token_accuracy": "valid/batch_token_accuracy",
-}
 # what a job's hyperparameters may be, by the fine-tuning API (n_epochs 1-50, batch_size 1-256)
 API_LIMITS: dict[str, Limit] = {"train.epochs": (1, 50), "train.batch_size": (1, 256)}
-
-
-def transient_errors() -> tuple[type[Exception], ...]:
-    """Errors worth retrying: the connection (timeouts too), the server, rate limits, conflicts."""
-    import openai
-
-    return (
-        openai.APIConnectionError,  # includes APITimeoutError
-        openai.InternalServerError,
-        openai.RateLimitError,
-        openai.ConflictError,
-    )
+PROVIDERS = ("openai", "azure_openai")  # backend.provider: whose API the client speaks
 
 
 @dataclass
@@ -116,6 +111,7 @@ class Prepared:
     usd_per_token: float
     max_answer_tokens: int
     n_train: int  # training examples: steps per epoch = ceil(n_train / batch_size)
+    validation: list[Chat] = field(default_factory=list)  # scored after a DPO job succeeds
 
 
 class OpenAIBackend:
@@ -124,10 +120,13 @@ class OpenAIBackend:
     def __init__(  # no defaults: conf/backend/openai.yaml holds each value and says what it is
         self,
         *,
+        provider: str,
         model: str,
         base_url: str | None,
         azure_endpoint: str | None,
         api_version: str | None,
+        training_type: str | None,
+        azure_deployment: str | None,
         api_key_env: str,
         api_key_file: str | None,
         organization: str | None,
@@ -135,6 +134,7 @@ class OpenAIBackend:
         poll_interval_s: float,
         max_poll_interval_s: float,
         max_job_hours: float,
+        max_pause_hours: float,
         request_retries: int,
         request_timeout_s: float,
         create_attempts: int,
@@ -146,16 +146,21 @@ class OpenAIBackend:
         prices_per_1m_training_tokens: Mapping[str, float],
         example_token_limits: Mapping[str, int],
     ) -> None:
+        self.provider = provider
         self.model = model
         self.base_url = base_url
         self.azure_endpoint = azure_endpoint
         self.api_version = api_version
-        self.key = ApiKey(api_key_env, api_key_file, base_url)
+        self.training_type = training_type
+        self.azure_deployment = azure_deployment
+        # a loopback Azure endpoint (the fake) is sent a placeholder key, as a loopback base_url
+        self.key = ApiKey(api_key_env, api_key_file, base_url or azure_endpoint)
         self.organization = organization
         self.system_prompt = system_prompt
         self.poll_interval_s = poll_interval_s
         self.max_poll_interval_s = max_poll_interval_s
         self.max_job_s = max_job_hours * 3600
+        self.max_pause_s = max_pause_hours * 3600
         self.request_retries = request_retries
         self.request_timeout_s = request_timeout_s
         self.create_attempts = max(1, create_attempts)
@@ -173,6 +178,7 @@ class OpenAIBackend:
     def check_credentials(self) -> None:
         """A sweep's first check, before anything is written or counted: no key, or one the
         provider refuses, is a one-line error saying where the key was read from."""
+        self.check_provider()
         self.api_key()
         self._check_key_accepted()
 
@@ -198,18 +204,53 @@ class OpenAIBackend:
             pass
 
     @property
+    def azure(self) -> bool:
+        return self.provider == "azure_openai" or bool(self.azure_endpoint)
+
+    def check_provider(self) -> None:
+        """Azure OpenAI's settings are complete, and only Azure's are set for Azure: a
+        ConfigError before any request otherwise."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"backend.provider={self.provider!r}: choose {' or '.join(PROVIDERS)} "
+                "(conf/backend/openai.yaml, conf/backend/azure_openai.yaml)"
+            )
+        if self.provider == "azure_openai" and not self.azure_endpoint:
+            raise ConfigError(
+                "backend.azure_endpoint is null: backend=azure_openai needs the resource's "
+                "endpoint, e.g. backend.azure_endpoint=https://NAME.openai.azure.com (Azure "
+                "portal: the resource's Keys and Endpoint page)"
+            )
+        if self.azure and not self.api_version:
+            raise ConfigError(
+                "backend.api_version is null: Azure OpenAI needs an API version, e.g. "
+                "backend.api_version=2025-04-01-preview"
+            )
+        for key, value in (
+            ("training_type", self.training_type),
+            ("azure_deployment", self.azure_deployment),
+        ):
+            if value and not self.azure:
+                raise ConfigError(
+                    f"backend.{key}={value!r} is Azure OpenAI's setting: use backend=azure_openai "
+                    f"(with backend.azure_endpoint), or set backend.{key}=null"
+                )
+
+    @property
     def client(self) -> Any:
         if self._client is None:
             import openai
+
+            self.check_provider()
 
             options: dict[str, Any] = {
                 "api_key": self.api_key(),
                 "max_retries": self.request_retries,
                 "timeout": self.request_timeout_s,
             }
-            if self.azure_endpoint:
+            if self.azure:
                 self._client = openai.AzureOpenAI(
-                    azure_endpoint=self.azure_endpoint, api_version=self.api_version, **options
+                    azure_endpoint=str(self.azure_endpoint), api_version=self.api_version, **options
                 )
             else:
                 self._client = openai.OpenAI(
@@ -219,10 +260,13 @@ class OpenAIBackend:
 
     # what it declares ---------------------------------------------------------------------
     def tunable_keys(self, cfg: DictConfig) -> frozenset[str]:
-        """The job's hyperparameters: all a hosted job lets a trial choose."""
-        return frozenset({"train.epochs", "train.batch_size", "train.learning_rate_multiplier"})
+        """The job's hyperparameters: all a hosted job lets a trial choose (and DPO's beta)."""
+        keys = {"train.epochs", "train.batch_size", "train.learning_rate_multiplier"}
+        return frozenset(keys | ({"train.dpo_beta"} if str(cfg.train.method) == "dpo" else set()))
 
     def hard_limits(self) -> dict[str, Limit]:
+        """The API's limits of the keys every config may tune. DPO's beta, tunable under
+        train.method=dpo only, is held to the API's (0, 2] by check_config instead."""
         return dict(API_LIMITS)
 
     def eval_metrics(self, task: str) -> tuple[str, ...]:
@@ -231,17 +275,21 @@ class OpenAIBackend:
         return REPORTED_METRICS
 
     def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
-        """None: the provider evaluates while its job trains; generated-text metrics come after
-        the job, on the test split only."""
-        return ()
+        """A preference model's answers on the validation split (eval/preferred_rate,
+        eval/rouge_l), scored once its DPO job succeeded, at the job's last step: the provider's
+        DPO loss says little of what users prefer. Other tasks: none (the provider evaluates
+        while its job trains; generated-text metrics come on the test split)."""
+        return GENERATED_TEXT_METRICS.get(task, ()) if task == "preference" else ()
 
     # once per study -------------------------------------------------------------------------
     def prepare(self, cfg: DictConfig, dataset: Dataset) -> Prepared:
         prepared = self.describe(cfg, dataset)
         chats = to_chats(dataset, self.system_prompt)
         uploaded = {}
+        # preference pairs go up as DPO rows; the name's hash tells the two kinds apart
+        write = to_preference_jsonl if dataset.task == "preference" else to_jsonl
         for split in ("train", "validation"):
-            content = to_jsonl(chats[split])
+            content = write(chats[split])
             name = f"harness-{cfg.name}-{split}-{hashlib.sha256(content).hexdigest()[:16]}.jsonl"
             uploaded[split] = self._upload(name, content)
         prepared.training_file = uploaded["train"]
@@ -253,15 +301,16 @@ class OpenAIBackend:
         ``harness validate`` shows and ``prepare`` uploads."""
         encoding, limit = self._encoding(cfg), token_limit(self.token_limits, self.model)
         chats = to_chats(dataset, self.system_prompt)
+        keep = self.eval_max_examples or None
         counts = {
             split: check_chats(rows, split, encoding, limit, self._counted)
             for split, rows in chats.items()
         }
         try:
-            usd_per_token = price_per_token(self.prices, self.model)
+            usd_per_token = price_per_token(self.prices, base_model(self.model))
         except KeyError:
             raise ConfigError(
-                f"no training price for model {self.model!r}: add it to "
+                f"no training price for model {base_model(self.model)!r}: add it to "
                 f"backend.prices_per_1m_training_tokens (USD per 1M training tokens; 0 for a "
                 "free server)"
             ) from None
@@ -271,16 +320,29 @@ class OpenAIBackend:
             labels=list(dataset.labels),
             training_file="",
             validation_file="",
-            test=chats["test"][: self.eval_max_examples or None],
+            test=chats["test"][:keep],
             file_tokens=sum(counts["train"]),
             tokens_note=encoding.note,
             usd_per_token=usd_per_token,
             max_answer_tokens=max(answers) + 8,
             n_train=len(chats["train"]),
+            validation=chats["validation"][:keep],
         )
 
     def check_config(self, cfg: DictConfig, searched: frozenset[str]) -> None:
-        check_training_method(cfg, self.name, ("sft",))
+        self.check_provider()
+        check_training_method(cfg, self.name, ("sft", "dpo"))
+        check_beta(cfg, searched)
+        wanted = set(self.eval_metrics_on_demand(str(cfg.data.task))) & {
+            str(cfg.sweep.metric),
+            *cfg.sweep.objectives,
+        }
+        if wanted and self.azure and not self.azure_deployment:
+            raise ConfigError(
+                f"{sorted(wanted)[0]} is measured on the fine-tuned model's answers, which Azure "
+                "OpenAI serves only through a deployment: set backend.azure_deployment, or "
+                "optimize eval/loss"
+            )
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
         """The API's rules per example (an assistant answer, no empty message, the model's token
@@ -313,7 +375,7 @@ class OpenAIBackend:
         cfg, prepared = spec.config, spec.prepared
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
-        follower = _Follower(self, job.id, reporter, cfg, prepared)
+        follower = Follower(self, job.id, reporter, cfg, prepared)
         try:  # from here on, any way out but success cancels the job: nobody would follow it
             reporter.set_tags(
                 {
@@ -324,11 +386,13 @@ class OpenAIBackend:
                 }
             )
             job = follower.follow()
-        except BaseException:  # pruned, Ctrl-C, lost contact, a tracking error
+        except BaseException:  # pruned, Ctrl-C, lost contact, paused too long, tracking
             # cancelled, as nobody would follow it; the trial keeps what the job billed, which
             # is all of it where the job finished before the cancel landed
+            _tag_pause(reporter, follower.paused_seconds())
             record_billing(reporter, follower.billing(self._cancel_and_read_back(job.id)))
             raise
+        _tag_pause(reporter, follower.paused_seconds())
         if job.status != "succeeded":
             error = job.error
             code = getattr(error, "code", None) or "no code"
@@ -336,7 +400,13 @@ class OpenAIBackend:
             reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
             record_billing(reporter, follower.billing(job))
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
-        return self._results(spec, reporter, job, follower)
+        result = self._results(spec, reporter, job, follower)
+        # the time the provider held the job paused: the study leaves it out of the trial's
+        # train/seconds (its capacity, not the trial's cost in time)
+        paused = follower.paused_seconds()
+        if paused:
+            result.metrics["paused_seconds"] = paused
+        return result
 
     def _find_job(self, key: str) -> Any:
         """A job carrying this trial key that is not failed or cancelled, or None. The key is
@@ -379,26 +449,32 @@ class OpenAIBackend:
 
     def _create_job(self, cfg: DictConfig, prepared: Prepared, number: int, key: str) -> Any:
         """One create request, not retried by the SDK (it would send no idempotency key)."""
-        hyperparameters = {
-            "n_epochs": int(cfg.train.epochs),
-            "batch_size": int(cfg.train.batch_size),
-            "learning_rate_multiplier": float(cfg.train.learning_rate_multiplier),
-        }
         suffix = re.sub(r"[^a-zA-Z0-9-]", "-", f"{cfg.name}-t{number}")[-40:].strip("-")
         metadata = {
             "harness_study": str(cfg.name)[:512],
             "harness_trial": str(number),
             "harness_trial_key": key,
         }
-        return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
-            model=self.model,
-            training_file=prepared.training_file,
-            validation_file=prepared.validation_file,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-            seed=int(cfg.seed),
-            suffix=suffix or None,
-            metadata=metadata,
-        )
+        import openai
+
+        # Azure's training tier is a top-level create field the OpenAI SDK does not know
+        extra = {"trainingType": self.training_type} if self.azure and self.training_type else None
+        try:
+            return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
+                model=self.model,
+                training_file=prepared.training_file,
+                validation_file=prepared.validation_file,
+                method=method_json(cfg),
+                seed=int(cfg.seed),
+                suffix=suffix or None,
+                metadata=metadata,
+                extra_body=extra,
+            )
+        except openai.APIStatusError as exc:
+            refused = refusal_or_none(exc, self.azure)
+            if refused is not None:  # every next trial would get the same answer
+                raise refused from None
+            raise
 
     def abandon(self, key: str) -> float | None:
         """Cancels the job of a trial that will not be followed again (its process died and no
@@ -412,7 +488,7 @@ class OpenAIBackend:
             job = self._cancel_and_read_back(job.id) or job
         if job.status not in TERMINAL or job.trained_tokens is None:
             return None
-        usd = float(job.trained_tokens * price_per_token(self.prices, self.model))
+        usd = float(job.trained_tokens * price_per_token(self.prices, base_model(self.model)))
         logging.getLogger("harness").warning(
             "the job %s of an abandoned trial (key %s) ended %s: billed %d tokens, $%.4f",
             job.id,
@@ -463,9 +539,9 @@ class OpenAIBackend:
         return job
 
     def _results(
-        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: _Follower
+        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower
     ) -> TrialResult:
-        cfg, prepared = spec.config, spec.prepared
+        prepared = spec.prepared
         spec.workdir.mkdir(parents=True, exist_ok=True)
         artifacts, checkpoints = self._job_files(spec, job, follower)
         bill = follower.billing(job)
@@ -476,28 +552,22 @@ class OpenAIBackend:
                 "openai.checkpoints": ",".join(str(c["model"]) for c in checkpoints)[:4000],
             }
         )
+        ask = self._answerer(spec, reporter, str(job.fine_tuned_model))
+        evaluation: dict[str, float] = {}
         test: dict[str, float] = {}
-        if self.azure_endpoint:  # Azure serves a fine-tuned model only once it is deployed
-            reporter.set_tags(
-                {
-                    "harness.test_skipped": "Azure OpenAI needs a deployment of the fine-tuned "
-                    "model before it answers; deploy it and score it with harness train"
-                }
-            )
-        else:
-            limit = (
-                prepared.max_answer_tokens
-                if prepared.task == "classification"
-                else int(cfg.train.max_new_tokens)
-            )
-            ask = chat_completer(self.client, str(job.fine_tuned_model), limit, int(cfg.seed))
+        if ask is not None:
+            try:
+                evaluation = self._validation_scores(spec, reporter, ask, follower.last_step)
+            except BaseException:  # pruned at it, or Ctrl-C: the job billed in full
+                record_billing(reporter, bill)
+                raise
             scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
-            test, scored = score_test_split(
-                ask, scoring, spec.workdir, f"{cfg.name} trial {spec.number}"
-            )
+            title = f"{spec.config.name} trial {spec.number}"
+            test, scored = score_test_split(ask, scoring, spec.workdir, title)
             artifacts += scored
         metrics = {
             **follower.final_eval,
+            **evaluation,
             **test,
             "cost_usd": bill.usd,
             "trained_tokens": float(bill.tokens),
@@ -506,12 +576,72 @@ class OpenAIBackend:
             "id": str(job.fine_tuned_model),
             "job_id": str(job.id),
             "base_model": self.model,
-            "provider": "azure-openai" if self.azure_endpoint else "openai-api",
+            "provider": "azure-openai" if self.azure else "openai-api",
         }
         return TrialResult(metrics, artifacts, None, follower.last_step, hosted)
 
+    def _answerer(
+        self, spec: TrialSpec, reporter: Reporter, model: str
+    ) -> Callable[[Chat], Answer] | None:
+        """What asks the fine-tuned model one prompt, through chat completions at temperature
+        0; None where it cannot be asked (the run's tag says why). Azure serves a fine-tuned
+        model only once it is deployed: it is asked through backend.azure_deployment, and only
+        where that deployment answers as this trial's model (another trial's, or a base
+        model, would score the wrong model)."""
+        cfg, prepared = spec.config, spec.prepared
+        limit = (
+            prepared.max_answer_tokens
+            if prepared.task == "classification"
+            else int(cfg.train.max_new_tokens)
+        )
+        skipped = ""
+        if self.azure and not self.azure_deployment:
+            skipped = (
+                "Azure OpenAI needs a deployment of the fine-tuned model before it answers; "
+                "deploy it and set backend.azure_deployment, or score it with harness train"
+            )
+        elif self.azure:
+            served = self._deployed_model(str(self.azure_deployment), limit, int(cfg.seed))
+            if served and served != model:
+                skipped = (
+                    f"the deployment {self.azure_deployment} (backend.azure_deployment) serves "
+                    f"{served}, not this trial's model {model}: deploy it there to score it"
+                )
+        if skipped:
+            reporter.set_tags({"harness.test_skipped": skipped})
+            return None
+        asked = self.azure_deployment if self.azure else model
+        return chat_completer(self.client, str(asked), limit, int(cfg.seed))
+
+    def _validation_scores(
+        self, spec: TrialSpec, reporter: Reporter, ask: Callable[[Chat], Answer], step: int
+    ) -> dict[str, float]:
+        """A preference model's eval/preferred_rate and eval/rouge_l on the validation split,
+        reported at the job's last step, where the study optimizes one (they cost a chat
+        request per pair): the evaluation a DPO study is judged and pruned by."""
+        prepared = spec.prepared
+        wanted = self.eval_metrics_on_demand(prepared.task)
+        if not prepared.validation or not set(wanted) & optimized_metrics(spec):
+            return {}
+        scoring = Scoring(prepared.task, [], prepared.validation, self.eval_concurrency)
+        scores, _ = score_chats(ask, scoring)
+        evaluation = {name: scores[name.removeprefix("eval/")] for name in wanted}
+        reporter.report(step, evaluation)  # may raise TrialPruned
+        return evaluation
+
+    def _deployed_model(self, deployment: str, max_tokens: int, seed: int) -> str:
+        """The model an Azure deployment answers as (its answers' ``model`` field)."""
+        answer = self.client.chat.completions.create(
+            model=deployment,
+            messages=[{"role": "user", "content": "ping"}],
+            temperature=0,
+            max_tokens=max_tokens,
+            seed=seed,
+        )
+        return str(answer.model or "")
+
     def _job_files(
-        self, spec: TrialSpec, job: Any, follower: _Follower
+        self, spec: TrialSpec, job: Any, follower: Follower
     ) -> tuple[list[Path], list[dict[str, Any]]]:
         """The job's result CSV (its rows reported where no event did) and its checkpoints,
         written to the trial's folder: (the files, the checkpoints)."""
@@ -538,173 +668,10 @@ class OpenAIBackend:
         return artifacts, checkpoints
 
 
-class _Follower:
-    """Polls one job to its end, passing its metrics events to the reporter in step order."""
-
-    def __init__(
-        self,
-        backend: OpenAIBackend,
-        job_id: str,
-        reporter: Reporter,
-        cfg: DictConfig,
-        prepared: Prepared,
-    ) -> None:
-        self.backend, self.job_id, self.reporter = backend, job_id, reporter
-        self.prepared = prepared
-        self.estimated_tokens = int(cfg.train.epochs) * prepared.file_tokens
-        # until an event says otherwise: what the API's own arithmetic gives
-        batches = -(-prepared.n_train // int(cfg.train.batch_size))
-        self.expected_steps = int(cfg.train.epochs) * batches
-        reporter.set_total_steps(self.expected_steps)
-        self.seen: set[str] = set()
-        self.reported_steps: set[int] = set()
-        self.last_step = 0
-        self.total_steps = 0
-        self.final_eval: dict[str, float] = {}
-
-    def follow(self) -> Any:
-
-        transient = transient_errors()
-        backend = self.backend
-        delay = backend.poll_interval_s
-        deadline = time.monotonic() + backend.max_job_s
-        failures = 0
-        status = "unknown"
-        while True:
-            try:
-                # status first, then events: a finished job's events are all there by then
-                job = backend.client.fine_tuning.jobs.retrieve(self.job_id)
-                progressed = self._read_events()
-                failures, status = 0, job.status
-            except transient as exc:
-                failures += 1
-                if failures >= backend.poll_failures:
-                    raise HostedJobError(
-                        f"lost contact with fine-tuning job {self.job_id}: {failures} polls "
-                        f"failed in a row, the last with {type(exc).__name__}: {exc}"
-                    ) from exc
-                progressed = False
-            else:
-                if status in TERMINAL:
-                    return job
-            if time.monotonic() > deadline:
-                raise HostedJobError(
-                    f"fine-tuning job {self.job_id} still {status} after "
-                    f"{backend.max_job_s / 3600:g} h (backend.max_job_hours): cancelled"
-                )
-            time.sleep(delay)
-            delay = (
-                backend.poll_interval_s
-                if progressed
-                else min(backend.max_poll_interval_s, delay * 1.5)
-            )
-
-    def _read_events(self) -> bool:
-        """Reports metrics events not seen before, oldest first. Events come newest first, a
-        page at a time: read pages until one holds an event already seen."""
-        fresh = []
-        page = self.backend.client.fine_tuning.jobs.list_events(self.job_id, limit=100)
-        for _ in range(MAX_EVENT_PAGES):  # bounded, should a server repeat a page
-            for event in page.data:
-                if event.id in self.seen:
-                    break
-                fresh.append(event)
-            else:
-                if page.has_more and page.data:
-                    page = self.backend.client.fine_tuning.jobs.list_events(
-                        self.job_id, limit=100, after=page.data[-1].id
-                    )
-                    continue
-            break
-        metrics = [e.data for e in fresh if e.type == "metrics" and isinstance(e.data, dict)]
-        for data in sorted(metrics, key=lambda d: int(d.get("step", 0))):
-            self._report(data)
-        self.seen.update(e.id for e in fresh)
-        return bool(fresh)
-
-    def _report(self, data: Mapping[str, Any]) -> None:
-        step = int(data["step"])
-        total = int(data.get("total_steps") or self.total_steps)
-        if total and total != (self.total_steps or self.expected_steps):
-            self.reporter.set_total_steps(total)  # the job's own count replaces our estimate
-        self.total_steps = total
-        self.last_step = max(self.last_step, step)
-        self.reported_steps.add(step)
-        known = {k: v for k, v in data.items() if k in STEP_METRICS and v is not None}
-        metrics = {STEP_METRICS[k]: float(v) for k, v in known.items()}
-        if data.get("full_valid_loss") is not None:  # an epoch end: the whole validation file
-            # the spend so far, once an epoch (not per step: it is stored with the trial)
-            metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token
-            loss = float(data["full_valid_loss"])
-            self.final_eval = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-            accuracy = data.get("full_valid_mean_token_accuracy")
-            if accuracy is not None:
-                self.final_eval["eval/token_accuracy"] = float(accuracy)
-            metrics.update(self.final_eval)
-        self.reporter.report(step, metrics)  # may raise TrialPruned: the caller cancels
-
-    def tokens_so_far(self) -> int:
-        total = self.total_steps or self.expected_steps
-        return round(self.estimated_tokens * min(1.0, self.last_step / max(1, total)))
-
-    def billing(self, job: Any | None) -> Billing:
-        """What the job cost, once over: its ``trained_tokens``, which the API reports as the
-        billable tokens it processed (a job that finished despite a cancel: every epoch;
-        one cancelled mid-run: the steps it did, by OpenAI's account; Azure says it charges
-        nothing for cancelled jobs, and harness records what the job reports). Without that
-        figure, an estimate that says so; a job not seen to end may run on to the end, so it
-        counts whole."""
-        status = str(getattr(job, "status", None) or "unknown")
-        reported = getattr(job, "trained_tokens", None)
-        unreported = "estimate: the provider reported no trained_tokens"
-        if status in TERMINAL and reported is not None:
-            tokens, source = int(reported), "billed"
-        elif status in ("failed", "cancelled"):
-            tokens, source = self.tokens_so_far(), f"{unreported}; the steps seen"
-        elif status == "succeeded":
-            tokens, source = self.estimated_tokens, f"{unreported}; every epoch"
-        elif job is None:
-            tokens = self.estimated_tokens
-            source = "estimate: the job could not be read back; counted whole"
-        else:
-            tokens = self.estimated_tokens
-            source = (
-                f"estimate: the job was still {status} when harness stopped waiting "
-                "(backend.cancel_wait_s); counted whole, as it may run to its end"
-            )
-        step = (self.total_steps or self.expected_steps) if status == "succeeded" else 0
-        return Billing(
-            status, tokens, tokens * self.prepared.usd_per_token, source, max(step, self.last_step)
-        )
-
-    def report_result_rows(self, text: str) -> None:
-        """The result file's rows for steps no event reported (events can be missed)."""
-        for row in csv.DictReader(io.StringIO(text)):
-            try:
-                step = int(float(row["step"]))
-            except (KeyError, ValueError):
-                continue
-            if step in self.reported_steps:
-                continue
-            metrics = {}
-            for column, name in STEP_METRICS.items():
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    metrics[name] = float(row[column])
-            if metrics:
-                self.reporter.report(step, metrics)
-                self.reported_steps.add(step)
-
-
-def decode_result_file(raw: bytes) -> str:
-    """A result CSV, served plain or base64-encoded."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    if text.startswith("step"):
-        return text + "\n"
-    try:
-        decoded = base64.b64decode(raw.strip(), validate=True).decode("utf-8").strip()
-    except ValueError:
-        return text + "\n"
-    return decoded + "\n"
+def _tag_pause(reporter: Reporter, paused: float) -> None:
+    """Labels the trial's run with the time its job was seen paused, where it was."""
+    if paused:
+        reporter.set_tags({"openai.paused_seconds": f"{paused:.1f}"})
 
 
 def _plain(key: str, mapping: Any) -> dict[str, Any]:

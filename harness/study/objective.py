@@ -60,6 +60,7 @@ class TrialObjective:
     store_unwritable: str
     disk_full: BaseException | None
     failed: list[TrialOutcome]
+    is_helper: bool  # a worker process of sweep.n_workers: it prints no ending of its own
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
         """One trial; whatever fails it, sampling included (Optuna refuses a value a stored
@@ -185,6 +186,10 @@ class TrialObjective:
         self._keep_if_best(study, trial, workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         outcome = trial_outcome(trial)
+        if self.stop_reason and self.stop_reason in outcome.reason and not self.is_helper:
+            # the failure that stopped the study is said once, in full, as why it stopped
+            kind = outcome.reason.split(":", 1)[0]
+            outcome.reason = f"{kind}, which stops the study: see 'stopped' as it ends"
         if outcome.state == "FAIL" and not outcome.reason.startswith("surplus"):
             self.failed.append(outcome)
         self.on_trial(outcome)

@@ -147,7 +147,8 @@ def _record_result(
     """A trained trial's final metrics and artifacts into its run; a non-finite objective
     fails the trial."""
     # what every trial costs in time and compute, whatever the backend: objectives to trade
-    result.metrics.setdefault("train/seconds", seconds)
+    # (a hosted job the provider held paused reports that time: its capacity, not the trial's)
+    result.metrics.setdefault("train/seconds", seconds - result.metrics.get("paused_seconds", 0.0))
     result.metrics.setdefault("train/steps", float(result.steps))
     for metric, _ in goals:
         value = result.metrics.get(metric, math.nan)
