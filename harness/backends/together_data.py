@@ -36,6 +36,7 @@ class Prepared:
     test: list[Chat]
     validation: list[Chat]  # scored after a preference (DPO) job: eval/preferred_rate
     file_tokens: int  # tokens in the training file: billed once per epoch
+    validation_tokens: int  # tokens in the validation file: billed once per evaluation
     tokens_note: str  # how they were counted: an estimate for Together's own tokenizers
     usd_per_token: float
     max_answer_tokens: int
@@ -142,7 +143,8 @@ def compare_estimate(client: Any, prepared: Prepared, check: EstimateCheck, mode
     log = logging.getLogger("harness")
     tags = {
         "together.estimate_usd": f"{check.ours_usd:.6f}",
-        "together.estimate_basis": f"{check.epochs} epochs x {prepared.file_tokens} tokens "
+        "together.estimate_basis": f"({check.epochs} epochs x {prepared.file_tokens} + "
+        f"{check.n_evals} evaluations x {prepared.validation_tokens}) tokens "
         f"({prepared.tokens_note}) x ${prepared.usd_per_token * 1e6:g}/1M",
     }
     try:

@@ -43,22 +43,24 @@ class Limits:
 
 
 class Pauses:
-    """Time a job waited (queued or pending) after it had first run: pre-empted."""
+    """Time a job waited (queued or pending) after it had run: pre-empted. A job seen running
+    before, or whose events tell of a restart not counted yet, is waiting pre-empted."""
 
     def __init__(self) -> None:
         self.total_s = 0.0
         self.since: float | None = None
-        self.restarts = 0
+        self.restarts = 0  # pauses counted
         self.has_run = False
 
-    def observe(self, status: str, now: float) -> None:
+    def observe(self, status: str, now: float, restarts_seen: int) -> None:
         waiting = status in WAITING
-        if waiting and self.has_run and self.since is None:
+        pre_empted = waiting and (self.has_run or restarts_seen > self.restarts)
+        if pre_empted and self.since is None:
             self.since, self.restarts = now, self.restarts + 1
         elif not waiting and self.since is not None:
             self.total_s += now - self.since
             self.since = None
-        if status not in WAITING:
+        if not waiting:
             self.has_run = True
 
     def seconds(self, now: float) -> float:
@@ -87,7 +89,9 @@ class Follower:
     ) -> None:
         self.client, self.patience, self.job_id, self.reporter = client, patience, job_id, reporter
         self.prepared = prepared
-        self.estimated_tokens = int(cfg.train.epochs) * prepared.file_tokens
+        epochs = int(cfg.train.epochs)
+        evals = epochs * int(cfg.backend.n_evals_per_epoch)
+        self.estimated_tokens = epochs * prepared.file_tokens + evals * prepared.validation_tokens
         # until the job says otherwise (packing changes it): examples / batch, per epoch
         self.total_steps = int(cfg.train.epochs) * -(-prepared.n_train // int(cfg.train.batch_size))
         reporter.set_total_steps(self.total_steps)
@@ -96,6 +100,7 @@ class Follower:
         self.last_step = 0
         self.final_eval: dict[str, float] = {}
         self.error_message = ""
+        self.restarts_seen = 0  # job_restarted events
         self.pauses = Pauses()
 
     def follow(self, limits: Limits) -> Any:
@@ -120,7 +125,7 @@ class Follower:
                     ) from exc
                 progressed = False
             else:
-                self.pauses.observe(status, time.monotonic())
+                self.pauses.observe(status, time.monotonic(), self.restarts_seen)
                 if status in TERMINAL:
                     return job
             self._check_time(limits, status, time.monotonic() - started)
@@ -155,6 +160,8 @@ class Follower:
             if event.total_steps and int(event.total_steps) != self.total_steps:
                 self.total_steps = int(event.total_steps)
                 self.reporter.set_total_steps(self.total_steps)  # the job's own count
+            if event.type == "job_restarted":
+                self.restarts_seen += 1
             if event.type == "job_error":
                 self.error_message = str(event.message)
 

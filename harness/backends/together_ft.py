@@ -206,7 +206,7 @@ class TogetherBackend:
         """The job's hyperparameters: LoRA's with adapter=lora, DPO's beta with
         train.method=dpo."""
         keys = set(SFT_KEYS)
-        if str(cfg.adapter.name) == "lora":
+        if str(cfg.adapter.name) in ("lora", "qlora"):  # qlora: check_config says what to use
             keys |= LORA_KEYS
         if str(cfg.train.method) == "dpo":
             keys.add("train.dpo_beta")
@@ -273,6 +273,7 @@ class TogetherBackend:
             test=chats["test"][: self.eval_max_examples or None],
             validation=chats["validation"],
             file_tokens=sum(counts["train"]),
+            validation_tokens=sum(counts["validation"]),
             tokens_note=f"{encoding.note}; Together counts with the model's own tokenizer",
             usd_per_token=self._usd_per_token,
             max_answer_tokens=max(answers) + 8,
@@ -319,7 +320,12 @@ class TogetherBackend:
         return prepared
 
     def estimate_cost_usd(self, cfg: DictConfig, prepared: Prepared) -> float:
-        return float(cfg.train.epochs * prepared.file_tokens * prepared.usd_per_token)
+        """Together bills the tokens a job processes: each epoch's training file and each
+        evaluation's validation file (its pricing page), at the price of the model's size."""
+        epochs = int(cfg.train.epochs)
+        evals = self.shape.n_evals(epochs, None)  # the model's cap on evaluations aside
+        tokens = epochs * prepared.file_tokens + evals * prepared.validation_tokens
+        return float(tokens * prepared.usd_per_token)
 
     # one trial ------------------------------------------------------------------------------
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:

@@ -163,6 +163,8 @@ def is_refusal(exc: Exception) -> bool:
 
     if isinstance(exc, together.PermissionDeniedError | together.AuthenticationError):
         return True
+    if getattr(exc, "status_code", None) == 402:  # out of credit: so is every next job
+        return True
     if isinstance(exc, together.BadRequestError | together.NotFoundError):
         return bool(REFUSAL.search(answer_text(exc)))
     return False
@@ -250,7 +252,7 @@ def cancel_and_read_back(client: Any, patience: Patience, job_id: str) -> Any | 
     with contextlib.suppress(Exception):  # refused for a finished job, or the API is down
         job = client.fine_tuning.cancel(job_id)
     deadline = time.monotonic() + patience.cancel_wait_s
-    delay, failures, said = patience.poll_interval_s, 0, False
+    delay, failures, looked = patience.poll_interval_s, 0, 0
     client = client.with_options(  # no SDK retries with their own backoff: the loop's wait bounds
         max_retries=0, timeout=max(1.0, min(patience.request_timeout_s, patience.cancel_wait_s))
     )
@@ -259,13 +261,13 @@ def cancel_and_read_back(client: Any, patience: Patience, job_id: str) -> Any | 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if job is not None and not said:
-                said = True
-                _say_waiting(job_id, job.status, patience.cancel_wait_s)
+            if looked == 1:  # read back once and still going: say why the trial waits
+                _say_waiting(job_id, job.status if job else "unread", patience.cancel_wait_s)
             time.sleep(min(delay, remaining))
             delay = min(patience.max_poll_interval_s, delay * 1.5)
         try:
             job = client.fine_tuning.retrieve(job_id)
+            looked += 1
         except Exception:  # the API is down or refuses: look again, a few times
             failures += 1
             if failures >= patience.poll_failures:
