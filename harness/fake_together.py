@@ -613,7 +613,7 @@ class FakeTogether(FakeOpenAI):
                 "estimation_available": True,
                 "allowed_to_proceed": price <= CREDIT_LIMIT_DOLLARS,
                 "user_limit": CREDIT_LIMIT_DOLLARS,
-                "estimated_total_price": round(price, 6),
+                "estimated_total_price": price,
                 "estimated_train_token_count": train_tokens,
                 "estimated_eval_token_count": eval_tokens,
             },

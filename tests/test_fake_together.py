@@ -334,3 +334,214 @@ class TestChat:
         assert scores[0] >= 0.8 and scores[1] <= 0.5, scores
         assert base.choices[0].message.content not in LABELS
         assert base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+
+
+class TestDpo:
+    def test_a_dpo_job_trains_on_preferences_and_answers_the_preferred(self, files):
+        with serve() as server:
+            sdk = client(server)
+            dpo = upload(sdk, files["dpo"])
+            assert sdk.files.list().data[0].validation_report.dataset_format == "PREFERENCE"
+            job = create(sdk, dpo, training_method="dpo", dpo_beta=0.2, batch_size=8)
+            assert wait(sdk, job.id)[-1] == "completed"
+            done = sdk.fine_tuning.retrieve(job.id)
+            rows = sdk.fine_tuning.list_metrics(job.id).metrics
+            answers = [
+                sdk.chat.completions.create(
+                    model=done.x_model_output_name,
+                    messages=[{"role": "user", "content": prompt}],
+                )
+                .choices[0]
+                .message.content
+                for prompt, _ in _rows(40, offset=300)
+            ]
+        assert done.training_method.method == "dpo" and done.training_method.dpo_beta == 0.2
+        tokens = parse_training_file(files["dpo"].read_bytes()).tokens
+        assert done.token_count == 3 * tokens
+        assert done.total_price == round(3 * tokens * 1.20e-6 * NANODOLLARS_PER_DOLLAR)
+        losses = [r["train/loss"] for r in rows if "train/loss" in r]
+        assert math.log(2) > losses[0] > losses[-1] > 0  # DPO's loss starts below ln 2
+        expected = [label for _, label in _rows(40, offset=300)]
+        preferred = sum(a == e for a, e in zip(answers, expected, strict=True))
+        rejected = sum(a == f"not {e}" for a, e in zip(answers, expected, strict=True))
+        assert preferred + rejected == 40 and preferred >= 32
+
+    def test_the_method_and_the_file_format_must_agree(self, fake_together, files):
+        sdk = client(fake_together)
+        sft, dpo = upload(sdk, files["train"]), upload(sdk, files["dpo"])
+        with pytest.raises(together.BadRequestError, match="preference dataset"):
+            create(sdk, sft, training_method="dpo")
+        with pytest.raises(together.BadRequestError, match="training_method dpo"):
+            create(sdk, dpo)
+        assert fake_together.api.jobs == {}
+
+
+def final_eval(sdk: together.Together, training: str, valid: str, **settings) -> float:
+    job = create(sdk, training, validation_file=valid, n_evals=1, **settings)
+    assert wait(sdk, job.id)[-1] == "completed"
+    return sdk.fine_tuning.list_metrics(job.id).metrics[-1]["eval/loss"]
+
+
+class TestHyperparameters:
+    def test_losses_follow_the_learning_rate_rank_and_epochs(self, files):
+        with serve(step_s=0.001, tick=0.05) as server:
+            sdk = client(server)
+            train, valid = upload(sdk, files["train"]), upload(sdk, files["valid"])
+            lora = {
+                lr: final_eval(sdk, train, valid, learning_rate=lr) for lr in (2e-6, 1e-4, 3e-3)
+            }
+            full = {
+                lr: final_eval(sdk, train, valid, learning_rate=lr, lora=False)
+                for lr in (1e-5, 3e-4)
+            }
+            ranks = {r: final_eval(sdk, train, valid, lora_r=r) for r in (4, 16, 32)}
+            epochs = {n: final_eval(sdk, train, valid, n_epochs=n) for n in (1, 3, 12)}
+            again = final_eval(sdk, train, valid, learning_rate=1e-4)
+        assert lora[1e-4] < lora[2e-6] and lora[1e-4] < lora[3e-3]  # under-fit, diverged
+        assert full[1e-5] < full[3e-4]  # full fine-tuning's optimum is ten times lower
+        assert abs(full[1e-5] - lora[1e-4]) < 0.1
+        assert ranks[32] < ranks[16] < ranks[4]
+        assert epochs[3] < epochs[1] and epochs[3] < epochs[12]  # under- and over-fitting
+        assert again == lora[1e-4]  # the same data, settings and seed: the same curve
+
+    def test_limits_are_served_and_requests_outside_them_answered_400(self, fake_together, files):
+        sdk = client(fake_together)
+        limits = sdk.fine_tuning.model_limits(model_name=MODEL)
+        assert limits.max_num_epochs == 20 and limits.max_learning_rate == 1.0
+        assert limits.lora_training.max_rank == 64 and limits.full_training.min_batch_size == 8
+        train = upload(sdk, files["train"])
+        cases = {
+            "n_epochs": dict(n_epochs=21),
+            "learning_rate": dict(learning_rate=2.0),
+            "lora_r": dict(lora_r=128),
+            "suffix": dict(suffix="x" * 41),
+            "n_evals": dict(n_evals=2),  # without a validation file
+        }
+        for setting, asked in cases.items():
+            with pytest.raises(together.BadRequestError) as raised:
+                create(sdk, train, **asked)
+            assert raised.value.body["error"]["param"] == setting, setting
+        body = {"training_file": train, "model": MODEL, "batch_size": 512, "n_epochs": 1}
+        with pytest.raises(together.BadRequestError, match="batch_size must be between 8 and 128"):
+            sdk.post("/v1/fine-tunes", body=body, cast_to=httpx.Response)
+        big = "meta-llama/Meta-Llama-3.1-70B-Instruct-Reference"
+        body = {"training_file": train, "model": big, "training_type": {"type": "Full"}}
+        with pytest.raises(together.BadRequestError, match="Full fine-tuning is not supported"):
+            sdk.post("/v1/fine-tunes", body=body, cast_to=httpx.Response)
+        with pytest.raises(together.NotFoundError, match="not available for fine-tuning"):
+            create(sdk, train, model="gpt2")
+        assert fake_together.api.jobs == {}
+
+    def test_the_estimate_counts_epochs_and_evaluations(self, fake_together, files):
+        sdk = client(fake_together)
+        train, valid = upload(sdk, files["train"]), upload(sdk, files["valid"])
+        estimate = sdk.fine_tuning.estimate_price(
+            training_file=train, validation_file=valid, model=MODEL, n_epochs=4, n_evals=2,
+            training_type={"type": "Full"}, training_method={"method": "sft"},
+        )  # fmt: skip
+        train_tokens = parse_training_file(files["train"].read_bytes()).tokens
+        valid_tokens = parse_training_file(files["valid"].read_bytes()).tokens
+        assert estimate.estimated_train_token_count == 4 * train_tokens
+        assert estimate.estimated_eval_token_count == 2 * valid_tokens
+        total = (4 * train_tokens + 2 * valid_tokens) * 0.54e-6
+        assert estimate.estimated_total_price == pytest.approx(total)
+        assert estimate.allowed_to_proceed is True and estimate.user_limit == 1000.0
+
+
+class TestFaults:
+    def test_5xx_and_429_answers_are_retried_by_the_sdk(self, files):
+        faults = TogetherFaults(error_rate=0.15, rate_limit_rate=0.15, seed=3)
+        with serve(faults=faults) as server:
+            sdk = client(server, retries=8)
+            job = create(sdk, upload(sdk, files["train"]))
+            assert wait(sdk, job.id)[-1] == "completed"
+            answered = server.api.responses
+        assert 500 in answered and 429 in answered
+        assert len(server.api.jobs) >= 1
+
+    def test_a_failed_job_ends_in_error_with_its_message_and_no_charge(self, files):
+        with serve(faults=TogetherFaults(fail_jobs=frozenset({2}))) as server:
+            sdk = client(server)
+            train = upload(sdk, files["train"])
+            ok, failing = create(sdk, train), create(sdk, train)
+            assert wait(sdk, failing.id)[-1] == "error"
+            assert wait(sdk, ok.id)[-1] == "completed"
+            done = sdk.fine_tuning.retrieve(failing.id)
+        assert done.steps_completed == done.total_steps // 2 == 7
+        assert done.total_price == 0 and done.x_model_output_name is None
+        errors = [e for e in done.events if e.type == "job_error"]
+        assert len(errors) == 1 and errors[0].level == "error"
+        assert "internal error" in errors[0].message
+        assert done.events[-1].type == "refund"
+
+    def test_a_dropped_create_leaves_a_job_the_list_finds_by_suffix(self, files):
+        with serve(faults=TogetherFaults(drop_create_responses=1)) as server:
+            sdk = client(server, retries=0)
+            train = upload(sdk, files["train"])
+            with pytest.raises(together.APIConnectionError):
+                create(sdk, train, suffix="harness-trial-0007")
+            listed = sdk.fine_tuning.list().data
+            assert [j.suffix for j in listed] == ["harness-trial-0007"]
+            assert wait(sdk, listed[0].id)[-1] == "completed"
+            again = create(sdk, train, suffix="harness-trial-0008")  # the next create answers
+        assert again.status == "pending" and len(server.api.jobs) == 2
+
+    @pytest.mark.parametrize(
+        ("status", "error", "words"),
+        [
+            (403, together.PermissionDeniedError, "does not have access to fine-tuning"),
+            (402, together.APIStatusError, "Insufficient credits"),
+        ],
+    )
+    def test_refused_creates_make_no_job(self, files, status, error, words):
+        faults = TogetherFaults(refuse_jobs=2, refusal_status=status)
+        with serve(faults=faults) as server:
+            sdk = client(server)
+            train = upload(sdk, files["train"])
+            for _ in range(2):
+                with pytest.raises(error, match=words) as raised:
+                    create(sdk, train)
+                assert raised.value.status_code == status
+            assert server.api.jobs == {}
+            assert create(sdk, train).status == "pending"  # the refusal was for two creates
+
+    def test_a_preempted_job_goes_back_to_queued_then_runs_on(self, files):
+        with serve(faults=TogetherFaults(restart_jobs=frozenset({1})), restart_s=0.2) as server:
+            sdk = client(server)
+            job = create(sdk, upload(sdk, files["train"]))
+            seen = wait(sdk, job.id)
+            done = sdk.fine_tuning.retrieve(job.id)
+            steps = [r["train/global_step"] for r in sdk.fine_tuning.list_metrics(job.id).metrics]
+        assert seen == ["pending", "queued", "running", "queued", "running", "completed"]
+        restarts = [e for e in done.events if e.type == "job_restarted"]
+        assert len(restarts) == 1 and restarts[0].step == 7
+        assert steps == list(range(1, 16))  # it ran on from where it stopped
+        assert done.token_count == 3 * parse_training_file(files["train"].read_bytes()).tokens
+
+
+class TestServing:
+    def test_a_base_url_ending_in_v1_is_answered_with_what_to_do(self, fake_together):
+        sdk = together.Together(api_key="x", base_url=fake_together.base_url + "/v1")
+        with pytest.raises(together.NotFoundError, match="base_url is the server's root"):
+            sdk.fine_tuning.list()
+        assert fake_together.base_url == f"http://127.0.0.1:{fake_together.port}"
+
+    def test_only_the_configured_key_is_accepted(self, files):
+        api = FakeTogether(TogetherTiming(**FAST), api_key="right")
+        with FakeTogetherServer(api) as server:
+            with pytest.raises(together.AuthenticationError):
+                client(server).fine_tuning.list()
+            sdk = together.Together(api_key="right", base_url=server.base_url)
+            assert sdk.fine_tuning.list().data == []
+            assert upload(sdk, files["train"]).startswith("file-")  # the PUT needs no key
+
+    def test_the_command_line_sets_timings_and_faults(self):
+        options = _serve_options(
+            ["--port", "9999", "--step-seconds", "0.2", "--restart-jobs", "2,5",
+             "--refuse-jobs", "3", "--refusal-status", "402", "--drop-creates", "1"]
+        )  # fmt: skip
+        api = _api_from_options(options)
+        assert options.port == 9999 and api.timing.step_s == 0.2
+        assert api.faults.restart_jobs == frozenset({2, 5})
+        assert (api.faults.refuse_jobs, api.faults.refusal_status) == (3, 402)
+        assert api.faults.drop_create_responses == 1
