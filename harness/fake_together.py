@@ -288,6 +288,10 @@ class TogetherJob(Job):
     lines: int = 0
     file_bytes: int = 0
     step_s: float = 0.0  # the server's time a step takes, for the progress estimate
+    early_stopping: dict[str, Any] | None = None  # patience, min_delta, warmup_evals
+    best_eval: tuple[int, float] | None = None  # (step, eval loss) early stopping keeps
+    bad_evals: int = 0
+    stop_step: int | None = None  # where early stopping ended training
     phase: str = "pending"  # where the simulation is; ``status`` shows cancel_requested over it
 
     @property
@@ -297,6 +301,11 @@ class TogetherJob(Job):
     @property
     def full(self) -> bool:
         return self.training_type.get("type") == "Full"
+
+    @property
+    def last_step(self) -> int:
+        """The step training ends at: the last, or where early stopping stopped it."""
+        return self.total_steps if self.stop_step is None else self.stop_step
 
     @property
     def eval_at(self) -> set[int]:
@@ -401,7 +410,9 @@ def job_json(job: TogetherJob, full: bool) -> dict[str, Any]:
         "random_seed": job.seed,
         "token_count": job.token_count,
         "total_price": job.total_price,
-        "early_stopped": False,
+        "early_stopped": job.stop_step is not None,
+        "early_stopping_best_step": job.best_eval[0] if job.best_eval else None,
+        "early_stopping_best_metric": job.best_eval[1] if job.best_eval else None,
         "progress": progress(job),
         **job.request,
     }
@@ -428,7 +439,7 @@ def progress(job: TogetherJob) -> dict[str, Any]:
     """types/finetune_response.py: Progress; an estimate only while the job trains."""
     if job.phase != "running":
         return {"estimate_available": False, "seconds_remaining": 0}
-    left = (job.total_steps - job.steps_done) * job.step_s
+    left = (job.last_step - job.steps_done) * job.step_s
     return {"estimate_available": True, "seconds_remaining": math.ceil(left)}
 
 
@@ -455,6 +466,10 @@ ECHOED = (  # request settings a job shows back as they were sent
     "from_checkpoint",
     "wandb_project_name",
     "wandb_name",
+    "early_stopping_enabled",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "early_stopping_warmup_evals",
 )
 
 
@@ -574,7 +589,12 @@ class FakeTogether(FakeOpenAI):
         return self.models[name]
 
     def model_limits(self, query, body, headers):
+        """GET /v1/fine-tunes/models/limits?model_name=: a base model's, or (as the SDK asks
+        when it starts from a checkpoint) the base model of a job id or output name."""
         name = query.get("model_name", [""])[0]
+        parent = name.split(":")[0]
+        if any(parent in (job.id, job.output_name) for job in self._jobs()):
+            name = self._model_of({"from_checkpoint": name})
         return 200, model_limits(name, self._base_model(name)), {}
 
     def _model_of(self, request: Mapping[str, Any]) -> str:
@@ -584,7 +604,8 @@ class FakeTogether(FakeOpenAI):
             parent = str(checkpoint).split(":")[0]
             job = next((j for j in self._jobs() if parent in (j.id, j.output_name)), None)
             if job is None or job.status != "completed":
-                raise ApiError(400, f"Checkpoint not found: {checkpoint}", param="from_checkpoint")
+                message = f"Model or checkpoint not found: {checkpoint}"
+                raise ApiError(404, message, "model_not_available", "from_checkpoint")
             return job.model
         if not request.get("model"):
             raise ApiError(400, "Either model or from_checkpoint is required", param="model")
@@ -665,6 +686,7 @@ class FakeTogether(FakeOpenAI):
         training_type = _training_type(request, name, limits)
         training_method = _training_method(request)
         return {
+            "early_stopping": _early_stopping(request),
             "n_epochs": _setting(request, "n_epochs", 1, int, 1, limits["max_num_epochs"]),
             "learning_rate": _setting(
                 request,
@@ -704,6 +726,10 @@ class FakeTogether(FakeOpenAI):
             raise ApiError(400, message, "invalid_file", "training_file")
         if settings["n_evals"] and validation is None:
             raise ApiError(400, "n_evals > 0 needs a validation_file", param="n_evals")
+        rule = settings["early_stopping"]
+        if rule and settings["n_evals"] < rule["patience"] + rule["warmup_evals"] + 1:
+            message = "early stopping needs n_evals >= patience + warmup_evals + 1"
+            raise ApiError(400, message, param="n_evals")
 
     def _new_job(self, request, name, model, training, validation, settings) -> TogetherJob:
         parsed = cast(ParsedFile, training.parsed)
@@ -752,6 +778,7 @@ class FakeTogether(FakeOpenAI):
             lines=parsed.lines,
             file_bytes=len(training.content),
             step_s=self.timing.step_s,
+            early_stopping=settings["early_stopping"],
         )
         self.jobs[job.id] = job
         self._note(job, "job_pending", "Fine-tune request created")
@@ -806,9 +833,9 @@ class FakeTogether(FakeOpenAI):
         if job.started_at is None:
             self._start(job)
         self._train(job, run / self.timing.step_s)
-        if job.status in TERMINAL or job.steps_done < job.total_steps:
+        if job.status in TERMINAL or job.steps_done < job.last_step:
             return
-        trained = job.total_steps * self.timing.step_s
+        trained = job.last_step * self.timing.step_s
         if job.restart_at_step is not None:
             trained += self._timing("restart_s")
         self._wrap_up(job, max(0.0, run - trained))
@@ -833,7 +860,7 @@ class FakeTogether(FakeOpenAI):
         """Runs the steps ``steps`` worth of running time allows; a job to be pre-empted stops at
         its restart step, queued for ``restart_s``, then runs on from there."""
         gap = self._timing("restart_s") / self.timing.step_s
-        while job.steps_done < job.total_steps:
+        while job.steps_done < job.last_step:
             done = job.steps_done
             if job.restart_at_step == done:
                 if not job.restarted:
@@ -877,11 +904,35 @@ class FakeTogether(FakeOpenAI):
             job.metrics.append(
                 {"train/global_step": step, "train/epoch": epoch, "eval/loss": reported(job, valid)}
             )
+            self._early_stop(job, step, reported(job, valid))
         if step in job.checkpoint_at:
             job.checkpoints.append(checkpoint_json(job, step, "Intermediate"))
             path = job.checkpoints[-1]["path"]
             message = f"New checkpoint saved at step {step}"
             self._note(job, "checkpoint_save", message, step=step, checkpoint_path=path)
+
+    def _early_stop(self, job: TogetherJob, step: int, loss: float) -> None:
+        """Server-side early stopping: after ``warmup_evals`` evaluations, a baseline, then
+        ``patience`` evaluations in a row that do not improve on the best by ``min_delta`` end
+        training there; the model kept is the best evaluation's."""
+        rule = job.early_stopping
+        if rule is None or job.evals_done <= rule["warmup_evals"]:
+            return
+        if job.best_eval is None or loss < job.best_eval[1] - rule["min_delta"]:
+            job.best_eval, job.bad_evals = (step, loss), 0
+            return
+        job.bad_evals += 1
+        if job.bad_evals < rule["patience"] or step >= job.total_steps:
+            return
+        job.stop_step = step
+        best_step, best = job.best_eval
+        message = (
+            f"Early stopping at step {step}: eval loss has not improved since step {best_step}"
+        )
+        self._note(
+            job, "early_stopped", message, step=step,
+            early_stopping_best_step=best_step, early_stopping_best_metric_value=best,
+        )  # fmt: skip
 
     def _wrap_up(self, job: TogetherJob, since_trained: float) -> None:
         """After the last step: compressing, uploading, completed."""
@@ -903,8 +954,9 @@ class FakeTogether(FakeOpenAI):
     def _succeed(self, job: Job) -> None:
         job = cast(TogetherJob, job)
         job.output_name = job.fine_tuned_model = self._model_name(job)
-        job.checkpoints.append(checkpoint_json(job, job.total_steps, "Final"))
-        shifted = max(0.0, job.total_steps - job.warmup_steps / 2)
+        final_step = job.best_eval[0] if job.stop_step and job.best_eval else job.total_steps
+        job.checkpoints.append(checkpoint_json(job, final_step, "Final"))
+        shifted = max(0.0, final_step - job.warmup_steps / 2)
         final = valid_loss(job, shifted) + job.loss_offset  # type: ignore[arg-type]
         job.last_metrics = {"full_valid_loss": final}  # the model's quality: its chat answers
         job.token_count = job.used_tokens()
@@ -1118,6 +1170,20 @@ def _training_method(request: Mapping[str, Any]) -> dict:
         "dpo_reference_free": bool(asked.get("dpo_reference_free")),
         "rpo_alpha": asked.get("rpo_alpha"),
         "simpo_gamma": asked.get("simpo_gamma"),
+    }
+
+
+def _early_stopping(request: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The early-stopping rule a request asks for, the server's defaults filled in (the SDK's
+    docstring: patience 2, min_delta 0.0, warmup_evals 1)."""
+    if not request.get("early_stopping_enabled"):
+        return None
+    if not request.get("validation_file"):
+        raise ApiError(400, "early stopping needs a validation_file", param="validation_file")
+    return {
+        "patience": _setting(request, "early_stopping_patience", 2, int, 1, 1000),
+        "min_delta": _setting(request, "early_stopping_min_delta", 0.0, float, 0.0, math.inf),
+        "warmup_evals": _setting(request, "early_stopping_warmup_evals", 1, int, 0, 1000),
     }
 
 

@@ -545,3 +545,54 @@ class TestServing:
         assert api.faults.restart_jobs == frozenset({2, 5})
         assert (api.faults.refuse_jobs, api.faults.refusal_status) == (3, 402)
         assert api.faults.drop_create_responses == 1
+
+
+class TestEarlyStopping:
+    def test_training_stops_when_eval_loss_stops_improving_and_keeps_the_best(self, files):
+        with serve(step_s=0.001, tick=0.05) as server:
+            sdk = client(server)
+            train, valid = upload(sdk, files["train"]), upload(sdk, files["valid"])
+            job = create(
+                sdk, train, validation_file=valid, n_epochs=12, n_evals=12,
+                early_stopping_enabled=True, early_stopping_patience=2,
+            )  # fmt: skip
+            assert wait(sdk, job.id)[-1] == "completed"
+            done = sdk.fine_tuning.retrieve(job.id)
+            rows = sdk.fine_tuning.list_metrics(job.id).metrics
+            final = sdk.fine_tuning.list_checkpoints(job.id).data[0]
+        evals = [(r["train/global_step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+        best_step, best = min(evals, key=lambda e: e[1])
+        assert done.early_stopped is True
+        assert (done.early_stopping_best_step, done.early_stopping_best_metric) == (best_step, best)
+        assert done.steps_completed == evals[-1][0] == best_step + 2 * 5 < done.total_steps
+        assert all(loss >= best for _, loss in evals[-2:])  # two evaluations without improvement
+        assert (final.checkpoint_type, final.step) == ("Final", best_step)
+        tokens = parse_training_file(files["train"].read_bytes()).tokens
+        valid_tokens = parse_training_file(files["valid"].read_bytes()).tokens
+        assert (
+            done.token_count == round(tokens * done.steps_completed / 5) + len(evals) * valid_tokens
+        )
+        stopped = [e for e in done.events if e.type == "early_stopped"]
+        assert len(stopped) == 1 and stopped[0].early_stopping_best_step == best_step
+
+    def test_early_stopping_needs_enough_evaluations(self, fake_together, files):
+        sdk = client(fake_together)
+        train, valid = upload(sdk, files["train"]), upload(sdk, files["valid"])
+        body = {
+            "training_file": train, "validation_file": valid, "model": MODEL, "n_evals": 2,
+            "early_stopping_enabled": True,
+        }  # fmt: skip
+        with pytest.raises(together.BadRequestError, match="patience \\+ warmup_evals \\+ 1"):
+            sdk.post("/v1/fine-tunes", body=body, cast_to=httpx.Response)
+
+
+def test_a_job_can_start_from_a_finished_jobs_checkpoint(fake_together, files):
+    sdk = client(fake_together)
+    train = upload(sdk, files["train"])
+    parent = create(sdk, train, suffix="parent")
+    fake_together.api._progress(fake_together.api.jobs[parent.id], math.inf)
+    child = sdk.fine_tuning.create(training_file=train, from_checkpoint=parent.id, n_epochs=1)
+    shown = sdk.fine_tuning.retrieve(child.id)
+    assert shown.model == MODEL and shown.from_checkpoint == parent.id
+    with pytest.raises(together.NotFoundError, match="not available for fine-tuning"):
+        sdk.fine_tuning.create(training_file=train, from_checkpoint="ft-nothing", n_epochs=1)
