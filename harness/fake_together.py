@@ -732,13 +732,10 @@ class FakeTogether(FakeOpenAI):
             raise ApiError(400, message, param="n_evals")
 
     def _new_job(self, request, name, model, training, validation, settings) -> TogetherJob:
-        parsed = cast(ParsedFile, training.parsed)
+        """The job a checked request makes, its faults drawn by creation number."""
         number = len(self.jobs) + 1
-        batch_size, n_epochs = settings["batch_size"], settings["n_epochs"]
-        steps_per_epoch = max(1, math.ceil(parsed.lines / batch_size))
-        total = steps_per_epoch * n_epochs
-        training_type, method = settings["training_type"], settings["training_method"]
-        full, dpo = training_type["type"] == "Full", method["method"] == "dpo"
+        fields = job_fields(request, name, model, training, validation, settings)
+        total = fields["steps_per_epoch"] * fields["n_epochs"]
         faults = self.faults
         fails = number in faults.fail_jobs or self.rng.random() < faults.job_failure_rate
         restarts = number in getattr(faults, "restart_jobs", frozenset())
@@ -747,45 +744,18 @@ class FakeTogether(FakeOpenAI):
             number=number,
             created_at=int(time.time()),
             started=self.clock(),
-            model=name,
-            training_file=training.id,
-            validation_file=validation.id if validation else None,
-            n_epochs=n_epochs,
-            batch_size=batch_size,
-            lr_multiplier=lr_multiplier(settings["learning_rate"], full, settings["warmup_ratio"]),
-            seed=int(request.get("random_seed") if request.get("random_seed") is not None else 42),
-            suffix=settings["suffix"],
-            metadata={},
-            examples=parsed.pairs,
-            file_tokens=parsed.tokens,
-            steps_per_epoch=steps_per_epoch,
             fail_at_step=total // 2 + 1 if fails else None,
-            status="pending",
-            request={key: request[key] for key in ECHOED if key in request},
-            learning_rate=settings["learning_rate"],
-            training_type=training_type,
-            training_method=method,
-            n_evals=settings["n_evals"],
-            n_checkpoints=settings["n_checkpoints"],
-            warmup_steps=round(settings["warmup_ratio"] * total),
-            loss_offset=rank_offset(training_type.get("lora_r")),
-            eval_tokens=validation.parsed.tokens if validation else 0,
-            param_billions=model.billions,
-            dollars_per_million=dollars_per_million(model.billions, dpo, full),
-            rejected=parsed.rejected,
             restart_at_step=total // 2 if restarts else None,
-            updated_at=_iso(),
-            lines=parsed.lines,
-            file_bytes=len(training.content),
             step_s=self.timing.step_s,
-            early_stopping=settings["early_stopping"],
+            **fields,
         )
         self.jobs[job.id] = job
         self._note(job, "job_pending", "Fine-tune request created")
         self.log(
-            f"job {number} {job.id} created: model={name} n_epochs={n_epochs} "
-            f"batch_size={batch_size} learning_rate={job.learning_rate:g} "
-            f"training_type={training_type['type']} method={method['method']} suffix={job.suffix}"
+            f"job {number} {job.id} created: model={name} n_epochs={job.n_epochs} "
+            f"batch_size={job.batch_size} learning_rate={job.learning_rate:g} "
+            f"training_type={job.training_type['type']} "
+            f"method={job.training_method['method']} suffix={job.suffix}"
         )
         return job
 
@@ -1132,6 +1102,47 @@ class FakeTogether(FakeOpenAI):
         (r"/v1/fine-tunes/([\w-]+)/metrics", "GET", list_metrics),
         (r"/v1/chat/completions", "POST", chat),
     ]
+
+
+def job_fields(request, name, model, training, validation, settings) -> dict[str, Any]:
+    """A new job's fields from its checked request, its base model and its files."""
+    parsed = cast(ParsedFile, training.parsed)
+    steps_per_epoch = max(1, math.ceil(parsed.lines / settings["batch_size"]))
+    total = steps_per_epoch * settings["n_epochs"]
+    training_type, method = settings["training_type"], settings["training_method"]
+    full, dpo = training_type["type"] == "Full", method["method"] == "dpo"
+    seed = request.get("random_seed")
+    return {
+        "model": name,
+        "training_file": training.id,
+        "validation_file": validation.id if validation else None,
+        "n_epochs": settings["n_epochs"],
+        "batch_size": settings["batch_size"],
+        "lr_multiplier": lr_multiplier(settings["learning_rate"], full, settings["warmup_ratio"]),
+        "seed": 42 if seed is None else int(seed),  # the server's default seed, says the SDK
+        "suffix": settings["suffix"],
+        "metadata": {},
+        "examples": parsed.pairs,
+        "file_tokens": parsed.tokens,
+        "steps_per_epoch": steps_per_epoch,
+        "status": "pending",
+        "request": {key: request[key] for key in ECHOED if key in request},
+        "learning_rate": settings["learning_rate"],
+        "training_type": training_type,
+        "training_method": method,
+        "n_evals": settings["n_evals"],
+        "n_checkpoints": settings["n_checkpoints"],
+        "warmup_steps": round(settings["warmup_ratio"] * total),
+        "loss_offset": rank_offset(training_type.get("lora_r")),
+        "eval_tokens": validation.parsed.tokens if validation else 0,
+        "param_billions": model.billions,
+        "dollars_per_million": dollars_per_million(model.billions, dpo, full),
+        "rejected": parsed.rejected,
+        "updated_at": _iso(),
+        "lines": parsed.lines,
+        "file_bytes": len(training.content),
+        "early_stopping": settings["early_stopping"],
+    }
 
 
 def _training_type(request: Mapping[str, Any], name: str, limits: Mapping[str, Any]) -> dict:
