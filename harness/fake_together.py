@@ -17,7 +17,10 @@ Together's absolute learning rate (the curve's optimum sits near 1e-4 for LoRA a
 fine-tuning), with LoRA rank and warmup moving them a little; the same nearest-neighbour chat
 answers, wrong as often as the final validation loss says. Evaluations (``n_evals``) are evenly
 spaced ``eval/loss`` rows in the metrics; a cancelled job reports the tokens and price of the
-steps it trained. ``total_price`` is in nanodollars, as the SDK's own CLI reads it
+steps it trained. Server-side early stopping (``early_stopping_enabled``) ends training once the
+evaluations stop improving and keeps the best one's model. DPO jobs train on preference rows and
+their models answer with the preferred answer, or as often as their loss says, the
+non-preferred one. ``total_price`` is in nanodollars, as the SDK's own CLI reads it
 (``together.lib.utils.tools.finetune_price_to_dollars``); ``estimated_total_price`` is dollars.
 
 Faults (``TogetherFaults``, which adds to the OpenAI fake's ``Faults``): 5xx and 429 answers, jobs
@@ -239,7 +242,9 @@ class TogetherFile(StoredFile):
                 report |= {"error": parsed.error, "error_type": "INVALID_FORMAT"}
             else:
                 report["dataset_format"] = parsed.kind.upper()
-        status = "PENDING" if parsed is None else "INVALID_FORMAT" if parsed.error else "COMPLETED"
+        status = "INVALID_FORMAT" if parsed and parsed.error else "COMPLETED"
+        if parsed is None and self.purpose == "fine-tune":
+            status = "PENDING"  # not preprocessed yet; files for other purposes skip validation
         return {
             "id": self.id,
             "object": "file",
@@ -250,7 +255,7 @@ class TogetherFile(StoredFile):
             "purpose": self.purpose,
             "processing_status": status,
             "validation_report": report,
-            "Processed": parsed is not None,
+            "Processed": status != "PENDING",
             "LineCount": parsed.lines if parsed else 0,
         }
 
@@ -542,6 +547,8 @@ class FakeTogether(FakeOpenAI):
                 continue
             if stored.uploaded and (stored.checksum, stored.purpose) == (checksum, purpose):
                 message = f"File with the same checksum already exists: {stored.id}"
+                # the SDK retries a 409 twice before it reads file_id; retry-after-ms keeps
+                # those retries short here, as it does for the fake's 429 and 5xx answers
                 return 409, {"file_id": stored.id, "message": message}, {"retry-after-ms": "20"}
         new = TogetherFile(
             self._id("file"),
