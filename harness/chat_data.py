@@ -2,9 +2,11 @@
 
 A classification row becomes (system prompt naming the labels, the text as the user message, the
 label as the assistant message); chat rows pass through as they are; prompt/completion rows become
-a user and an assistant message. Each chat keeps the file:line of its record, so a rule broken
-here (too few examples, no assistant answer, an empty message, too many tokens for the model) is
-reported where the user can fix it, before anything is uploaded.
+a user and an assistant message; a preference pair becomes its input turns and the preferred
+answer, the non-preferred one beside them (``Chat.rejected``), written out in the DPO rows
+OpenAI, Azure and Together take (``to_preference_jsonl``). Each chat keeps the file:line of its
+record, so a rule broken here (too few examples, no assistant answer, an empty message, too many
+tokens for the model) is reported where the user can fix it, before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from harness.cost import Encoding
+from harness.cost import TOKENS_PER_EXAMPLE, Encoding
 from harness.data import CHAT_ROLES, DataError, Dataset, Example
 
 MIN_TRAINING_EXAMPLES = 10  # the API refuses smaller training files
@@ -23,6 +26,7 @@ MIN_TRAINING_EXAMPLES = 10  # the API refuses smaller training files
 class Chat:
     messages: tuple[dict[str, str], ...]  # the answer is the last (assistant) message
     source: str  # file:line of the record it came from
+    rejected: str = ""  # a preference pair's non-preferred answer (the preferred one: answer)
 
     @property
     def prompt(self) -> list[dict[str, str]]:
@@ -34,6 +38,9 @@ class Chat:
 
 
 def to_chat(example: Example, task: str, system_prompt: str) -> Chat:
+    if task == "preference":  # as generation rows: the input turns as written, no system prompt
+        answer = {"role": "assistant", "content": example.target.strip()}
+        return Chat((*example.messages, answer), example.source, example.rejected)
     if task == "classification":
         messages: tuple[dict[str, str], ...] = (
             {"role": "system", "content": system_prompt},
@@ -87,16 +94,28 @@ def check_chat(
         if not str(message.get("content") or "").strip():
             raise DataError(f"{where}: message {index} ({message['role']}) is empty")
     key = tuple((str(m.get("role")), str(m.get("content"))) for m in chat.messages)
+    key += (("rejected", chat.rejected),) if chat.rejected else ()
     tokens = counted.get(key) if counted is not None else None
     if tokens is None:
-        tokens = encoding.count_chat(chat.messages)
+        tokens = count_tokens(chat, encoding)
         if counted is not None:
             counted[key] = tokens
     if tokens > token_limit:
+        pair = " (the input and both answers)" if chat.rejected else ""
         raise DataError(
-            f"{where}: {tokens} tokens ({encoding.note}); the model's limit per example is "
-            f"{token_limit}. Shorten it or drop it."
+            f"{where}: {tokens} tokens{pair} ({encoding.note}); the model's limit per example "
+            f"is {token_limit}. Shorten it or drop it."
         )
+    return tokens
+
+
+def count_tokens(chat: Chat, encoding: Encoding) -> int:
+    """A chat's tokens; a preference pair's are its input and both answers, which the hosted
+    APIs bill and hold to the per-example limit."""
+    tokens = encoding.count_chat(chat.messages)
+    if chat.rejected:  # one more assistant message, not a second example
+        tokens += encoding.count_chat([{"role": "assistant", "content": chat.rejected}])
+        tokens -= TOKENS_PER_EXAMPLE
     return tokens
 
 
@@ -143,4 +162,19 @@ def token_limit(limits: Mapping[str, int], model: str) -> int:
 
 def to_jsonl(chats: Sequence[Chat]) -> bytes:
     lines = (json.dumps({"messages": list(c.messages)}, ensure_ascii=False) for c in chats)
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def preference_row(chat: Chat) -> dict[str, Any]:
+    """A preference pair as OpenAI's, Azure's and Together's DPO rows have it."""
+    return {
+        "input": {"messages": chat.prompt},
+        "preferred_output": [{"role": "assistant", "content": chat.answer}],
+        "non_preferred_output": [{"role": "assistant", "content": chat.rejected.strip()}],
+    }
+
+
+def to_preference_jsonl(chats: Sequence[Chat]) -> bytes:
+    """Preference pairs as the JSONL file a DPO job trains on (``preference_row`` per line)."""
+    lines = (json.dumps(preference_row(c), ensure_ascii=False) for c in chats)
     return ("\n".join(lines) + "\n").encode("utf-8")

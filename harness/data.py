@@ -5,9 +5,11 @@ Formats: JSONL or CSV (UTF-8, with or without BOM), field names from the config.
   final assistant turn is the label
 - generation rows: ``{prompt, completion}`` or chat rows ``{"messages": [...]}`` (OpenAI format);
   a chat row becomes a prompt (every turn before the last assistant turn) and a completion.
-One file holds one row format (chat, prompt/completion or text/label): a row in another format
-than the file's first is refused at its line. ``detect_task`` tells the task from a file's rows
-(``harness validate FILE``).
+- preference rows (harness.preference_data): a prompt with a preferred and a non-preferred
+  answer, in OpenAI's and Together's DPO shape or TRL's ``{prompt, chosen, rejected}``.
+One file holds one row format (chat, prompt/completion, text/label or one preference shape): a
+row in another format than the file's first is refused at its line. ``detect_task`` tells the
+task from a file's rows (``harness validate FILE``).
 A dataset is one file split with a seed (stratified by label for classification), or explicit
 train/validation/test files. Every error names the file and, where there is one, the line.
 ``load_dataset`` is the one validator behind every entry point (``harness validate``, a sweep's
@@ -45,12 +47,16 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One row: ``text`` + ``label`` for classification, ``text`` (prompt) + ``target`` for
-    generation. A chat row keeps its ``messages`` too, for backends that take chats as they are."""
+    generation. A chat row keeps its ``messages`` too, for backends that take chats as they are.
+    A preference pair: ``text`` the last user message, ``target`` the preferred answer,
+    ``rejected`` the non-preferred one, ``messages`` the input turns (the answers not among
+    them)."""
 
     text: str
     target: str
     source: str = ""  # file:line of the record, for error messages
     messages: tuple[dict[str, str], ...] = ()
+    rejected: str = ""  # preference pairs: the non-preferred answer
 
 
 @dataclass
@@ -237,15 +243,21 @@ def chat_to_prompt_completion(messages: Any, where: str) -> tuple[str, str]:
     return f"{prompt}\nassistant:", " " + messages[-1]["content"].strip()
 
 
-TASKS = ("classification", "generation")
+TASKS = ("classification", "generation", "preference")
 SPLITS = ("train", "validation", "test")
 
-# A row's format, by the fields it has (names from the config): chat rows are told by their
-# messages field, prompt/completion rows by either of their fields, anything else is text/label.
+# A row's format, by the fields it has (names from the config): preference rows are told by
+# their answers' fields first (a TRL pair has a prompt field too), chat rows by their messages
+# field, prompt/completion rows by either of their fields, anything else is text/label.
 CHAT, PROMPT_COMPLETION, TEXT_LABEL = "chat", "prompt/completion", "text/label"
 
 
 def _row_format(record: dict[str, Any], data: DictConfig) -> str:
+    from harness.preference_data import preference_format
+
+    pair = preference_format(record)
+    if pair is not None:
+        return pair
     if data.messages_field in record:
         return CHAT
     if data.prompt_field in record or data.completion_field in record:
@@ -255,6 +267,10 @@ def _row_format(record: dict[str, Any], data: DictConfig) -> str:
 
 def _format_shape(row_format: str, data: DictConfig) -> str:
     """How a format looks with this config's field names, for error messages."""
+    from harness.preference_data import PREFERENCE_SHAPES
+
+    if row_format in PREFERENCE_SHAPES:
+        return PREFERENCE_SHAPES[row_format]
     if row_format == CHAT:
         return f'chat ({{"{data.messages_field}": [...]}})'
     if row_format == PROMPT_COMPLETION:
@@ -282,12 +298,17 @@ def _uniform_records(path: Path, data: DictConfig) -> Iterator[tuple[int, dict[s
 
 
 def load_examples(path: Path, data: DictConfig) -> list[Example]:
+    from harness.preference_data import PREFERENCE_SHAPES, check_task_fits, preference_example
+
     if data.task not in TASKS:
-        raise DataError(f"data.task={data.task!r}: unknown task (use classification or generation)")
+        raise DataError(f"data.task={data.task!r}: unknown task (use {', '.join(TASKS)})")
     examples: list[Example] = []
     for number, record, row_format in _uniform_records(path, data):
         where = f"{path}:{number}"
-        if row_format == CHAT:
+        check_task_fits(data.task, row_format, _format_shape(row_format, data), where)
+        if row_format in PREFERENCE_SHAPES:
+            examples.append(preference_example(record, row_format, data.prompt_field, where))
+        elif row_format == CHAT:
             messages = _messages(record[data.messages_field], data.messages_field, where)
             if data.task == "classification":
                 examples.append(_chat_classification(messages, where))
@@ -314,11 +335,16 @@ MAX_LABELS = 200
 
 
 def detect_task(path: Path, data: DictConfig) -> tuple[str, str]:
-    """(task, why) for a file given by path: prompt/completion rows are generation, text/label
-    rows classification, chat rows by their answers (the rule above). Reads the file as the
-    loader does, so a bad file fails here with the loader's message."""
+    """(task, why) for a file given by path: preference pairs are preference, prompt/completion
+    rows generation, text/label rows classification, chat rows by their answers (the rule
+    above). Reads the file as the loader does, so a bad file fails here with the loader's
+    message."""
+    from harness.preference_data import PREFERENCE_SHAPES
+
     answers: list[str] = []
     for number, record, row_format in _uniform_records(path, data):
+        if row_format in PREFERENCE_SHAPES:
+            return "preference", f"{PREFERENCE_SHAPES[row_format]} rows"
         if row_format == PROMPT_COMPLETION:
             return "generation", "prompt/completion rows"
         if row_format == TEXT_LABEL:

@@ -12,6 +12,12 @@ rising) with too many, so a search over it has something to find. A fine-tuned m
 chat requests by nearest neighbour over its training file, and answers wrongly as often as its
 final validation loss says it should: better hyperparameters, better test accuracy.
 
+Preference tuning (``method={"type": "dpo", ...}``) trains on preference rows (``{"input":
+{"messages"}, "preferred_output", "non_preferred_output"}``); its ``beta`` ("auto" or in (0, 2])
+shapes the curve too, best near ``DPO_BEST_BETA``, worse towards either end. A DPO model answers
+the preferred answer of the training pair nearest the prompt as often as its final loss says,
+otherwise that pair's non-preferred answer: better hyperparameters, a higher preferred rate.
+
 A cancel lands ``Timing.cancel_s`` after it is asked (the job trains on meanwhile, and may
 finish); a job cancelled mid-run reports the tokens of the steps it did as ``trained_tokens``, and
 one that finished first stays succeeded with every epoch's tokens, the cancel refused as the API
@@ -142,12 +148,16 @@ class Job:
     events: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     last_metrics: dict[str, float] = field(default_factory=dict)
+    method: str = "supervised"  # or "dpo": preference tuning
+    beta: float | None = None  # dpo: how far the model may move from its base
+    rejected: list[str] = field(default_factory=list)  # dpo: each example's non-preferred answer
 
     @property
     def recipe(self) -> tuple[object, ...]:
         """What makes a job reproducible: the same data, hyperparameters and seed give the same
         curve and the same answers, as the seed promises."""
-        return (self.training_file, self.n_epochs, self.batch_size, self.lr_multiplier, self.seed)
+        recipe = (self.training_file, self.n_epochs, self.batch_size, self.lr_multiplier, self.seed)
+        return recipe if self.method != "dpo" else (*recipe, self.beta)
 
     @property
     def total_steps(self) -> int:
@@ -167,7 +177,7 @@ class Job:
             "fine_tuned_model": self.fine_tuned_model,
             "finished_at": self.finished_at,
             "hyperparameters": hyperparameters,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "method": self._method_json(hyperparameters),
             "model": self.model,
             "organization_id": "org-harness-fake",
             "result_files": self.result_files,
@@ -182,6 +192,11 @@ class Job:
             "suffix": self.suffix,
         }
 
+    def _method_json(self, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        if self.method != "dpo":
+            return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": self.beta}}}
+
 
 # --- the simulated training -------------------------------------------------------------------
 
@@ -194,7 +209,20 @@ def train_loss(job: Job, step: int) -> float:
     loss = 0.18 + 2.4 * math.exp(-rate * epochs_done)
     if job.lr_multiplier > 5.0:
         loss += 0.35 * (job.lr_multiplier - 5.0) * max(0.0, epochs_done - 0.2)
+    if job.method == "dpo":  # a poor beta costs more the longer the job trains
+        loss += beta_penalty(job.beta) * (1.0 - math.exp(-epochs_done))
     return loss
+
+
+DPO_BEST_BETA = 0.2  # the fake's best beta: OpenAI's "auto" (0.1) is close, not best
+DPO_AUTO_BETA = 0.1
+
+
+def beta_penalty(beta: float | None) -> float:
+    """Extra loss of a DPO job for its beta: 0 at DPO_BEST_BETA, growing with the log-distance
+    from it (0.1 and 0.4 cost ~0.06; 0.01 ~1.1: the model drifts far from its base; 2 ~0.64:
+    it barely moves)."""
+    return 0.12 * math.log((beta or DPO_AUTO_BETA) / DPO_BEST_BETA) ** 2
 
 
 def valid_loss(job: Job, step: int) -> float:
@@ -255,30 +283,94 @@ def _unit(*parts: object) -> float:
 
 
 def parse_training_file(content: bytes) -> tuple[list[tuple[str, str]], list[list[dict]], str]:
-    """(user, answer) pairs, the chats, and '' or why the file breaks the API's rules."""
+    """(user, answer) pairs, the chats, and '' or why the file breaks the API's rules. A file of
+    preference rows gives (user, preferred answer) pairs, and chats holding every message billed
+    (the input, both answers); ``parse_rows`` keeps the non-preferred answers too."""
+    pairs, chats, _, invalid = parse_rows(content)
+    return pairs, chats, invalid
+
+
+def parse_rows(content: bytes) -> tuple[list[tuple[str, str]], list[list[dict]], list[str], str]:
+    """(user, answer) pairs, chats, the non-preferred answers of preference rows ([] for chat
+    rows), and '' or why the file breaks the API's rules. Chat rows and preference rows do not
+    mix in one file."""
     pairs: list[tuple[str, str]] = []
     chats: list[list[dict]] = []
+    rejected: list[str] = []
     lines = content.decode("utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        if rejected or (not pairs and _is_preference_row(line)):
+            row = _preference_row(line, number)
+            if isinstance(row, str):
+                return [], [], [], row
+            pairs.append(row[0])
+            rejected.append(row[1])
+            chats.append(row[2])
             continue
         try:
             messages = json.loads(line)["messages"]
             roles = [m["role"] for m in messages]
             contents = [m["content"] for m in messages]
         except (ValueError, KeyError, TypeError):
-            return [], [], f"line {number}: not a chat example with 'messages'"
+            return [], [], [], f"line {number}: not a chat example with 'messages'"
         if "assistant" not in roles:
-            return [], [], f"line {number}: example has no assistant message"
+            return [], [], [], f"line {number}: example has no assistant message"
         if any(r not in ("system", "user", "assistant", "tool", "developer") for r in roles):
-            return [], [], f"line {number}: unrecognised role"
+            return [], [], [], f"line {number}: unrecognised role"
         users = [c for r, c in zip(roles, contents, strict=True) if r == "user"]
         user = users[-1] if users else ""
         pairs.append((str(user), str(contents[roles.index("assistant", len(roles) - 1)])))
         chats.append(messages)
     if len(pairs) < 10:
-        return [], [], f"training file has {len(pairs)} examples; at least 10 are required"
-    return pairs, chats, ""
+        return [], [], [], f"training file has {len(pairs)} examples; at least 10 are required"
+    return pairs, chats, rejected, ""
+
+
+def _method_mismatch(method: str, preference_rows: bool) -> str:
+    """Why a job's method cannot train on its file's rows, as the API says it; '' if it can."""
+    if method == "dpo" and not preference_rows:
+        return (
+            "line 1: a DPO training example needs 'input', 'preferred_output' and "
+            "'non_preferred_output'"
+        )
+    if method != "dpo" and preference_rows:
+        return "line 1: not a chat example with 'messages' (preference rows train with dpo)"
+    return ""
+
+
+def _is_preference_row(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "preferred_output" in row
+
+
+def _preference_row(line: str, number: int) -> tuple[tuple[str, str], str, list[dict]] | str:
+    """((user, preferred), non-preferred, every message billed) of one DPO row, or why the API
+    would refuse it: an input that does not end with a user message, an output that is not one
+    assistant message with text."""
+    try:
+        row = json.loads(line)
+        messages = list(row["input"]["messages"])
+        outputs = [row["preferred_output"], row["non_preferred_output"]]
+    except (ValueError, KeyError, TypeError):
+        return (
+            f"line {number}: a DPO example needs 'input' ({{'messages': [...]}}), "
+            "'preferred_output' and 'non_preferred_output'"
+        )
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        return f"line {number}: the input's last message must be the user's"
+    answers = []
+    for output in outputs:
+        ok = isinstance(output, list) and len(output) == 1 and isinstance(output[0], dict)
+        if not ok or output[0].get("role") != "assistant" or not output[0].get("content"):
+            return f"line {number}: each output must be exactly one assistant message with content"
+        answers.append(output[0])
+    user = str(messages[-1].get("content", ""))
+    return (user, str(answers[0]["content"])), str(answers[1]["content"]), [*messages, *answers]
 
 
 # --- the server state -------------------------------------------------------------------------
@@ -391,8 +483,10 @@ class FakeOpenAI:
         if validation_id:
             self._file(validation_id)
         n_epochs, batch_size, multiplier = _hyperparameters(request)
+        method, beta = _method(request)
         metadata = _metadata(request)
-        pairs, chats, invalid = parse_training_file(training.content)
+        pairs, chats, rejected, invalid = parse_rows(training.content)
+        invalid = invalid or _method_mismatch(method, bool(rejected))
         number = len(self.jobs) + 1
         steps_per_epoch = max(1, math.ceil(len(pairs) / batch_size))
         fails = number in self.faults.fail_jobs or self.rng.random() < self.faults.job_failure_rate
@@ -416,12 +510,16 @@ class FakeOpenAI:
             steps_per_epoch=steps_per_epoch,
             invalid_reason=invalid or None,
             fail_at_step=(steps_per_epoch * n_epochs) // 2 + 1 if fails else None,
+            method=method,
+            beta=beta,
+            rejected=rejected,
         )
         self.jobs[job.id] = job
         self._event(job, f"Validating training file: {training.id}")
         self.log(
             f"job {number} {job.id} created: n_epochs={n_epochs} batch_size={batch_size} "
             f"learning_rate_multiplier={multiplier:.4g} metadata={job.metadata}"
+            + (f" method=dpo beta={beta:.4g}" if beta is not None else "")
         )
         if self.faults.drop_create_responses > 0:
             self.faults.drop_create_responses -= 1
@@ -673,6 +771,8 @@ class FakeOpenAI:
         final = job.last_metrics.get("full_valid_loss", valid_loss(job, job.total_steps))
         if _unit(job.recipe, prompt) < skill(final):
             return nearest
+        if job.method == "dpo":  # the pair's other answer: what preference tuning unlearns
+            return dict(zip((a for _, a in job.examples), job.rejected, strict=True))[nearest]
         others = sorted({a for _, a in job.examples} - {nearest})
         return others[int(_unit(job.recipe, prompt, "wrong") * len(others))] if others else nearest
 
@@ -695,11 +795,34 @@ class FakeOpenAI:
 def _hyperparameters(request: Mapping[str, Any]) -> tuple[int, int, float]:
     """A job request's (n_epochs, batch_size, learning_rate_multiplier), "auto" resolved."""
     method = request.get("method") or {}
-    hp = ((method.get("supervised") or {}).get("hyperparameters")) or {}
+    kind = method.get("type") or "supervised"  # dpo jobs hold theirs under "dpo"
+    hp = ((method.get(kind) or {}).get("hyperparameters")) or {}
     n_epochs = _setting(hp, "n_epochs", 3, int, 1, 50)
     batch_size = _setting(hp, "batch_size", 8, int, 1, 256)
     multiplier = _setting(hp, "learning_rate_multiplier", 2.0, float, 1e-9, 1e9)
     return n_epochs, batch_size, multiplier
+
+
+def _method(request: Mapping[str, Any]) -> tuple[str, float | None]:
+    """A job request's method type and, for dpo, its beta ("auto" resolved), refused with a
+    400 as the API refuses them: an unknown type, a beta outside (0, 2]."""
+    method = request.get("method") or {}
+    kind = method.get("type") or "supervised"
+    if kind not in ("supervised", "dpo"):
+        raise ApiError(400, f"Invalid method type: {kind!r}", param="method.type")
+    if kind == "supervised":
+        return kind, None
+    hp = ((method.get("dpo") or {}).get("hyperparameters")) or {}
+    value = hp.get("beta", "auto")
+    if value == "auto":
+        return kind, DPO_AUTO_BETA
+    try:
+        beta = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"Invalid value for beta: {value!r}", param="beta") from None
+    if not 0.0 < beta <= 2.0:
+        raise ApiError(400, "beta must be greater than 0 and at most 2", param="beta")
+    return kind, beta
 
 
 def _metadata(request: Mapping[str, Any]) -> dict[str, str]:

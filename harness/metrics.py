@@ -23,6 +23,16 @@ EVAL_METRICS = {
 # measures them only when the study optimizes one of them (see Backend.eval_metrics_on_demand).
 GENERATED_TEXT_METRICS = {
     "generation": ("eval/bleu", "eval/rouge_l", "eval/exact_match", "eval/token_f1"),
+    # a preference (DPO) model's answers, against the pair's preferred and non-preferred ones
+    "preference": ("eval/preferred_rate", "eval/rouge_l"),
+}
+
+# What scoring a model's answers on a held-out split gives, by task (unprefixed: test/<name>
+# once a hosted job is over, as harness.backends.hosted.score_chats measures them).
+SCORED_METRICS = {
+    "classification": ("accuracy", "precision", "recall", "f1"),
+    "generation": ("exact_match", "token_f1", "bleu", "rouge_l"),
+    "preference": ("preferred_rate", "rouge_l"),
 }
 
 
@@ -98,19 +108,43 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(bleu.corpus_score(list(predictions), [list(references)]).score)
 
 
-def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """rouge-score's ROUGE-L F-measure (Porter stemming) on the 0-1 scale, mean over examples.
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """rouge-score's ROUGE-L F-measure (Porter stemming) on the 0-1 scale, one per example.
     Its tokenizer keeps only ASCII letters and digits: text in other scripts scores 0."""
     from rouge_score.rouge_scorer import RougeScorer
 
-    if not predictions:
-        return 0.0
     scorer = RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [
+    return [
         scorer.score(reference, prediction)["rougeL"].fmeasure
         for prediction, reference in zip(predictions, references, strict=True)
     ]
-    return sum(scores) / len(scores)
+
+
+def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """ROUGE-L F-measure (``rouge_l_scores``), mean over examples."""
+    scores = rouge_l_scores(predictions, references)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def preference_metrics(
+    answers: Sequence[str], preferred: Sequence[str], rejected: Sequence[str]
+) -> dict[str, float]:
+    """A preference-tuned model's answers against each pair's two answers, 0-1 scales:
+    preferred_rate, the share of answers closer (ROUGE-L F1) to the preferred answer than to
+    the non-preferred one, a tie counting half (an answer like neither is no evidence either
+    way); rouge_l, the mean ROUGE-L F1 against the preferred answers."""
+    if not answers:
+        return {"preferred_rate": 0.0, "rouge_l": 0.0}
+    to_preferred = rouge_l_scores(answers, preferred)
+    to_rejected = rouge_l_scores(answers, rejected)
+    wins = [
+        1.0 if p > r else 0.5 if p == r else 0.0
+        for p, r in zip(to_preferred, to_rejected, strict=True)
+    ]
+    return {
+        "preferred_rate": sum(wins) / len(wins),
+        "rouge_l": sum(to_preferred) / len(to_preferred),
+    }
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

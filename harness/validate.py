@@ -106,6 +106,14 @@ def validate(arguments: list[str], console: Any) -> int:
         console.print(table)
     if isinstance(backend, PaidBackend):
         return hosted_costs(cfg, backend, dataset, console)
+    if dataset.task == "preference":  # the local model's token counts would not apply
+        console.print(
+            "  preference pairs train with train.method=dpo on a hosted backend that offers "
+            f"it (backend=openai, azure_openai or together); `harness validate {cfg.data.path} "
+            "backend=openai` counts their tokens and what a job would cost",
+            soft_wrap=True,
+        )
+        return 0
     lengths = token_lengths(cfg, dataset)
     ordered = sorted(lengths)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]

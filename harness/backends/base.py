@@ -213,13 +213,16 @@ def check_training_method(cfg: DictConfig, backend_name: str, offered: Iterable[
             f"train.method={method!r} is not a training method: choose "
             + " or ".join(f"{m} ({why})" for m, why in TRAINING_METHODS.items())
         )
-    if method not in offered:
+    preference = str(cfg.data.task) == "preference"
+    # preference pairs need dpo whatever train.method says: say so at once, not one key later
+    needed = "dpo" if preference else method
+    if needed not in offered:
+        what = f"train.method={method}" if needed == method else "data.task=preference (dpo)"
         raise ConfigError(
-            f"train.method={method}: backend {backend_name!r} offers only "
+            f"{what}: backend {backend_name!r} offers only "
             f"{', '.join(offered)}. Preference tuning runs on hosted backends that offer it: "
             "backend=openai, backend=azure_openai or backend=together."
         )
-    preference = str(cfg.data.task) == "preference"
     if preference != (method == "dpo"):
         fix = "train.method=dpo" if preference else "a data set with data.task=preference"
         raise ConfigError(

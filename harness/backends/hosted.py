@@ -194,27 +194,44 @@ def score_chats(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The model's metrics on ``scoring.chats`` (unprefixed names) and its answers, one row per
     chat: classification answers parsed back to labels, so accuracy and F1 come from the same
-    code as the local backend's; generation answers scored by BLEU, ROUGE and exact match."""
-    from harness.metrics import classification_metrics, generation_metrics
-
-    classification = scoring.task == "classification"
+    code as the local backend's; generation answers scored by BLEU, ROUGE and exact match;
+    a preference pair's answer by which of the pair's two answers it is closer to."""
     with ThreadPoolExecutor(max(1, scoring.concurrency)) as pool:
         answers = list(pool.map(ask, scoring.chats))
-    expected = [c.answer for c in scoring.chats]
-    predictions: list[dict[str, Any]] = []
-    for chat, (answer, _, _) in zip(scoring.chats, answers, strict=True):
-        row: dict[str, Any] = {"source": chat.source, "expected": chat.answer, "answer": answer}
-        if classification:
-            row["label"] = parse_label(answer, scoring.labels)
-        predictions.append(row)
-    if classification:
-        scores = classification_metrics(expected, [p["label"] for p in predictions], scoring.labels)
-        scores["unparsed"] = sum(p["label"] == UNPARSED for p in predictions) / len(expected)
-    else:
-        scores = generation_metrics([a for a, _, _ in answers], expected)
+    texts = [answer for answer, _, _ in answers]
+    predictions = [
+        _prediction(chat, text, scoring) for chat, text in zip(scoring.chats, texts, strict=True)
+    ]
+    scores = _task_scores(scoring, texts, predictions)
     scores["prompt_tokens"] = float(sum(p for _, p, _ in answers))
     scores["completion_tokens"] = float(sum(c for _, _, c in answers))
     return {k: float(v) for k, v in scores.items()}, predictions
+
+
+def _prediction(chat: Chat, answer: str, scoring: Scoring) -> dict[str, Any]:
+    """One row of the predictions file: what was expected (and not wanted), what came back."""
+    row: dict[str, Any] = {"source": chat.source, "expected": chat.answer}
+    if scoring.task == "preference":
+        row["rejected"] = chat.rejected.strip()
+    row["answer"] = answer
+    if scoring.task == "classification":
+        row["label"] = parse_label(answer, scoring.labels)
+    return row
+
+
+def _task_scores(
+    scoring: Scoring, answers: list[str], predictions: list[dict[str, Any]]
+) -> dict[str, float]:
+    from harness.metrics import classification_metrics, generation_metrics, preference_metrics
+
+    expected = [c.answer for c in scoring.chats]
+    if scoring.task == "preference":
+        return preference_metrics(answers, expected, [c.rejected for c in scoring.chats])
+    if scoring.task != "classification":
+        return generation_metrics(answers, expected)
+    scores = classification_metrics(expected, [p["label"] for p in predictions], scoring.labels)
+    scores["unparsed"] = sum(p["label"] == UNPARSED for p in predictions) / len(expected)
+    return scores
 
 
 def score_test_split(

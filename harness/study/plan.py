@@ -20,7 +20,7 @@ from harness.config import ConfigError, with_params
 from harness.continuation import holds
 from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
-from harness.metrics import GENERATED_TEXT_METRICS
+from harness.metrics import GENERATED_TEXT_METRICS, SCORED_METRICS
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
 
@@ -108,7 +108,11 @@ def _check_sampled_values(
 def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
     """sweep.metric, sweep.direction and sweep.n_workers with its storage."""
     task = cfg.data.task
-    metrics = (*backend.eval_metrics(task), *backend.eval_metrics_on_demand(task))
+    metrics = (
+        *backend.eval_metrics(task),
+        *backend.eval_metrics_on_demand(task),
+        *held_out_metrics(backend, task),
+    )
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
             f"sweep.metric={cfg.sweep.metric} is not measured at evaluations of a {task} task "
@@ -125,6 +129,17 @@ def _check_sweep_settings(cfg: DictConfig, backend: Backend) -> None:
         raise ConfigError(
             f"sweep.direction must be maximize or minimize, not {cfg.sweep.direction!r}"
         )
+
+
+def held_out_metrics(backend: Backend, task: str) -> tuple[str, ...]:
+    """test/* metrics sweep.metric may name: a hosted job's one final model is scored on the
+    test split once it is over (harness.backends.hosted.score_chats), with no checkpoint to
+    choose among and nothing to prune on midway, so a held-out task metric can be the
+    objective itself (test/preferred_rate of a preference study, not the provider's loss). A
+    local trial keeps its best evaluation by sweep.metric: an eval/* metric there."""
+    if not isinstance(backend, PaidBackend):
+        return ()
+    return tuple(f"test/{name}" for name in SCORED_METRICS.get(task, ()))
 
 
 def _text_metric_hint(metric: str, task: str) -> str:
