@@ -45,15 +45,6 @@ CREATE = ("POST", "/v1/fine-tunes")
 
 
 @pytest.fixture
-def fake_together():  # TEMPORARY until the togetherfake branch's conftest fixture is merged
-    from harness.fake_together import FakeTogether, FakeTogetherServer
-
-    timing = TogetherTiming(validate_s=0.01, queue_s=0.01, step_s=0.001)
-    with FakeTogetherServer(FakeTogether(timing)) as srv:
-        yield srv
-
-
-@pytest.fixture
 def together_cfg(make_cfg, fake_together):
     """A Together study's config pointed at the fake (tickets_together unless study=...)."""
 
@@ -556,3 +547,36 @@ class TestCrashAndSecrets:
             assert not any(
                 secret in v for v in [*run.data.params.values(), *run.data.tags.values()]
             )
+
+
+class TestPreferenceTuning:
+    def test_dpo_study_end_to_end_is_judged_by_a_held_out_task_metric(
+        self, together_cfg, fake_together
+    ):
+        cfg = together_cfg(
+            "study=prefs_together", "sweep.n_trials=2", "train.epochs=2",
+            "sweep.enqueue=[{train.learning_rate: 1e-4, train.dpo_beta: 0.2, lora.r: 16}]",
+        )  # fmt: skip
+        study = Sweep(cfg, []).run()
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        found = study_runs(cfg)
+        for trial in study.trials:
+            run = found.by_name[f"trial-{trial.number:04d}"]
+            job = fake_together.api.jobs[run.data.tags["together.job_id"]]
+            assert job.training_method["method"] == "dpo"
+            assert job.training_method["dpo_beta"] == pytest.approx(trial.params["train.dpo_beta"])
+            metrics = trial.user_attrs["metrics"]
+            # the objective: the tuned model's answers to the validation prompts, after the job
+            assert trial.value == metrics["eval/preferred_rate"]
+            assert 0.0 <= metrics["eval/preferred_rate"] <= 1.0
+            assert 0.0 <= metrics["test/preferred_rate"] <= 1.0
+            assert "eval/perplexity" not in metrics  # exp(DPO loss) means nothing
+            assert run.data.metrics["cost_usd"] == pytest.approx(billed_usd(job))
+        # the preference rows were uploaded, in the DPO shape
+        uploaded = [f for f in fake_together.api.files.values()]
+        assert {f.parsed.kind for f in uploaded} == {"preference"}
+        n_validation = len(load_dataset(cfg.data).validation)
+        n_test = len(load_dataset(cfg.data).test)
+        assert len(fake_together.api.chat_requests) == 2 * (n_validation + n_test)
+        # the enqueued good settings beat the sampler's first draw, on a held-out metric
+        assert study.best_trial.number == 0

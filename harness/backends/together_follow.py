@@ -99,6 +99,7 @@ class Follower:
         self.seen_events: set[tuple[str, str, str]] = set()
         self.last_step = 0
         self.final_eval: dict[str, float] = {}
+        self.perplexity = prepared.method != "dpo"  # exp(DPO loss) means nothing
         self.error_message = ""
         self.restarts_seen = 0  # job_restarted events
         self.pauses = Pauses()
@@ -190,10 +191,9 @@ class Follower:
             metrics["train/loss"] = loss
         eval_loss = first(row, EVAL_LOSS_KEYS)
         if eval_loss is not None:  # an evaluation: the whole validation file
-            self.final_eval = {
-                "eval/loss": eval_loss,
-                "eval/perplexity": math.exp(min(eval_loss, 50.0)),
-            }
+            self.final_eval = {"eval/loss": eval_loss}
+            if self.perplexity:
+                self.final_eval["eval/perplexity"] = math.exp(min(eval_loss, 50.0))
             metrics.update(self.final_eval)
             # the spend so far, once an evaluation (not per step: it is stored with the trial)
             metrics["cost_usd"] = self.tokens_so_far() * self.prepared.usd_per_token

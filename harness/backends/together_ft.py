@@ -43,6 +43,7 @@ from harness.backends.base import (
     TrialResult,
     TrialSpec,
     check_training_method,
+    optimized_metrics,
 )
 from harness.backends.hosted import (
     ApiKey,
@@ -51,6 +52,7 @@ from harness.backends.hosted import (
     Scoring,
     chat_completer,
     record_billing,
+    score_chats,
     score_test_split,
 )
 from harness.backends.together_data import (
@@ -75,11 +77,19 @@ from harness.backends.together_jobs import (
     suffix_for,
     training_type_arguments,
 )
-from harness.chat_data import TokenCounts, check_chats, check_examples, to_chats, to_jsonl
+from harness.chat_data import (
+    TokenCounts,
+    check_chats,
+    check_examples,
+    to_chats,
+    to_jsonl,
+    to_preference_jsonl,
+)
 from harness.chat_data import token_limit as limit_for
 from harness.config import ConfigError, runs_dir
 from harness.cost import Encoding, encoding_for, price_per_token
 from harness.data import Dataset, Example, ExampleCheck
+from harness.metrics import GENERATED_TEXT_METRICS
 
 SFT_KEYS = frozenset(
     {
@@ -221,9 +231,10 @@ class TogetherBackend:
         return ("eval/loss",) if task == "preference" else REPORTED_METRICS
 
     def eval_metrics_on_demand(self, task: str) -> tuple[str, ...]:
-        """Preference data: how often the tuned model's answer to a validation prompt is
-        nearer the preferred answer, measured after the job when the study optimizes it."""
-        return ("eval/preferred_rate",) if task == "preference" else ()
+        """Preference data: how often the tuned model's answer to a validation prompt is nearer
+        the preferred answer (and its ROUGE-L to it), measured once, after the job, when the
+        study optimizes one of them: a held-out task metric, not the DPO loss."""
+        return GENERATED_TEXT_METRICS["preference"] if task == "preference" else ()
 
     def example_check(self, cfg: DictConfig) -> ExampleCheck:
         """The API's rules per example, for ``load_dataset`` to run on each file as it is
@@ -297,8 +308,9 @@ class TogetherBackend:
         prepared = self.describe(cfg, dataset)
         chats = to_chats(dataset, self.system_prompt)
         folder = runs_dir(cfg) / "cache" / "together"
+        rows = to_preference_jsonl if prepared.method == "dpo" else to_jsonl
         for split in ("train", "validation"):
-            content = to_jsonl(chats[split])
+            content = rows(chats[split])
             digest = hashlib.sha256(content).hexdigest()[:16]
             file_id = upload(
                 self.client, folder, f"harness-{cfg.name}-{split}-{digest}.jsonl", content
@@ -371,6 +383,7 @@ class TogetherBackend:
         reporter.set_tags({**bill.tags(), "together.output_model": output})
         path = spec.workdir / "together_job.json"
         path.write_text(json.dumps(job.model_dump(mode="json"), indent=2), encoding="utf-8")
+        self._score_validation(spec, reporter, output, follower, bill.usd)
         test, artifacts = self._score_test(spec, reporter, output)
         paused = follower.pauses.seconds(time.monotonic())
         metrics = {
@@ -390,6 +403,25 @@ class TogetherBackend:
         }
         return TrialResult(metrics, [path, *artifacts], None, follower.last_step, hosted)
 
+    def _score_validation(
+        self, spec: TrialSpec, reporter: Reporter, output: str, follower: Follower, usd: float
+    ) -> None:
+        """A preference study that optimizes a held-out task metric (eval/preferred_rate) has
+        it measured once the job is over, on the validation split: one evaluation at the job's
+        last step, with what the job billed, so pruning on it keeps the cost."""
+        wanted = set(self.eval_metrics_on_demand(spec.prepared.task))
+        if not wanted & optimized_metrics(spec):
+            return
+        prepared = spec.prepared
+        ask = chat_completer(
+            self.client, output, int(spec.config.train.max_new_tokens), int(spec.config.seed)
+        )
+        scoring = Scoring(prepared.task, [], prepared.validation, self.eval_concurrency)
+        scores, _ = score_chats(ask, scoring)
+        measured = {f"eval/{k}": v for k, v in scores.items() if f"eval/{k}" in wanted}
+        follower.final_eval.update(measured)
+        reporter.report(follower.last_step, {**follower.final_eval, "cost_usd": usd})
+
     def _score_test(
         self, spec: TrialSpec, reporter: Reporter, output: str
     ) -> tuple[dict[str, float], list[Path]]:
@@ -399,7 +431,7 @@ class TogetherBackend:
         import together
 
         cfg, prepared = spec.config, spec.prepared
-        limit = (
+        limit = (  # a label is short; generated text and preferred answers take max_new_tokens
             prepared.max_answer_tokens
             if prepared.task == "classification"
             else int(cfg.train.max_new_tokens)
