@@ -279,7 +279,8 @@ class TogetherJob(Job):
     eval_tokens: int = 0  # the validation file's tokens, counted once per evaluation
     param_billions: float = 0.0
     dollars_per_million: float = 0.0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # DPO's non-preferred answers
+    # DPO's non-preferred answers, by prompt (the OpenAI fake's Job.rejected holds answers only)
+    rejected_pairs: list[tuple[str, str]] = field(default_factory=list)
     restart_at_step: int | None = None
     restarted: bool = False
     resumed: bool = False
@@ -1089,7 +1090,7 @@ class FakeTogether(FakeOpenAI):
         final = job.last_metrics["full_valid_loss"]
         if _unit(job.recipe, prompt) < skill(final):
             return _knn_answer(job.examples, prompt)
-        return _knn_answer(job.rejected, prompt)
+        return _knn_answer(job.rejected_pairs, prompt)
 
     routes: ClassVar[list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]]] = [
         (r"/v1/files", "POST", create_file),
@@ -1144,7 +1145,7 @@ def job_fields(request, name, model, training, validation, settings) -> dict[str
         "eval_tokens": validation.parsed.tokens if validation else 0,
         "param_billions": model.billions,
         "dollars_per_million": dollars_per_million(model.billions, dpo, full),
-        "rejected": parsed.rejected,
+        "rejected_pairs": parsed.rejected,
         "updated_at": _iso(),
         "lines": parsed.lines,
         "file_bytes": len(training.content),
