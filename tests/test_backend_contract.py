@@ -1,5 +1,6 @@
 """One contract every backend passes unchanged (the Optuna storage-test idea): the fake, local
-GPT-2 training, and the OpenAI backend talking HTTP to the loopback fake through the real SDK.
+GPT-2 training, and the OpenAI and Together backends talking HTTP to their loopback fakes through
+the real SDKs.
 The contract is the one harness.backends.base.Backend's docstring states: what a backend
 declares (name, tunable keys from the config, hard limits, evaluation metrics: those every
 evaluation reports and those measured on demand, example check, whether it is paid) and what a
