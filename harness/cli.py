@@ -28,6 +28,8 @@ commands:
              for a hosted backend also the API's rules and tokens and cost per trial shape
   fake-openai  serve a loopback fake of the OpenAI fine-tuning API, for free dry runs
              (--port 8787; --help lists its fault-injection options)
+  fake-together  the same for Together's fine-tuning API (--port 8788; the together SDK's
+             base_url is the server's root, http://127.0.0.1:8788)
 
 overrides (Hydra syntax; the last one wins):
   study=NAME                                  a study from studies/ (default: sentiment_tiny)
@@ -272,6 +274,12 @@ def cmd_fake_openai(args: list[str]) -> int:
     return serve_forever(args)
 
 
+def cmd_fake_together(args: list[str]) -> int:
+    from harness.fake_together import serve_forever
+
+    return serve_forever(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": cmd_sweep,
     "train": cmd_train,
@@ -280,6 +288,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "ui": cmd_ui,
     "validate": cmd_validate,
     "fake-openai": cmd_fake_openai,
+    "fake-together": cmd_fake_together,
 }
 
 
@@ -292,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"harness: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if ("-h" in rest or "--help" in rest) and command != "fake-openai":
+    if ("-h" in rest or "--help" in rest) and not command.startswith("fake-"):
         print(USAGE)
         return 0
     _quiet_libraries()

@@ -63,6 +63,17 @@ def fake_openai():
 
 
 @pytest.fixture
+def fake_together():
+    """The loopback fake of Together's API on a free port, with fast jobs (a step per ms).
+    Its ``base_url`` is what ``together.Together(base_url=...)`` takes (the server's root)."""
+    from harness.fake_together import FakeTogether, FakeTogetherServer, TogetherTiming
+
+    timing = TogetherTiming(validate_s=0.01, queue_s=0.01, step_s=0.001, restart_s=0.01)
+    with FakeTogetherServer(FakeTogether(timing)) as srv:
+        yield srv
+
+
+@pytest.fixture
 def openai_cfg(make_cfg, fake_openai):
     """A hosted study's config pointed at the fake (tickets_openai unless study=... is given)."""
 
