@@ -86,7 +86,7 @@ class TogetherTiming(Timing):
 @dataclass
 class TogetherFaults(Faults):
     restart_jobs: frozenset[int] = frozenset()  # creation numbers of jobs pre-empted half-way
-    refuse_jobs: int = 0  # the next N creates refused (a large N: every create)
+    refuse_creates: int = 0  # the next N creates refused (a large N: every create)
     refusal_status: int = 403  # 403: the account has no fine-tuning access; 402: out of credit
 
 
@@ -672,9 +672,9 @@ class FakeTogether(FakeOpenAI):
 
     def _refuse_if_faulted(self) -> None:
         faults = self.faults
-        if getattr(faults, "refuse_jobs", 0) <= 0:
+        if getattr(faults, "refuse_creates", 0) <= 0:
             return
-        faults.refuse_jobs -= 1  # type: ignore[attr-defined]
+        faults.refuse_creates -= 1  # type: ignore[attr-defined]
         if getattr(faults, "refusal_status", 403) == 402:
             message = (
                 "Insufficient credits: your balance and credit limit do not cover new "
@@ -1312,7 +1312,7 @@ def _api_from_options(options: argparse.Namespace) -> FakeTogether:
         job_failure_rate=options.job_failure_rate,
         drop_create_responses=options.drop_creates,
         restart_jobs=frozenset(int(n) for n in options.restart_jobs.split(",") if n.strip()),
-        refuse_jobs=options.refuse_jobs,
+        refuse_creates=options.refuse_jobs,
         refusal_status=options.refusal_status,
         seed=options.seed,
     )

@@ -494,7 +494,7 @@ class TestFaults:
         ],
     )
     def test_refused_creates_make_no_job(self, files, status, error, words):
-        faults = TogetherFaults(refuse_jobs=2, refusal_status=status)
+        faults = TogetherFaults(refuse_creates=2, refusal_status=status)
         with serve(faults=faults) as server:
             sdk = client(server)
             train = upload(sdk, files["train"])
@@ -543,7 +543,7 @@ class TestServing:
         api = _api_from_options(options)
         assert options.port == 9999 and api.timing.step_s == 0.2
         assert api.faults.restart_jobs == frozenset({2, 5})
-        assert (api.faults.refuse_jobs, api.faults.refusal_status) == (3, 402)
+        assert (api.faults.refuse_creates, api.faults.refusal_status) == (3, 402)
         assert api.faults.drop_create_responses == 1
 
 

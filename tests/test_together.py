@@ -161,7 +161,7 @@ class TestSweep:
         assert spent == pytest.approx([billed_usd(j) for j in jobs_of(fake_together)])
 
     def test_refusal_stops_the_study_with_its_message(self, fake_together, runs):
-        fake_together.api.faults.refuse_jobs = 1000  # the account cannot fine-tune
+        fake_together.api.faults.refuse_creates = 1000  # the account cannot fine-tune
         result = run_in_process(
             "sweep", "study=tickets_together", f"backend.base_url={fake_together.base_url}",
             *TOGETHER_TEST_SETTINGS, *QUICK, runs=runs,
@@ -178,7 +178,7 @@ class TestSweep:
         assert "HTTP 403" in study.trials[0].user_attrs["fail_reason"]
 
     def test_out_of_credit_stops_the_study_too(self, together_cfg, fake_together):
-        fake_together.api.faults.refuse_jobs = 1000
+        fake_together.api.faults.refuse_creates = 1000
         fake_together.api.faults.refusal_status = 402
         sweep = Sweep(together_cfg(*QUICK), [])
         study = sweep.run()
