@@ -191,6 +191,7 @@ class TestSweep:
         with pytest.raises(ConfigError, match=r"not available for fine-tuning.*backend=openai"):
             Sweep(together_cfg("backend.model=meta-llama/Meta-Llama-3.1-8B-Unknown"), []).run()
         assert fake_together.api.jobs == {}
+        assert fake_together.api.files == {}  # refused before the data were uploaded
 
 
 def together_cfg_for(runs: Path, fake):
@@ -263,6 +264,7 @@ class TestKnobs:
         with pytest.raises(ConfigError, match=r"lora\.r=128: Together takes 1 to 64"):
             Sweep(cfg, []).run()
         assert fake_together.api.jobs == {}
+        assert fake_together.api.files == {}  # refused before the data were uploaded
 
 
 class TestJobSafety:

@@ -43,8 +43,20 @@ class Prepared:
     n_train: int  # training examples: steps per epoch ~ ceil(n_train / batch_size)
     training_type: str  # "Lora" (adapter=lora) or "Full" (adapter=none)
     method: str  # train.method: sft or dpo
+    n_evals_per_epoch: int  # backend.n_evals_per_epoch
     model_limits: Any = None  # the SDK's FinetuneModelLimits, read once per study
     estimate_tags: dict[str, str] = field(default_factory=dict)  # our estimate vs Together's
+
+    def n_evals(self, epochs: int) -> int:
+        """The evaluations a job of ``epochs`` runs: what it bills validation tokens for."""
+        from harness.backends.together_jobs import evaluations
+
+        return evaluations(epochs, self.n_evals_per_epoch, self.model_limits)
+
+    def billed_tokens(self, epochs: int) -> int:
+        """What a whole job of ``epochs`` bills: each epoch's training file and each
+        evaluation's validation file (Together's pricing page)."""
+        return epochs * self.file_tokens + self.n_evals(epochs) * self.validation_tokens
 
 
 def upload(client: Any, folder: Path, name: str, content: bytes) -> str:

@@ -11,7 +11,8 @@ Together has no "paused" status, but a pre-empted job goes back from running to 
 pending (event ``job_restarted``) and later runs on. Harness follows it through; the time it
 waits after it first ran is measured between polls (so to a poll interval), left out of
 backend.max_job_hours and of the trial's ``train/seconds``, and recorded as ``paused_seconds``.
-Waiting longer than backend.max_pause_hours in all cancels the job and fails the trial.
+One wait longer than backend.max_pause_hours (a job not resumed within it, as on OpenAI and Azure)
+cancels the job and fails the trial.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ EVAL_METRICS = ("eval/loss", "eval/perplexity")
 @dataclass(frozen=True)
 class Limits:
     max_job_s: float  # backend.max_job_hours, pauses left out
-    max_pause_s: float  # backend.max_pause_hours, all pauses together
+    max_pause_s: float  # backend.max_pause_hours: one pause, not resumed within it
 
 
 class Pauses:
@@ -64,7 +65,11 @@ class Pauses:
             self.has_run = True
 
     def seconds(self, now: float) -> float:
-        return self.total_s + (now - self.since if self.since is not None else 0.0)
+        return self.total_s + self.current(now)
+
+    def current(self, now: float) -> float:
+        """How long the wait going on has lasted (0 when the job is not waiting pre-empted)."""
+        return now - self.since if self.since is not None else 0.0
 
 
 def first(row: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
@@ -89,9 +94,7 @@ class Follower:
     ) -> None:
         self.client, self.patience, self.job_id, self.reporter = client, patience, job_id, reporter
         self.prepared = prepared
-        epochs = int(cfg.train.epochs)
-        evals = epochs * int(cfg.backend.n_evals_per_epoch)
-        self.estimated_tokens = epochs * prepared.file_tokens + evals * prepared.validation_tokens
+        self.estimated_tokens = prepared.billed_tokens(int(cfg.train.epochs))
         # until the job says otherwise (packing changes it): examples / batch, per epoch
         self.total_steps = int(cfg.train.epochs) * -(-prepared.n_train // int(cfg.train.batch_size))
         reporter.set_total_steps(self.total_steps)
@@ -138,11 +141,12 @@ class Follower:
             )
 
     def _check_time(self, limits: Limits, status: str, elapsed: float) -> None:
-        paused = self.pauses.seconds(time.monotonic())
-        if paused > limits.max_pause_s:
+        now = time.monotonic()
+        waiting, paused = self.pauses.current(now), self.pauses.seconds(now)
+        if waiting > limits.max_pause_s:
             raise HostedJobError(
-                f"Together job {self.job_id} has waited {paused / 3600:.2f} h since it was "
-                f"pre-empted ({self.pauses.restarts} restart(s)), past backend.max_pause_hours="
+                f"Together job {self.job_id} has waited {waiting / 3600:.2f} h since it was "
+                f"pre-empted (restart {self.pauses.restarts}), past backend.max_pause_hours="
                 f"{limits.max_pause_s / 3600:g}: cancelled"
             )
         if elapsed - paused > limits.max_job_s:

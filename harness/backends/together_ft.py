@@ -282,7 +282,7 @@ class TogetherBackend:
             training_file="",
             validation_file="",
             test=chats["test"][: self.eval_max_examples or None],
-            validation=chats["validation"],
+            validation=chats["validation"][: self.eval_max_examples or None],
             file_tokens=sum(counts["train"]),
             validation_tokens=sum(counts["validation"]),
             tokens_note=f"{encoding.note}; Together counts with the model's own tokenizer",
@@ -291,6 +291,7 @@ class TogetherBackend:
             n_train=len(chats["train"]),
             training_type=training_type,
             method=method,
+            n_evals_per_epoch=self.shape.n_evals_per_epoch,
         )
 
     def _price(self, cfg: DictConfig) -> float:
@@ -309,6 +310,12 @@ class TogetherBackend:
         chats = to_chats(dataset, self.system_prompt)
         folder = runs_dir(cfg) / "cache" / "together"
         rows = to_preference_jsonl if prepared.method == "dpo" else to_jsonl
+        # checks first: a model Together does not train, a space past its limits, before
+        # anything is uploaded
+        prepared.model_limits = read_model_limits(
+            self.client, self.model, lambda exc: refusal_message(self.model, exc)
+        )
+        check_space(cfg, prepared.model_limits, prepared.training_type, prepared.method)
         for split in ("train", "validation"):
             content = rows(chats[split])
             digest = hashlib.sha256(content).hexdigest()[:16]
@@ -316,15 +323,11 @@ class TogetherBackend:
                 self.client, folder, f"harness-{cfg.name}-{split}-{digest}.jsonl", content
             )
             setattr(prepared, "training_file" if split == "train" else "validation_file", file_id)
-        prepared.model_limits = read_model_limits(
-            self.client, self.model, lambda exc: refusal_message(self.model, exc)
-        )
-        check_space(cfg, prepared.model_limits, prepared.training_type, prepared.method)
         epochs = int(cfg.train.epochs)
         check = EstimateCheck(
             self.estimate_cost_usd(cfg, prepared),
             epochs,
-            self.shape.n_evals(epochs, prepared.model_limits),
+            prepared.n_evals(epochs),
             self.estimate_tolerance,
             _estimate_training_type(cfg, prepared.training_type, self.shape.lora_modules),
         )
@@ -334,10 +337,7 @@ class TogetherBackend:
     def estimate_cost_usd(self, cfg: DictConfig, prepared: Prepared) -> float:
         """Together bills the tokens a job processes: each epoch's training file and each
         evaluation's validation file (its pricing page), at the price of the model's size."""
-        epochs = int(cfg.train.epochs)
-        evals = self.shape.n_evals(epochs, None)  # the model's cap on evaluations aside
-        tokens = epochs * prepared.file_tokens + evals * prepared.validation_tokens
-        return float(tokens * prepared.usd_per_token)
+        return float(prepared.billed_tokens(int(cfg.train.epochs)) * prepared.usd_per_token)
 
     # one trial ------------------------------------------------------------------------------
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:

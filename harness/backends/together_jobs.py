@@ -145,15 +145,20 @@ class JobShape:
     lora_modules: str
 
     def n_evals(self, epochs: int, limits: Any) -> int:
-        """Evaluations of the validation file: so many per epoch, within the model's maximum.
-        Pruning compares trials at the same evaluation number, so each falls at the same share
-        of an epoch whatever a trial's epochs."""
-        wanted = epochs * self.n_evals_per_epoch
-        return min(wanted, int(limits.max_num_evals)) if limits is not None else wanted
+        return evaluations(epochs, self.n_evals_per_epoch, limits)
 
     def n_checkpoints(self, limits: Any) -> int:
         most = int(limits.max_num_checkpoints) if limits is not None else self.checkpoints
         return max(1, min(self.checkpoints, most))
+
+
+def evaluations(epochs: int, per_epoch: int, limits: Any) -> int:
+    """A job's evaluations of the validation file: so many per epoch, within the model's
+    maximum (``limits``: its FinetuneModelLimits; None before they are read). Pruning compares
+    trials at the same evaluation number, so each falls at the same share of an epoch whatever
+    a trial's epochs."""
+    wanted = epochs * per_epoch
+    return min(wanted, int(limits.max_num_evals)) if limits is not None else wanted
 
 
 def is_refusal(exc: Exception) -> bool:
