@@ -92,6 +92,9 @@ class Faults:
     job_failure_rate: float = 0.0  # chance that any other job fails half-way
     drop_create_responses: int = 0  # the next N job creates: job made, response never sent
     ignore_metadata_filter: bool = False  # as some API-compatible servers do: list all jobs
+    # the next N job creates: job made, but a gateway in front answers 504 (the answer lost) ...
+    gateway_timeout_creates: int = 0
+    gateway_lag_s: float = 0.0  # ... and lists the job only this long after (wall clock)
     # the next N cancels arrive only once their job has finished: it succeeds, billed in full
     finish_before_cancel: int = 0
     # every job create refused as a provider that no longer trains answers: "403" (permission
@@ -425,6 +428,8 @@ class FakeOpenAI:
         # (as a user's script that deploys each new model would)
         self.deployments: dict[str, str] = {}
         self.auto_deploy: str | None = None
+        # job id -> when (time.monotonic) a job whose create a gateway timed out is first listed
+        self.listed_from: dict[str, float] = {}
 
     def _id(self, prefix: str) -> str:
         salt = hashlib.sha1(str(time.time()).encode()).hexdigest()[:10]
@@ -555,7 +560,19 @@ class FakeOpenAI:
         if self.faults.drop_create_responses > 0:
             self.faults.drop_create_responses -= 1
             return 200, DROP, {}
+        self.time_out_at_gateway(job.id)
         return 200, job.json(), {}
+
+    def time_out_at_gateway(self, job_id: str) -> None:
+        """Under the gateway fault: the job is made, but answered 504 and listed only later."""
+        if self.faults.gateway_timeout_creates <= 0:
+            return
+        self.faults.gateway_timeout_creates -= 1
+        self.listed_from[job_id] = time.monotonic() + self.faults.gateway_lag_s
+        raise ApiError(504, "Gateway Timeout (injected)", "gateway_timeout")
+
+    def listed(self, job_id: str) -> bool:
+        return time.monotonic() >= self.listed_from.get(job_id, 0.0)
 
     def list_jobs(self, query, body, headers):
         wanted = {
@@ -567,7 +584,7 @@ class FakeOpenAI:
             wanted = {}
         jobs = []
         for job in reversed(list(self.jobs.values())):  # newest first
-            if all(job.metadata.get(k) == v for k, v in wanted.items()):
+            if self.listed(job.id) and all(job.metadata.get(k) == v for k, v in wanted.items()):
                 self._advance(job)
                 jobs.append(job.json())
         return 200, _page(jobs, query), {}

@@ -88,6 +88,10 @@ class TogetherFaults(Faults):
     restart_jobs: frozenset[int] = frozenset()  # creation numbers of jobs pre-empted half-way
     refuse_creates: int = 0  # the next N creates refused (a large N: every create)
     refusal_status: int = 403  # 403: the account has no fine-tuning access; 402: out of credit
+    # the next N creates answered 400 "batch size N is not supported for this model", naming
+    # this param ("": none, as an answer that says it in words only)
+    refuse_batch_size_creates: int = 0
+    batch_size_param: str = "batch_size"
 
 
 @dataclass(frozen=True)
@@ -664,11 +668,21 @@ class FakeTogether(FakeOpenAI):
         )
         settings = self._settings(request, name, model)
         self._check_files(training, validation, settings)
+        self._refuse_batch_size_if_faulted(settings["batch_size"])
         job = self._new_job(request, name, model, training, validation, settings)
         if self.faults.drop_create_responses > 0:
             self.faults.drop_create_responses -= 1
             return 200, DROP, {}
+        self.time_out_at_gateway(job.id)
         return 200, job_json(job, full=False), {}
+
+    def _refuse_batch_size_if_faulted(self, batch_size: int) -> None:
+        faults = cast(TogetherFaults, self.faults)
+        if getattr(faults, "refuse_batch_size_creates", 0) <= 0:
+            return
+        faults.refuse_batch_size_creates -= 1
+        message = f"batch size {batch_size} is not supported for this model"
+        raise ApiError(400, message, "invalid_request", faults.batch_size_param)
 
     def _refuse_if_faulted(self) -> None:
         faults = self.faults
@@ -975,7 +989,8 @@ class FakeTogether(FakeOpenAI):
         """GET /v1/fine-tunes: every job, in creation order (the SDK's own CLI sorts them)."""
         for job in self._jobs():
             self._advance(job)
-        return 200, {"data": [job_json(job, full=False) for job in self._jobs()]}, {}
+        listed = [job_json(job, full=False) for job in self._jobs() if self.listed(job.id)]
+        return 200, {"data": listed}, {}
 
     def get_job(self, job_id, query, body, headers):
         job = self._job(job_id)

@@ -1,7 +1,9 @@
 """What every hosted fine-tuning backend shares, whatever the provider: its errors (a refusal of
 new jobs stops the study), the API key read from the environment or a file (never the config),
-what a stopped job billed and how it is recorded, and the fine-tuned model scored on the test
-split through chat completions by the same metric code as the local backend.
+the loops that find or create a trial's one paid job and that cancel a job and read it back
+until it says what it billed, what a stopped job billed and how it is recorded, and the
+fine-tuned model scored on the test split through chat completions by the same metric code as
+the local backend.
 
 Provider modules (``openai_ft``: OpenAI, Azure OpenAI and servers that speak that API;
 ``together_ft``: Together) hold their own job requests and follow their own job states; they
@@ -14,11 +16,12 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from harness.backends.base import Reporter
@@ -39,6 +42,145 @@ class ProviderRefusedError(HostedJobError):
     """The provider refuses to create fine-tuning jobs at all (past OpenAI's cutoff, an
     organisation without access, a model no longer trainable): every next trial would get the
     same answer, so the first one stops the study with this message."""
+
+
+Job = TypeVar("Job")
+
+
+@dataclass(frozen=True)
+class Waits:
+    """How long and how often a hosted backend waits on its jobs (conf/backend/<provider>.yaml)."""
+
+    poll_interval_s: float
+    max_poll_interval_s: float
+    poll_failures: int
+    cancel_wait_s: float
+    create_attempts: int
+    create_grace_s: float
+
+
+def find_or_create(
+    key: str,
+    find: Callable[[str], Job | None],
+    create: Callable[[], Job],
+    transient: tuple[type[Exception], ...],
+    waits: Waits,
+    what: str,
+) -> tuple[Job, bool]:
+    """(job, True) when ``find`` sees a job under this trial key (one that runs or succeeded),
+    else (the job ``create`` made, False). Every attempt looks first; the SDKs' own retries are
+    off for the create (they send no idempotency key: a retried create whose answer was lost
+    would be a second paid job). Any failure of a create (a dropped connection, a timeout, a
+    gateway's 5xx) may have made the job all the same, and the provider may list it only a while
+    later: every look after one waits at least backend.create_grace_s. Once the attempts are
+    spent the loop looks once more, so a job made by a lost create is re-attached to. ``what``
+    names the job in the error when none could be made."""
+    last_error: Exception | None = None
+    create_failed = False
+    for attempt in range(waits.create_attempts + 1):
+        if last_error is not None:
+            wait = min(waits.max_poll_interval_s, waits.poll_interval_s * 2 ** (attempt - 1))
+            time.sleep(max(wait, waits.create_grace_s) if create_failed else wait)
+        try:
+            job = find(key)
+        except transient as exc:
+            last_error = exc
+            continue
+        if job is not None:
+            return job, True
+        if attempt == waits.create_attempts:
+            break  # the last round only looks: a create lost before may show up now
+        try:
+            return create(), False
+        except transient as exc:
+            last_error, create_failed = exc, True
+    raise HostedJobError(
+        f"could not create {what} after {waits.create_attempts} attempts: "
+        f"{type(last_error).__name__}: {last_error}"
+    )
+
+
+@dataclass(frozen=True)
+class JobCalls:
+    """One job's calls to its provider, for ``cancel_and_read_back``. ``retrieve`` should not
+    retry on its own (the SDK's backoff would outlast backend.cancel_wait_s)."""
+
+    job_id: str
+    cancel: Callable[[str], Any]
+    retrieve: Callable[[str], Any]
+    is_over: Callable[[Any], bool]
+    provider: str  # who runs the job, in the warning: "OpenAI", "Together"
+
+
+def cancel_and_read_back(calls: JobCalls, waits: Waits) -> Any | None:
+    """Cancels the job, then reads it back until it is over, for at most
+    backend.cancel_wait_s: the job as last read, None if it could not be read. A cancel takes a
+    while to land, and a job that finishes first stays finished (its cancel refused): only the
+    job's final state says what it billed."""
+    job = None
+    try:
+        job = calls.cancel(calls.job_id)
+    except Exception:  # refused for a finished job, or the API is down: read it back anyway
+        job = None
+    deadline = time.monotonic() + waits.cancel_wait_s
+    delay, failures, looked, said = waits.poll_interval_s, 0, False, False
+    while job is None or not calls.is_over(job):
+        if job is not None or failures:  # looked already: wait before looking again
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if looked and not said:  # read back and still going: say why the trial waits
+                said = True
+                _say_waiting(calls, str(getattr(job, "status", None) or "unread"), waits)
+            time.sleep(min(delay, remaining))
+            delay = min(waits.max_poll_interval_s, delay * 1.5)
+        try:
+            job = calls.retrieve(calls.job_id)
+            looked = True
+        except Exception:  # the API is down or refuses: look again, a few times
+            failures += 1
+            if failures >= waits.poll_failures:
+                break
+    return job
+
+
+def _say_waiting(calls: JobCalls, status: str, waits: Waits) -> None:
+    logging.getLogger("harness").warning(
+        "%s job %s is still %s after its cancel: waiting up to %g s (backend.cancel_wait_s) "
+        "to record what it billed",
+        calls.provider,
+        calls.job_id,
+        status,
+        waits.cancel_wait_s,
+    )
+
+
+def abandon_jobs(
+    key: str,
+    jobs: Sequence[Any],
+    read_back: Callable[[Any], Any],
+    billed_usd: Callable[[Any], float | None],
+    provider: str,
+) -> float | None:
+    """What every job carrying a dead trial's key billed, in USD, once each is over: ``read_back``
+    cancels a live one and returns it as last read; ``billed_usd`` is a job's figure (None: not
+    over, or none). None only where no job has a figure: the caller keeps the trial's estimate."""
+    total: float | None = None
+    for job in jobs:
+        job = read_back(job)
+        usd = billed_usd(job)
+        if usd is None:
+            continue
+        total = (total or 0.0) + usd
+        logging.getLogger("harness").warning(
+            "the %s job %s of an abandoned trial (key %s) ended %s: billed $%.4f",
+            provider,
+            job.id,
+            key,
+            job.status,
+            usd,
+        )
+    return total
 
 
 class MissingApiKeyError(ConfigError):

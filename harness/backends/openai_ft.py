@@ -33,12 +33,9 @@ The API key comes from the environment (``backend.api_key_env``) or a file
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import re
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,9 +58,14 @@ from harness.backends.hosted import (
     Answer,
     ApiKey,
     HostedJobError,
+    JobCalls,
     RefusedApiKeyError,
     Scoring,
+    Waits,
+    abandon_jobs,
+    cancel_and_read_back,
     chat_completer,
+    find_or_create,
     record_billing,
     score_chats,
     score_test_split,
@@ -169,6 +171,14 @@ class OpenAIBackend:
         self.eval_concurrency = max(1, eval_concurrency)
         self.eval_max_examples = eval_max_examples
         self.create_grace_s = create_grace_s
+        self.waits = Waits(
+            self.poll_interval_s,
+            self.max_poll_interval_s,
+            self.poll_failures,
+            self.cancel_wait_s,
+            self.create_attempts,
+            self.create_grace_s,
+        )
         self.prices = _plain("prices_per_1m_training_tokens", prices_per_1m_training_tokens)
         self.token_limits = _plain("example_token_limits", example_token_limits)
         self._client: Any = None
@@ -375,8 +385,9 @@ class OpenAIBackend:
         cfg, prepared = spec.config, spec.prepared
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         job, reattached = self._find_or_create(cfg, prepared, spec.number, key)
-        follower = Follower(self, job.id, reporter, cfg, prepared)
+        follower: Follower | None = None
         try:  # from here on, any way out but success cancels the job: nobody would follow it
+            follower = Follower(self, job.id, reporter, cfg, prepared)  # sets the total steps
             reporter.set_tags(
                 {
                     "openai.job_id": job.id,
@@ -389,8 +400,10 @@ class OpenAIBackend:
         except BaseException:  # pruned, Ctrl-C, lost contact, paused too long, tracking
             # cancelled, as nobody would follow it; the trial keeps what the job billed, which
             # is all of it where the job finished before the cancel landed
-            _tag_pause(reporter, follower.paused_seconds())
-            record_billing(reporter, follower.billing(self._cancel_and_read_back(job.id)))
+            final = self._cancel_and_read_back(job.id)
+            if follower is not None:  # else the reporter refused the job's step count
+                _tag_pause(reporter, follower.paused_seconds())
+                record_billing(reporter, follower.billing(final))
             raise
         _tag_pause(reporter, follower.paused_seconds())
         if job.status != "succeeded":
@@ -400,7 +413,11 @@ class OpenAIBackend:
             reporter.set_tags({"openai.error_code": code, "openai.error_message": message[:4000]})
             record_billing(reporter, follower.billing(job))
             raise HostedJobError(f"fine-tuning job {job.id} {job.status}: {code}: {message}")
-        result = self._results(spec, reporter, job, follower)
+        try:
+            result = self._results(spec, reporter, job, follower)
+        except BaseException:  # its files, scoring or tracking failed: the job billed in full
+            record_billing(reporter, follower.billing(job))
+            raise
         # the time the provider held the job paused: the study leaves it out of the trial's
         # train/seconds (its capacity, not the trial's cost in time)
         paused = follower.paused_seconds()
@@ -408,43 +425,27 @@ class OpenAIBackend:
             result.metrics["paused_seconds"] = paused
         return result
 
+    def _jobs_carrying(self, key: str) -> list[Any]:
+        """Every job started under this trial key. The key is checked on each job too, not
+        only trusted to the server's metadata filter."""
+        listed = self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key})
+        return [job for job in listed if (job.metadata or {}).get("harness_trial_key") == key]
+
     def _find_job(self, key: str) -> Any:
-        """A job carrying this trial key that is not failed or cancelled, or None. The key is
-        checked on each job too, not only trusted to the server's metadata filter."""
-        for job in self.client.fine_tuning.jobs.list(metadata={"harness_trial_key": key}):
-            if (job.metadata or {}).get("harness_trial_key") != key:
-                continue
-            if job.status not in ("failed", "cancelled"):
-                return job
-        return None
+        """A job carrying this trial key that is not failed or cancelled, or None."""
+        jobs = self._jobs_carrying(key)
+        return next((job for job in jobs if job.status not in ("failed", "cancelled")), None)
 
     def _find_or_create(self, cfg: DictConfig, prepared: Prepared, number: int, key: str):
-        """(job, True) when a job with this trial's key already runs or succeeded, else a new
-        job. Our own retry loop, each attempt looking first, replaces the SDK's retries. After a
-        create whose answer was lost (timeout, dropped connection) the server may still be
-        making the job, so the next look waits at least backend.create_grace_s."""
-        import openai
-
-        transient = transient_errors()
-        last_error: Exception | None = None
-        for attempt in range(self.create_attempts + 1):
-            if last_error is not None:
-                wait = min(self.max_poll_interval_s, self.poll_interval_s * 2 ** (attempt - 1))
-                if isinstance(last_error, openai.APIConnectionError):
-                    wait = max(wait, self.create_grace_s)
-                time.sleep(wait)
-            try:
-                job = self._find_job(key)
-                if job is not None:
-                    return job, True
-                if attempt == self.create_attempts:
-                    break  # the last round only looks: a create lost before may show up now
-                return self._create_job(cfg, prepared, number, key), False
-            except transient as exc:
-                last_error = exc
-        raise HostedJobError(
-            f"could not create a fine-tuning job after {self.create_attempts} attempts: "
-            f"{type(last_error).__name__}: {last_error}"
+        """(job, True) when a job with this trial's key already runs or succeeded, else (a new
+        job, False): hosted.find_or_create's loop, with OpenAI's calls."""
+        return find_or_create(
+            key,
+            self._find_job,
+            lambda: self._create_job(cfg, prepared, number, key),
+            transient_errors(),
+            self.waits,
+            "a fine-tuning job",
         )
 
     def _create_job(self, cfg: DictConfig, prepared: Prepared, number: int, key: str) -> Any:
@@ -477,66 +478,35 @@ class OpenAIBackend:
             raise
 
     def abandon(self, key: str) -> float | None:
-        """Cancels the job of a trial that will not be followed again (its process died and no
-        retry follows), so it stops costing money. Returns what the job billed in USD, by the
-        provider's account once it is over (None: no such job, or no figure): the backend
-        cannot reach the dead trial's records, so the caller keeps it."""
-        job = self._find_job(key)
-        if job is None:
-            return None
-        if job.status not in TERMINAL:
-            job = self._cancel_and_read_back(job.id) or job
+        """Cancels the jobs of a trial that will not be followed again (its process died and no
+        retry follows), so they stop costing money. Returns what every job carrying its key
+        billed in USD, by the provider's account once each is over (None: no such job, or no
+        figure): the backend cannot reach the dead trial's records, so the caller keeps it."""
+
+        def read_back(job: Any) -> Any:
+            return job if job.status in TERMINAL else self._cancel_and_read_back(job.id) or job
+
+        return abandon_jobs(key, self._jobs_carrying(key), read_back, self._billed_usd, "OpenAI")
+
+    def _billed_usd(self, job: Any) -> float | None:
         if job.status not in TERMINAL or job.trained_tokens is None:
             return None
-        usd = float(job.trained_tokens * price_per_token(self.prices, base_model(self.model)))
-        logging.getLogger("harness").warning(
-            "the job %s of an abandoned trial (key %s) ended %s: billed %d tokens, $%.4f",
-            job.id,
-            key,
-            job.status,
-            job.trained_tokens,
-            usd,
-        )
-        return usd
+        return float(job.trained_tokens * price_per_token(self.prices, base_model(self.model)))
 
     def _cancel_and_read_back(self, job_id: str) -> Any | None:
-        """Cancels the job, then reads it back until it is over (succeeded, failed or
-        cancelled), for at most backend.cancel_wait_s: the job as last read, None if it could
-        not be read. A cancel takes a while to land, and a job that finishes first stays
-        succeeded (the cancel is then refused): only the job's final state says what it
-        billed."""
-        job = None
-        with contextlib.suppress(Exception):  # refused for a finished job, or the API is down
-            job = self.client.fine_tuning.jobs.cancel(job_id)
-        deadline = time.monotonic() + self.cancel_wait_s
-        delay, failures, said = self.poll_interval_s, 0, False
-        # no SDK retries with their own backoff: this loop's wait is the bound
+        """hosted.cancel_and_read_back with OpenAI's calls: read back without the SDK's retries
+        and their own backoff (the loop's wait is the bound)."""
         client = self.client.with_options(
             max_retries=0, timeout=max(1.0, min(self.request_timeout_s, self.cancel_wait_s))
         )
-        while job is None or job.status not in TERMINAL:
-            if job is not None or failures:  # looked already: wait before looking again
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                if job is not None and not said:
-                    said = True
-                    logging.getLogger("harness").warning(
-                        "job %s is still %s after its cancel: waiting up to %g s "
-                        "(backend.cancel_wait_s) to record what it billed",
-                        job_id,
-                        job.status,
-                        self.cancel_wait_s,
-                    )
-                time.sleep(min(delay, remaining))
-                delay = min(self.max_poll_interval_s, delay * 1.5)
-            try:
-                job = client.fine_tuning.jobs.retrieve(job_id)
-            except Exception:  # the API is down or refuses: look again, a few times
-                failures += 1
-                if failures >= self.poll_failures:
-                    break
-        return job
+        calls = JobCalls(
+            job_id,
+            self.client.fine_tuning.jobs.cancel,
+            client.fine_tuning.jobs.retrieve,
+            lambda job: job.status in TERMINAL,
+            "OpenAI",
+        )
+        return cancel_and_read_back(calls, self.waits)
 
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower
@@ -556,11 +526,8 @@ class OpenAIBackend:
         evaluation: dict[str, float] = {}
         test: dict[str, float] = {}
         if ask is not None:
-            try:
-                evaluation = self._validation_scores(spec, reporter, ask, follower.last_step)
-            except BaseException:  # pruned at it, or Ctrl-C: the job billed in full
-                record_billing(reporter, bill)
-                raise
+            # pruned at it, or Ctrl-C: run() records that the job billed in full
+            evaluation = self._validation_scores(spec, reporter, ask, follower.last_step)
             scoring = Scoring(prepared.task, prepared.labels, prepared.test, self.eval_concurrency)
             title = f"{spec.config.name} trial {spec.number}"
             test, scored = score_test_split(ask, scoring, spec.workdir, title)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -69,8 +68,8 @@ from harness.backends.together_jobs import (
     TERMINAL,
     JobShape,
     Patience,
+    abandon_trial_jobs,
     cancel_and_read_back,
-    find_job,
     find_or_create,
     job_request,
     refusal_message,
@@ -347,8 +346,9 @@ class TogetherBackend:
         suffix = suffix_for(str(cfg.name), key)
         request = job_request(cfg, prepared, self.model, suffix, self.shape)
         job, reattached = find_or_create(self.client, self.patience, key, request, self.model)
-        follower = Follower(self.client, self.patience, job.id, reporter, cfg, prepared)
+        follower: Follower | None = None
         try:  # from here on, any way out but success cancels the job: nobody would follow it
+            follower = Follower(self.client, self.patience, job.id, reporter, cfg, prepared)
             reporter.set_tags(
                 {
                     "together.job_id": str(job.id),
@@ -362,8 +362,9 @@ class TogetherBackend:
             job = follower.follow(self.limits)
         except BaseException:  # pruned, Ctrl-C, lost contact, paused too long, tracking
             final = cancel_and_read_back(self.client, self.patience, job.id)
-            record_billing(reporter, follower.billing(final))
-            _tag_pauses(reporter, follower)
+            if follower is not None:  # else the reporter refused the job's step count
+                record_billing(reporter, follower.billing(final))
+                _tag_pauses(reporter, follower)
             raise
         if job.status != "completed":
             message = follower.error_message or "Together gave no error message"
@@ -371,8 +372,12 @@ class TogetherBackend:
             record_billing(reporter, follower.billing(job))
             _tag_pauses(reporter, follower)
             raise HostedJobError(f"Together fine-tuning job {job.id} {job.status}: {message}")
-        follower.finish_steps()
-        return self._results(spec, reporter, job, follower, started)
+        try:
+            follower.finish_steps()
+            return self._results(spec, reporter, job, follower, started)
+        except BaseException:  # its files, scoring or tracking failed: the job billed in full
+            record_billing(reporter, follower.billing(job))
+            raise
 
     def _results(
         self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower, started: float
@@ -451,30 +456,21 @@ class TogetherBackend:
             return {}, []
 
     def abandon(self, key: str) -> float | None:
-        """Cancels the job of a trial that will not be followed again (its process died and no
-        retry follows), so it stops costing money. Returns what it billed in USD once over
-        (None: no such job, or no figure)."""
-        job = find_job(self.client, key)
-        if job is None:
-            return None
-        if job.status not in TERMINAL:
-            job = cancel_and_read_back(self.client, self.patience, job.id) or job
+        """Cancels the jobs of a trial that will not be followed again (its process died and no
+        retry follows), so they stop costing money. Returns what every job carrying its key
+        billed in USD once over (None: no such job, or no figure)."""
+        return abandon_trial_jobs(self.client, self.patience, key, self._billed_usd)
+
+    def _billed_usd(self, job: Any) -> float | None:
+        """What a job over billed, by Together's account (its token count x price where it
+        gives no price); None for a job not over, or with no figure."""
         if job.status not in TERMINAL:
             return None
         if job.total_price is not None:
-            usd = job.total_price / NANODOLLARS_PER_USD
-        elif job.token_count is not None and self._usd_per_token is not None:
-            usd = job.token_count * self._usd_per_token
-        else:
-            return None
-        logging.getLogger("harness").warning(
-            "the Together job %s of an abandoned trial (key %s) ended %s: billed $%.4f",
-            job.id,
-            key,
-            job.status,
-            usd,
-        )
-        return float(usd)
+            return float(job.total_price / NANODOLLARS_PER_USD)
+        if job.token_count is not None and self._usd_per_token is not None:
+            return float(job.token_count * self._usd_per_token)
+        return None
 
 
 def _tag_pauses(reporter: Reporter, follower: Follower) -> None:

@@ -12,23 +12,31 @@ the job that process started instead of paying for another.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import re
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
 
-from harness.backends.hosted import HostedJobError, ProviderRefusedError
+from harness.backends.hosted import (
+    HostedJobError,
+    JobCalls,
+    ProviderRefusedError,
+    Waits,
+    abandon_jobs,
+)
+from harness.backends.hosted import cancel_and_read_back as read_back_until_over
+from harness.backends.hosted import find_or_create as find_or_create_job
 
 # FinetuneResponse.status (together/types/finetune_response.py)
 TERMINAL = ("completed", "error", "cancelled")
 WAITING = ("pending", "queued")  # after running: pre-empted, waiting to run again
-# a job found under a trial's key that will not be followed: it ended, or is ending, unpaid-for
-DEAD = ("error", "cancelled", "cancel_requested")
+# a job found under a trial's key that will not be followed: it ended unpaid-for. Not
+# cancel_requested: such a job still runs (and bills) until the cancel lands, and may finish
+# first, so a retry re-attaches to it rather than paying for a second job
+DEAD = ("error", "cancelled")
 SUFFIX_MAX = 40  # Together's limit on a job's suffix
 # how Together words "this model or account cannot be fine-tuned" in a 400/404 answer
 REFUSAL = re.compile(
@@ -36,6 +44,24 @@ REFUSAL = re.compile(
     r"(?:cannot|can't|unable to) (?:be )?fine-?tun|no access|does not have access|"
     r"unsupported model|model .{0,120}not found|fine-?tuning is (?:disabled|unavailable)",
     re.IGNORECASE,
+)
+# the request's settings a trial samples or sends: a refused value of one of these is the
+# trial's own (the next trial's may be fine), not a refusal of every job
+TRIAL_PARAMS = (
+    "n_epochs",
+    "batch_size",
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "dpo_beta",
+    "warmup_ratio",
+    "weight_decay",
+    "training_file",
+    "validation_file",
+)
+NAMES_TRIAL_PARAM = re.compile(
+    r"\b(?:" + "|".join(p.replace("_", "[_ ]") for p in TRIAL_PARAMS) + r")\b", re.IGNORECASE
 )
 
 
@@ -50,6 +76,16 @@ class Patience:
     request_timeout_s: float
     create_attempts: int
     create_grace_s: float
+
+    def waits(self) -> Waits:
+        return Waits(
+            self.poll_interval_s,
+            self.max_poll_interval_s,
+            self.poll_failures,
+            self.cancel_wait_s,
+            self.create_attempts,
+            self.create_grace_s,
+        )
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
@@ -86,14 +122,17 @@ def carries(job: Any, tag: str) -> bool:
     return tag in str(getattr(job, "x_model_output_name", None) or "")
 
 
-def find_job(client: Any, key: str) -> Any | None:
-    """A job started under this trial key that is not over badly, or None. Every job of the
-    account is listed and each one checked: Together lists jobs with no filter."""
+def jobs_carrying(client: Any, key: str) -> list[Any]:
+    """Every job started under this trial key. Every job of the account is listed and each one
+    checked: Together lists jobs with no filter."""
     tag = trial_tag(key)
-    for job in client.fine_tuning.list().data:
-        if carries(job, tag) and job.status not in DEAD:
-            return job
-    return None
+    return [job for job in client.fine_tuning.list().data if carries(job, tag)]
+
+
+def find_job(client: Any, key: str) -> Any | None:
+    """A job started under this trial key that runs (cancel_requested too) or completed, or
+    None."""
+    return next((job for job in jobs_carrying(client, key) if job.status not in DEAD), None)
 
 
 def job_request(cfg: DictConfig, prepared: Any, model: str, suffix: str, shape: JobShape) -> dict:
@@ -171,8 +210,19 @@ def is_refusal(exc: Exception) -> bool:
     if getattr(exc, "status_code", None) == 402:  # out of credit: so is every next job
         return True
     if isinstance(exc, together.BadRequestError | together.NotFoundError):
-        return bool(REFUSAL.search(answer_text(exc)))
+        text = answer_text(exc)
+        if error_param(exc) in TRIAL_PARAMS or NAMES_TRIAL_PARAM.search(text):
+            return False  # the sampled value is refused: that trial fails alone
+        return bool(REFUSAL.search(text))
     return False
+
+
+def error_param(exc: Exception) -> str:
+    """The request setting an error answer names (its ``param``), or ""."""
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return str(param or getattr(exc, "param", None) or "")
 
 
 def answer_text(exc: Exception) -> str:
@@ -202,30 +252,14 @@ def find_or_create(
     client: Any, patience: Patience, key: str, request: dict, model: str
 ) -> tuple[Any, bool]:
     """(job, True) when a job under this trial key already runs or completed, else (a new job,
-    False). Each attempt looks first; after a create whose answer was lost (a timeout, a dropped
-    connection) Together may still be making the job, so the next look waits at least
-    backend.create_grace_s."""
-    import together
-
-    transient, last_error = transient_errors(), None
-    for attempt in range(patience.create_attempts + 1):
-        if last_error is not None:
-            wait = min(patience.max_poll_interval_s, patience.poll_interval_s * 2 ** (attempt - 1))
-            if isinstance(last_error, together.APIConnectionError):
-                wait = max(wait, patience.create_grace_s)
-            time.sleep(wait)
-        try:
-            job = find_job(client, key)
-            if job is not None:
-                return job, True
-            if attempt == patience.create_attempts:
-                break  # the last round only looks: a create lost before may show up now
-            return create(client, request, model), False
-        except transient as exc:
-            last_error = exc
-    raise HostedJobError(
-        f"could not create a Together fine-tuning job after {patience.create_attempts} "
-        f"attempts: {type(last_error).__name__}: {last_error}"
+    False): hosted.find_or_create's loop, with Together's calls."""
+    return find_or_create_job(
+        key,
+        lambda k: find_job(client, k),
+        lambda: create(client, request, model),
+        transient_errors(),
+        patience.waits(),
+        "a Together fine-tuning job",
     )
 
 
@@ -250,41 +284,31 @@ def create(client: Any, request: dict, model: str) -> Any:
 
 def cancel_and_read_back(client: Any, patience: Patience, job_id: str) -> Any | None:
     """Cancels the job, then reads it back until it is over (completed, error or cancelled), for
-    at most backend.cancel_wait_s: the job as last read, None if it could not be read. A cancel
-    takes a while to land (cancel_requested), and a job that finishes first stays completed:
-    only the job's final state says what it billed."""
-    job = None
-    with contextlib.suppress(Exception):  # refused for a finished job, or the API is down
-        job = client.fine_tuning.cancel(job_id)
-    deadline = time.monotonic() + patience.cancel_wait_s
-    delay, failures, looked = patience.poll_interval_s, 0, 0
-    client = client.with_options(  # no SDK retries with their own backoff: the loop's wait bounds
+    at most backend.cancel_wait_s (hosted.cancel_and_read_back): a cancel takes a while to land
+    (cancel_requested), and a job that finishes first stays completed."""
+    reader = client.with_options(  # no SDK retries with their own backoff: the loop's wait bounds
         max_retries=0, timeout=max(1.0, min(patience.request_timeout_s, patience.cancel_wait_s))
     )
-    while job is None or job.status not in TERMINAL:
-        if job is not None or failures:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if looked == 1:  # read back once and still going: say why the trial waits
-                _say_waiting(job_id, job.status if job else "unread", patience.cancel_wait_s)
-            time.sleep(min(delay, remaining))
-            delay = min(patience.max_poll_interval_s, delay * 1.5)
-        try:
-            job = client.fine_tuning.retrieve(job_id)
-            looked += 1
-        except Exception:  # the API is down or refuses: look again, a few times
-            failures += 1
-            if failures >= patience.poll_failures:
-                break
-    return job
-
-
-def _say_waiting(job_id: str, status: str, wait_s: float) -> None:
-    logging.getLogger("harness").warning(
-        "Together job %s is still %s after its cancel: waiting up to %g s "
-        "(backend.cancel_wait_s) to record what it billed",
+    calls = JobCalls(
         job_id,
-        status,
-        wait_s,
+        client.fine_tuning.cancel,
+        reader.fine_tuning.retrieve,
+        lambda job: job.status in TERMINAL,
+        "Together",
     )
+    return read_back_until_over(calls, patience.waits())
+
+
+def abandon_trial_jobs(
+    client: Any, patience: Patience, key: str, billed_usd: Callable[[Any], float | None]
+) -> float | None:
+    """Cancels every live job carrying a dead trial's key (cancel_requested included: it runs
+    on until the cancel lands) and returns the sum of what they all billed, in USD, once over
+    (None: no job has a figure)."""
+
+    def read_back(job: Any) -> Any:
+        if job.status in TERMINAL:
+            return job
+        return cancel_and_read_back(client, patience, str(job.id)) or job
+
+    return abandon_jobs(key, jobs_carrying(client, key), read_back, billed_usd, "Together")
