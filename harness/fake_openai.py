@@ -92,6 +92,7 @@ class Faults:
     job_failure_rate: float = 0.0  # chance that any other job fails half-way
     drop_create_responses: int = 0  # the next N job creates: job made, response never sent
     ignore_metadata_filter: bool = False  # as some API-compatible servers do: list all jobs
+    drop_metadata: bool = False  # jobs keep no metadata, as a server may that does not know it
     # the next N job creates: job made, but a gateway in front answers 504 (the answer lost) ...
     gateway_timeout_creates: int = 0
     gateway_lag_s: float = 0.0  # ... and lists the job only this long after (wall clock)
@@ -518,7 +519,7 @@ class FakeOpenAI:
             self._file(validation_id)
         n_epochs, batch_size, multiplier = _hyperparameters(request)
         method, beta = _method(request)
-        metadata = _metadata(request)
+        metadata = {} if self.faults.drop_metadata else _metadata(request)
         pairs, chats, rejected, invalid = parse_rows(training.content)
         invalid = invalid or _method_mismatch(method, bool(rejected))
         number = len(self.jobs) + 1

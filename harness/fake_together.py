@@ -88,6 +88,9 @@ class TogetherFaults(Faults):
     restart_jobs: frozenset[int] = frozenset()  # creation numbers of jobs pre-empted half-way
     refuse_creates: int = 0  # the next N creates refused (a large N: every create)
     refusal_status: int = 403  # 403: the account has no fine-tuning access; 402: out of credit
+    # fine-tuned models answer no chat request: a base without serverless LoRA inference, whose
+    # adapters need a dedicated endpoint
+    unserved_outputs: bool = False
     # the next N creates answered 400 "batch size N is not supported for this model", naming
     # this param ("": none, as an answer that says it in words only)
     refuse_batch_size_creates: int = 0
@@ -1058,6 +1061,8 @@ class FakeTogether(FakeOpenAI):
             {key: request.get(key) for key in ("model", "temperature", "max_tokens", "seed")}
         )
         job = next((j for j in self._jobs() if j.output_name == model), None)
+        if job is not None and getattr(self.faults, "unserved_outputs", False):
+            job = None  # exists, but is not served: answered as an unknown model
         if job is None and model not in self.models:
             message = (
                 f"Unable to access model {model}. Please visit https://api.together.ai/models "

@@ -238,6 +238,16 @@ class TestJobSafety:
         assert len(fake_openai.api.jobs) == 2  # key-b did not take key-a's job
         assert reporter.tags["openai.reattached"] == "false"
 
+    def test_a_server_that_keeps_no_metadata_is_warned_about(
+        self, openai_cfg, fake_openai, tmp_path, caplog
+    ):
+        fake_openai.api.faults.drop_metadata = True  # a lost create could not be found again
+        backend, spec = self.backend_and_spec(openai_cfg, tmp_path, "key-a")
+        with caplog.at_level("WARNING", logger="harness"):
+            backend.run(spec, RecordingReporter("eval/loss"))
+        assert "kept no metadata on job" in caplog.text
+        assert "a retried trial may start a second job" in caplog.text
+
     def test_a_retry_that_dies_again_has_its_job_cancelled(self, openai_cfg, fake_openai):
         from harness.tracking import MLflowTracker
 

@@ -571,6 +571,21 @@ class TestCrashAndSecrets:
 
 
 class TestPreferenceTuning:
+    def test_a_model_together_does_not_serve_stops_a_study_it_cannot_score(
+        self, together_cfg, fake_together
+    ):
+        fake_together.api.faults.unserved_outputs = True
+        cfg = together_cfg("study=prefs_together", "sweep.n_trials=3", "train.epochs=1")
+        sweep = Sweep(cfg, [])
+        study = sweep.run()
+        # one paid job, its bill kept; no second job for an objective nobody can measure
+        assert [t.state.name for t in study.trials] == ["FAIL"]
+        assert len(fake_together.api.jobs) == 1
+        assert "Together does not answer with the fine-tuned model" in sweep.stop_reason
+        assert "eval/preferred_rate" in sweep.stop_reason
+        (job,) = fake_together.api.jobs.values()
+        assert study.trials[0].user_attrs["cost_usd"] == pytest.approx(billed_usd(job))
+
     def test_dpo_study_end_to_end_is_judged_by_a_held_out_task_metric(
         self, together_cfg, fake_together
     ):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -461,7 +462,7 @@ class OpenAIBackend:
         # Azure's training tier is a top-level create field the OpenAI SDK does not know
         extra = {"trainingType": self.training_type} if self.azure and self.training_type else None
         try:
-            return self.client.with_options(max_retries=0).fine_tuning.jobs.create(
+            job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
                 model=self.model,
                 training_file=prepared.training_file,
                 validation_file=prepared.validation_file,
@@ -476,6 +477,16 @@ class OpenAIBackend:
             if refused is not None:  # every next trial would get the same answer
                 raise refused from None
             raise
+        if (job.metadata or {}).get("harness_trial_key") != key:
+            # a server that drops metadata: a lost create answer, or a crash, cannot be found
+            # again by the trial's key, and a retry would pay for a second job
+            logging.getLogger("harness").warning(
+                "%s kept no metadata on job %s: harness cannot find this trial's job again "
+                "after a lost answer or a crash; a retried trial may start a second job",
+                self.azure_endpoint or self.base_url or "the API",
+                job.id,
+            )
+        return job
 
     def abandon(self, key: str) -> float | None:
         """Cancels the jobs of a trial that will not be followed again (its process died and no

@@ -47,6 +47,7 @@ from harness.backends.base import (
 from harness.backends.hosted import (
     ApiKey,
     HostedJobError,
+    ProviderRefusedError,
     RefusedApiKeyError,
     Scoring,
     chat_completer,
@@ -340,7 +341,6 @@ class TogetherBackend:
 
     # one trial ------------------------------------------------------------------------------
     def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
-        started = time.monotonic()
         cfg, prepared = spec.config, spec.prepared
         key = spec.key or f"{cfg.name}-{uuid.uuid4().hex[:12]}"
         suffix = suffix_for(str(cfg.name), key)
@@ -374,13 +374,13 @@ class TogetherBackend:
             raise HostedJobError(f"Together fine-tuning job {job.id} {job.status}: {message}")
         try:
             follower.finish_steps()
-            return self._results(spec, reporter, job, follower, started)
+            return self._results(spec, reporter, job, follower)
         except BaseException:  # its files, scoring or tracking failed: the job billed in full
             record_billing(reporter, follower.billing(job))
             raise
 
     def _results(
-        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower, started: float
+        self, spec: TrialSpec, reporter: Reporter, job: Any, follower: Follower
     ) -> TrialResult:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         bill = follower.billing(job)
@@ -396,9 +396,7 @@ class TogetherBackend:
             **test,
             "cost_usd": bill.usd,
             "trained_tokens": float(bill.tokens),
-            "paused_seconds": paused,
-            # the time the trial took, less the time its job waited pre-empted
-            "train/seconds": time.monotonic() - started - paused,
+            "paused_seconds": paused,  # left out of the trial's train/seconds (study/trial.py)
         }
         hosted = {
             "id": output,
@@ -417,12 +415,24 @@ class TogetherBackend:
         wanted = set(self.eval_metrics_on_demand(spec.prepared.task))
         if not wanted & optimized_metrics(spec):
             return
+        import together
+
         prepared = spec.prepared
         ask = chat_completer(
             self.client, output, int(spec.config.train.max_new_tokens), int(spec.config.seed)
         )
         scoring = Scoring(prepared.task, [], prepared.validation, self.eval_concurrency)
-        scores, _ = score_chats(ask, scoring)
+        try:
+            scores, _ = score_chats(ask, scoring)
+        except (together.NotFoundError, together.BadRequestError) as exc:
+            # every next trial would pay for a job whose objective cannot be measured either
+            raise ProviderRefusedError(
+                f"Together does not answer with the fine-tuned model {output} (HTTP "
+                f"{exc.status_code}): the study's objective ({spec.metric}) is measured by "
+                "asking it the validation prompts, so every trial would pay for a job it cannot "
+                "score. Choose a base model whose LoRA adapters Together serves (serverless "
+                f"LoRA inference), or optimize eval/loss; this trial's job billed ${usd:.4f}"
+            ) from exc
         measured = {f"eval/{k}": v for k, v in scores.items() if f"eval/{k}" in wanted}
         follower.final_eval.update(measured)
         reporter.report(follower.last_step, {**follower.final_eval, "cost_usd": usd})
