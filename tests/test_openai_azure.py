@@ -203,6 +203,8 @@ class TestBothProviders:
             assert "the OpenAI API refused" in reason and OPENAI_REMAINS in reason
             said = OPENAI_REMAINS
         assert printed.count(said) == 1, printed  # one message, printed once
+        assert "Run it on a provider that trains" in printed  # not "run the same command"
+        assert "Run the same command" not in printed
 
 
 def hosted_cfg_of(provider: str, fake, runs):

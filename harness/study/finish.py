@@ -54,6 +54,7 @@ class SweepFinish:
     is_helper: bool
     checkpoints: Path
     stop_reason: str
+    provider_refused: bool
     failed: list[TrialOutcome]
 
     def ending(self, study: optuna.Study) -> SweepEnding:
@@ -93,10 +94,15 @@ class SweepFinish:
             why.append("the study stopped (see above)")
         elif self.cfg.sweep.timeout_s is not None and not self.failed:
             why.append(f"sweep.timeout_s={self.cfg.sweep.timeout_s} was reached")
+        again = (
+            "Run it on a provider that trains (see above): this one would refuse again."
+            if self.provider_refused
+            else "Run the same command to try again: it runs only the missing trials."
+        )
         return (
             f"{finished} of {wanted} trials finished"
             + (f"; {'; '.join(why)}" if why else "")
-            + ". Run the same command to try again: it runs only the missing trials."
+            + f". {again}"
         )
 
     def _finish(self, study: optuna.Study) -> None:

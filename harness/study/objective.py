@@ -56,6 +56,7 @@ class TrialObjective:
     on_trial: Callable[[TrialOutcome], None]
     on_progress: ProgressCallback | None
     stop_reason: str
+    provider_refused: bool
     tracking_gone: str
     store_unwritable: str
     disk_full: BaseException | None
@@ -131,7 +132,7 @@ class TrialObjective:
         """Records why a trial failed; a failure every next trial would share stops the study."""
         trial.set_user_attr("fail_reason", describe_failure(exc)[:2000])
         if isinstance(exc, ProviderRefusedError):  # so would every next job request
-            self.stop_reason = str(exc)
+            self.stop_reason, self.provider_refused = str(exc), True
             trial.study.stop()
         if is_unreachable(exc):  # every next trial would fail the same way, slowly
             self.tracking_gone = unreachable_reason(exc)

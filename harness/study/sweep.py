@@ -91,6 +91,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         self.warm_sets = [] if self.is_helper else self._warm_sets()
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
+        self.provider_refused = False  # ... because the provider takes no new jobs
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
         self.store_unwritable = ""  # the message for an MLflow store that refused a write
         self.disk_full: BaseException | None = None  # the out-of-space error that stopped it
