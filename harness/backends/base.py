@@ -92,7 +92,10 @@ class Backend(Protocol):
     - reports ``train/loss`` at each optimizer step 1, 2, ... in increasing order, and at each
       evaluation (one per epoch unless configured otherwise) every one of ``eval_metrics``,
       and every one of ``eval_metrics_on_demand`` when ``spec.metric`` or a key of the config's
-      ``sweep.objectives`` is one of them (none of them otherwise);
+      ``sweep.objectives`` is one of them (none of them otherwise). A hosted backend, whose
+      provider evaluates during the job, measures its on-demand metrics once, after the job,
+      at the job's last step (they need the finished model's answers): a study optimizing one
+      has nothing to prune on before;
     - lets ``optuna.TrialPruned`` from the reporter propagate: nothing is trained or evaluated
       after it (a paid backend then reports only what the stopped work billed);
     - returns the eval/* metrics of the model it keeps (the best evaluation by ``spec.metric``
