@@ -1089,6 +1089,13 @@ def serve_forever(argv: list[str]) -> int:
         "backend.poll_interval_s=0.5",
         flush=True,
     )
+    return serve_until_interrupted(server)
+
+
+def serve_until_interrupted(server: FakeOpenAIServer) -> int:
+    """Waits on a started fake's server thread until Ctrl-C, then stops it and says what it
+    made (`harness fake-openai`, `harness fake-together`)."""
+    api = server.api
     try:
         while server.thread.is_alive():
             server.thread.join(timeout=1.0)

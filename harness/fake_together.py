@@ -60,6 +60,7 @@ from harness.fake_openai import (
     _Server,
     _setting,
     _unit,
+    serve_until_interrupted,
     skill,
     train_loss,
     valid_loss,
@@ -1273,15 +1274,7 @@ def serve_forever(argv: list[str]) -> int:
         f"it: together.Together(api_key=..., base_url='{server.base_url}')",
         flush=True,
     )
-    try:
-        while server.thread.is_alive():
-            server.thread.join(timeout=1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        print(f"stopped: {len(api.jobs)} jobs created, {len(api.files)} files", flush=True)
-    return 0
+    return serve_until_interrupted(server)
 
 
 def _serve_options(argv: list[str]) -> argparse.Namespace:
