@@ -399,6 +399,8 @@ def _preference_row(line: str, number: int) -> tuple[tuple[str, str], str, list[
 class FakeOpenAI:
     """The API's state and request handling, independent of the HTTP plumbing."""
 
+    terminal: ClassVar[tuple[str, ...]] = TERMINAL  # a job's final statuses, by this API's names
+
     def __init__(
         self,
         timing: Timing | None = None,
@@ -649,14 +651,14 @@ class FakeOpenAI:
     def _advance(self, job: Job, now: float | None = None) -> None:
         """Brings a job up to the server clock (``now``, else read): status changes, steps and
         their events, up to the moment a requested cancel lands, which it then does."""
-        if job.status in TERMINAL:
+        if job.status in self.terminal:
             return
         now = self.clock() if now is None else now
         lands = job.cancel_at is not None and now >= job.cancel_at
         if job.cancel_at is not None:
             now = min(now, job.cancel_at)
         self._progress(job, now - job.started)
-        if lands and job.status not in TERMINAL:
+        if lands and job.status not in self.terminal:
             self._cancel(job)
 
     def _progress(self, job: Job, elapsed: float) -> None:

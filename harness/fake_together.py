@@ -491,6 +491,8 @@ class FakeTogether(FakeOpenAI):
     """Together's API state and request handling; the dispatch (the API key, injected 5xx and
     429 answers), the HTTP plumbing and the chat answers' model are the OpenAI fake's."""
 
+    terminal = TERMINAL  # completed, error, cancelled
+
     def __init__(
         self,
         timing: Timing | None = None,
@@ -800,19 +802,6 @@ class FakeTogether(FakeOpenAI):
         if job.cancel_at is None or phase in TERMINAL:
             job.status = phase
         job.updated_at = _iso()
-
-    def _advance(self, job: Job, now: float | None = None) -> None:
-        """Brings a job up to the server clock, up to the moment a requested cancel lands,
-        which it then does."""
-        if job.status in TERMINAL:
-            return
-        now = self.clock() if now is None else now
-        lands = job.cancel_at is not None and now >= job.cancel_at
-        if job.cancel_at is not None:
-            now = min(now, job.cancel_at)
-        self._progress(job, now - job.started)
-        if lands and job.status not in TERMINAL:
-            self._cancel(job)
 
     def _progress(self, job: Job, elapsed: float) -> None:
         """Moves a job on to ``elapsed`` seconds after its creation (math.inf: to its end):

@@ -23,6 +23,7 @@ from harness.fake_openai import RequestClock
 from harness.fake_together import TogetherTiming
 from harness.study import Sweep, load_study, make_backend, plan_study
 from tests.helpers import (
+    OPENAI_TEST_SETTINGS,
     RecordingReporter,
     cli_env,
     run_cli,
@@ -30,15 +31,11 @@ from tests.helpers import (
     start_cli,
     study_runs,
     trial_spec,
+    wait_for,
     write,
 )
 
-TOGETHER_TEST_SETTINGS = (
-    "backend.poll_interval_s=0.01",
-    "backend.max_poll_interval_s=0.05",
-    "backend.request_retries=4",
-    "backend.create_grace_s=0.05",
-)
+TOGETHER_TEST_SETTINGS = OPENAI_TEST_SETTINGS  # the same quick waits: both fakes run fast
 QUICK = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2")
 NANO = 1e9  # total_price is in nanodollars
 CREATE = ("POST", "/v1/fine-tunes")
@@ -515,15 +512,13 @@ class TestCrashAndSecrets:
         command = self.sweep_command(fake_together, runs, *QUICK, "sweep.n_trials=2", "pruner=none")
         process = start_cli(*command)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                jobs = jobs_of(fake_together)
-                if jobs and jobs[0].steps_done > 3:
-                    break
+
+            def job_running() -> bool:
                 assert process.poll() is None, process.stdout.read()
-                time.sleep(0.05)
-            else:
-                pytest.fail("no job started running")
+                jobs = jobs_of(fake_together)
+                return bool(jobs) and jobs[0].steps_done > 3
+
+            wait_for(job_running, 60, "the first job ran 4 steps", interval=0.05)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
