@@ -25,6 +25,7 @@ from optuna.distributions import (
 
 from harness import continuation
 from harness.config import VALID_RANGES
+from harness.noise import SeedNoise, top_within_noise
 from harness.search import SearchSpaceError, extremes, to_distribution
 
 if TYPE_CHECKING:
@@ -114,6 +115,14 @@ def boundary_advice(
             )
         )
     return advice
+
+
+def noise_advice(
+    ranked: Sequence[optuna.trial.FrozenTrial], seed_noise: SeedNoise | None, metric: str
+) -> str | None:
+    """A warning when the best trials (best first) differ by less than seed noise: which of
+    them is best, and so where the edges lie, is then not settled (harness.noise)."""
+    return top_within_noise([t.values[0] for t in ranked], seed_noise, metric)
 
 
 def follow_command(

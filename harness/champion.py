@@ -1,8 +1,10 @@
 """The champion: `harness train study=NAME +from_best=true` retrains with the study's best params
 and registers the model in the MLflow model registry as NAME, alias ``champion``.
 
-The best trial's own command-line overrides (its backend, data, fixed values) are applied again,
-then its params, then this command's overrides, so any value can still be changed here.
+The champion is the confirmed winner where `harness confirm` (or sweep.confirm_top_k) ran: the
+trial with the best mean over seeds (harness.noise); else the best trial. Its own command-line
+overrides (its backend, data, fixed values) are applied again, then its params, then this
+command's overrides, so any value can still be changed here.
 ``+with_validation=true`` trains on train + validation: the final fit once the search is over.
 A hosted backend's champion is the best trial's fine-tuned model: it is registered as it is, and
 nothing is paid again, unless ``+with_validation=true`` asks for a new job on more data.
@@ -17,6 +19,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import SWITCHES, ConfigError, load_config, split_overrides
+from harness.noise import confirmed_winner
 from harness.secrets import redact_text
 from harness.study.plan import make_backend
 from harness.study.queries import SWEEP_ONLY_KEYS, best_trial, load_study, override_value
@@ -54,10 +57,29 @@ def champion_config(
     best trial, and the champion's config: composed once more, as only the stored study knows
     the best trial's overrides."""
     first = load_config(overrides) if first is None else first
-    best = best_trial(load_study(first))
+    best = champion_trial(load_study(first))
     if best is None:
         raise ConfigError(f"study {first.name!r} has no completed trial: nothing to retrain")
     return first, best, load_config(champion_overrides(overrides, best))
+
+
+def champion_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The confirmed winner (best mean over seeds, harness.noise) where the study has one;
+    else its best trial."""
+    winner = confirmed_winner(study)
+    if winner is None:
+        return best_trial(study)
+    return study.get_trials(deepcopy=False)[winner.number]
+
+
+def _champion_line(name: str, best: optuna.trial.FrozenTrial, first: DictConfig) -> str:
+    """Which trial is the champion, and why: its value, or its confirmed mean over seeds."""
+    winner = confirmed_winner(load_study(first))
+    if winner is not None and winner.number == best.number:
+        why = f"the confirmed winner: {winner.line(str(first.sweep.metric))}"
+    else:
+        why = f"{best.values[0]:.4f}"
+    return f"champion of study {name}: trial {best.number}'s params ({why})"
 
 
 def train_champion(
@@ -67,8 +89,7 @@ def train_champion(
     with_validation = bool(OmegaConf.select(first, "with_validation", default=False))
     name = str(first.name)
     store = MLflowStore.of(cfg)  # its user:pass@ as MLflow's basic auth
-    objective = f"{best.values[0]:.4f}"
-    say(f"champion of study {name}: trial {best.number}'s params ({objective})")
+    say(_champion_line(name, best, first))
 
     hosted = _hosted_model_of(store, best)
     if hosted is not None and not with_validation:

@@ -20,6 +20,8 @@ commands:
   train      one run with fixed hyperparameters (e.g. the overrides `harness best` prints);
              +from_best=true: retrain the study's best and register it as NAME@champion
              (+with_validation=true: on train + validation)
+  confirm    re-run the best trials (sweep.confirm_top_k, else 3) with sweep.confirm_seeds new
+             seeds and rank them by the mean over seeds; resumes where it stopped
   best       print the best trial and the command that reproduces it
   report     plots and summary.md of a study in runs/reports/NAME/, also logged to MLflow
   ui         the MLflow UI on the study's store (--port 5000); --optuna: optuna-dashboard
@@ -43,6 +45,7 @@ examples:
   harness sweep
   harness sweep study=spam_tiny sweep.n_trials=40 'train.batch_size=choice(8,16)'
   harness best study=spam_tiny
+  harness confirm study=spam_tiny sweep.confirm_seeds=3
   harness fake-openai --port 8787 &
   harness sweep study=tickets_openai backend.base_url=http://127.0.0.1:8787/v1
   harness report study=spam_tiny
@@ -118,6 +121,8 @@ def cmd_sweep(args: list[str]) -> int:
     )
     sweep.on_trial, sweep.on_progress = display.on_trial, display.on_progress
     sweep.on_start = display.on_start
+    if not quiet:  # each confirm run's line (sweep.confirm_top_k)
+        sweep.on_confirm = lambda line: console.print(line, markup=False)
     if sweep.is_helper:  # a worker process of `sweep.n_workers`: trial lines only
         with stopped_by_full_disk(runs_dir(cfg)):
             sweep.run()
@@ -188,6 +193,15 @@ def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, ending: Any) 
         console.print(f"[red]short of sweep.n_trials[/red]: {escape(short)}", soft_wrap=True)
         return 1
     return 0
+
+
+def cmd_confirm(args: list[str]) -> int:
+    """`harness sweep` with the confirm step alone (harness.study.confirm)."""
+    from harness.config import load_config
+    from harness.study.confirm import confirm_overrides
+
+    cfg = load_config([a for a in args if a != "--quiet"])
+    return cmd_sweep([*args, *confirm_overrides(cfg)])
 
 
 def cmd_best(overrides: list[str]) -> int:
@@ -284,6 +298,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": cmd_sweep,
     "train": cmd_train,
     "best": cmd_best,
+    "confirm": cmd_confirm,
     "report": cmd_report,
     "ui": cmd_ui,
     "validate": cmd_validate,

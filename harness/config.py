@@ -183,6 +183,8 @@ class SweepConfig:
     enqueue: list[Any]
     continue_from: str | None
     devices: list[int]
+    confirm_top_k: int
+    confirm_seeds: int
 
 
 @dataclass
@@ -281,6 +283,8 @@ VALID_RANGES: dict[str, ValidRange] = {
     "sweep.timeout_s": ValidRange(low=0, low_open=True, nullable=True),
     "sweep.budget_usd": ValidRange(low=0, nullable=True),
     "sweep.n_workers": AT_LEAST_1,
+    "sweep.confirm_top_k": AT_LEAST_0,  # 0: no confirm step
+    "sweep.confirm_seeds": AT_LEAST_1,
 }
 
 

@@ -143,6 +143,19 @@ def print_summary(console: Any, summary: StudySummary) -> None:
     console.print(summary.reproduce, markup=False, soft_wrap=True)
     if summary.best_model_uri:
         console.print(f"best model: {summary.best_model_uri}", markup=False)
+    if summary.confirmed:
+        _print_confirmed(console, summary)
+
+
+def _print_confirmed(console: Any, summary: StudySummary) -> None:
+    """The confirm step's ranking (harness.noise): mean ± sd and CI over seeds per trial."""
+    metric = summary.objectives[0][0]
+    console.print("\nconfirmed across seeds (mean ± sd, best mean first):")
+    for confirmed in summary.confirmed:
+        console.print(f"  {confirmed.line(metric)}", markup=False)
+    if summary.winner is not None:
+        console.print(f"confirmed winner: trial {summary.winner.number}; reproduce with:")
+        console.print(summary.winner_reproduce, markup=False, soft_wrap=True)
 
 
 def _best_trials_table(summary: StudySummary) -> Any:

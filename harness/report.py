@@ -24,7 +24,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import advice
+from harness import advice, noise
 from harness.config import ConfigError, runs_dir
 from harness.display import format_value
 from harness.secrets import redact_text
@@ -100,6 +100,8 @@ class Facts:
     spend_usd: float | None = None  # where money was spent
     overrides: list[str] = field(default_factory=list)
     parent_id: str = ""
+    seed_noise: noise.SeedNoise | None = None  # from confirm runs or repeated configurations
+    confirmed: list[noise.Confirmed] = field(default_factory=list)  # best mean first
 
     @property
     def name(self) -> str:
@@ -160,6 +162,8 @@ def gather(
         parent_id=str(study.user_attrs.get("mlflow_parent_run_id", "")),
     )
     facts.importances, facts.importance_problem = param_importances(facts)
+    if not facts.multi:  # seed noise is measured on the one objective
+        facts.seed_noise, facts.confirmed = noise.seed_noise(study), noise.confirmed_ranking(study)
     try:
         limits = advice.hard_limits(make_backend(cfg))
     except ConfigError:  # a backend this config no longer builds: harness's own limits
@@ -497,6 +501,7 @@ def summary_markdown(facts: Facts, plots: Sequence[Plot], cfg: DictConfig) -> st
         _best_section(facts),
         _top_section(facts),
         _pareto_section(facts),
+        _confirm_section(facts),
         _importance_section(facts),
         _pruning_section(facts),
         _advice_section(facts),
@@ -589,7 +594,43 @@ def _importance_section(facts: Facts) -> list[str]:
         "the objective's variance each parameter explains.",
         "",
         *_table(["parameter", "importance"], rows),
+        *_weak_effects_lines(facts),
     ]
+
+
+def _weak_effects_lines(facts: Facts) -> list[str]:
+    """Parameters whose effect is smaller than seed noise (harness.noise.weak_effects)."""
+    values = [t.values[0] for t in facts.ranked]
+    weak = noise.weak_effects(facts.importances, values, facts.seed_noise)
+    if not weak or facts.seed_noise is None:
+        return []
+    effects = ", ".join(f"`{key}` ({effect:.3g})" for key, effect in weak.items())
+    return [
+        "",
+        f"Within seed noise ({facts.seed_noise.describe()}): the effect of {effects} (the "
+        "standard deviation of the objective it explains) is smaller than what changing only "
+        "the seed does; its importance is not meaningful.",
+    ]
+
+
+def _confirm_section(facts: Facts) -> list[str]:
+    """The confirm step's ranking (harness.study.confirm): mean, sd and CI over seeds."""
+    if not facts.confirmed:
+        return []
+    metric = facts.objectives[0].metric
+    lines = [
+        "## Confirmed across seeds",
+        "",
+        "The best trials re-run with new seeds (`harness confirm`); each trial's own run is one "
+        f"of its samples. Mean ± standard deviation, {noise.CONFIDENCE:.0%} confidence "
+        "interval of the mean (Student t), best mean first:",
+        "",
+        *(f"- {c.line(metric)}" for c in facts.confirmed),
+    ]
+    winner = next((c for c in facts.confirmed if len(c.values) > 1), None)
+    if winner is not None:
+        lines += ["", f"Confirmed winner: trial {winner.number} (`+from_best=true` retrains it)."]
+    return lines
 
 
 def _pruning_section(facts: Facts) -> list[str]:
@@ -636,6 +677,8 @@ def _advice_section(facts: Facts) -> list[str]:
             f"Tentative: only {len(facts.ranked)} complete trial(s); run more before trusting it.",
             "",
         ]
+    within = advice.noise_advice(facts.ranked, facts.seed_noise, facts.objectives[0].metric)
+    lines += [within, ""] if within else []
     if not facts.advice:
         return [*lines, "No boundary problems: the best trial lies inside every searched range."]
     lines += [f"- {a.text()}" for a in facts.advice]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig
 
 from harness.config import ConfigError
+from harness.noise import CONFIRM_SPENT_ATTR, Confirmed, confirmed_ranking, confirmed_winner
 from harness.storage import describe_storage, existing_study
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -25,6 +26,8 @@ SWEEP_ONLY_KEYS = {
     "sweep.budget_usd",
     "sweep.enqueue",
     "sweep.continue_from",
+    "sweep.confirm_top_k",
+    "sweep.confirm_seeds",
 }
 
 
@@ -106,6 +109,10 @@ class StudySummary:
     paid: bool  # trials spent money: a cost column
     reproduce: str  # the `harness train` line that repeats the best trial ("" without one)
     best_model_uri: str  # "" when no model was logged
+    # trials re-run with new seeds (harness.noise), best mean first; the winner's command
+    confirmed: list[Confirmed] = field(default_factory=list)
+    winner: Confirmed | None = None
+    winner_reproduce: str = ""
 
 
 def summarize(study: optuna.Study, goals: list[tuple[str, str]]) -> StudySummary:
@@ -132,7 +139,19 @@ def summarize(study: optuna.Study, goals: list[tuple[str, str]]) -> StudySummary
         paid=any("cost_usd" in t.user_attrs for t in trials),
         reproduce=reproduce,
         best_model_uri=str(study.user_attrs.get("best_model_uri", "")),
+        **({} if multi else _confirmed(study)),
     )
+
+
+def _confirmed(study: optuna.Study) -> dict[str, Any]:
+    """The confirm step's ranking and the command that repeats its winner (StudySummary's)."""
+    winner = confirmed_winner(study)
+    reproduce = ""
+    if winner is not None:
+        trial = study.get_trials(deepcopy=False)[winner.number]
+        overrides = list(trial.user_attrs.get("overrides", study.user_attrs.get("overrides", [])))
+        reproduce = reproduce_command("train", overrides, trial.params)
+    return {"confirmed": confirmed_ranking(study), "winner": winner, "winner_reproduce": reproduce}
 
 
 def study_spend(study: optuna.Study, exclude: int = -1) -> float:
@@ -155,7 +174,7 @@ def study_spend(study: optuna.Study, exclude: int = -1) -> float:
             spent = max(spent, float(trial.user_attrs.get("cost_estimate_usd", 0.0)))
         # an abandoned job's bill, read back once it was cancelled, replaces any estimate
         total += float(billed.get(billed_key(trial.number), spent))
-    return total
+    return total + float(billed.get(CONFIRM_SPENT_ATTR, 0.0))  # confirm runs (harness.noise)
 
 
 def billed_key(number: int) -> str:

@@ -34,6 +34,7 @@ from harness.storage import (
     storage_exists,
     storage_for,
 )
+from harness.study.confirm import ConfirmStep, check_confirm
 from harness.study.finish import SweepFinish
 from harness.study.objective import TrialObjective
 from harness.study.plan import check_resume, check_same_study, plan_study
@@ -54,7 +55,7 @@ from harness.tracking import (
 from harness.workers import HELPER_ENV, PARENT_ENV, Preempted, overrides_env, stop, wait_for
 
 
-class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
+class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
     """One invocation of `harness sweep`: runs the trials still missing, then summarises."""
 
     def __init__(
@@ -87,6 +88,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
             pin_this_process(worker_envs(list(cfg.sweep.devices))[0])
         self.plan = plan_study(cfg)
         self.cfg = self.plan.cfg
+        check_confirm(self.cfg, self.plan)  # sweep.confirm_top_k: harness.study.confirm
         # warm-start param sets, found before anything is written (another study may be missing)
         self.warm_sets = [] if self.is_helper else self._warm_sets()
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
@@ -263,6 +265,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         if self.store_unwritable:
             raise TrackingServerError(self.store_unwritable)
         if not self.is_helper:
+            self._confirm(study)  # sweep.confirm_top_k > 0: the best trials with new seeds
             self._finish(study)
 
     def _optimize(self, study: optuna.Study, n_trials: int) -> None:
