@@ -59,6 +59,8 @@ def test_sweep_confirms_its_best_trials_with_new_seeds_as_child_runs(make_cfg):
     seeds = {r.params["seed"] for r in store.runs_of(cfg.name, "trial") if "seed" in r.params}
     assert seeds == {"1", "2"}
     assert len(study.trials) == 4  # confirm runs are no Optuna trials
+    winner = confirmed_winner(study)
+    assert winner is not None and parent.tags["confirmed_winner"] == str(winner.number)
 
 
 def test_confirm_goes_on_after_an_interrupt_skipping_the_seeds_done(make_cfg):

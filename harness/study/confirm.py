@@ -31,6 +31,7 @@ from harness.noise import (
     CONFIRM_ATTR,
     CONFIRM_SPENT_ATTR,
     confirm_samples,
+    confirmed_winner,
 )
 from harness.storage import full_disk
 from harness.study.plan import Plan
@@ -87,7 +88,7 @@ class ConfirmStep:
     checkpoints: Path
     uid: str
     stop_reason: str
-    on_confirm: Callable[[str], None]  # each run's result and the ranking, as lines
+    on_confirm: Callable[[str], None]  # each confirm run's result, as a line (cli: printed)
 
     def _confirm(self, study: optuna.Study) -> None:
         """Runs the seeds each of the top trials is missing (the ranking: StudySummary)."""
@@ -111,6 +112,9 @@ class ConfirmStep:
             if not self._within_budget(study, trial):
                 break
             self._confirm_run(study, trial, seed, say)
+        winner = confirmed_winner(study)
+        if winner is not None:  # beside best_trial: what +from_best retrains
+            self.tracker.set_tag(self.parent_id, "confirmed_winner", str(winner.number))
 
     def _confirm_run(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, seed: int, say: Any
