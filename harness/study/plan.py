@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from harness import continuation, search
+from harness import continuation, pareto_pruner, search
 from harness.backends.base import Backend, PaidBackend, check_tunable
 from harness.checks import check_space_ranges
 from harness.config import ConfigError, with_params
@@ -157,7 +157,7 @@ def _text_metric_hint(metric: str, task: str) -> str:
 def _check_objectives(
     cfg: DictConfig, chosen: list[tuple[str, str]], backend: Backend
 ) -> list[str]:
-    """Refuses objectives no trial reports; says that several objectives turn pruning off."""
+    """Refuses objectives no trial reports; says how several objectives are pruned."""
     if len(cfg.sweep.objectives) == 1:
         metric, direction = chosen[0]
         raise ConfigError(
@@ -191,12 +191,8 @@ def _check_objectives(
         "looks for the Pareto front; the report plots it. Within a trial, early stopping and "
         f"the kept checkpoint follow sweep.metric ({cfg.sweep.direction} {cfg.sweep.metric})."
     ]
-    if cfg.pruner.name != "none":
-        notices.append(
-            f"pruning is off (pruner={cfg.pruner.name} ignored): Optuna cannot prune trials of "
-            "a multi-objective study, so every trial runs to the end."
-        )
-    return notices
+    pruning = pareto_pruner.describe(cfg.pruner, chosen)  # "" for pruner=none
+    return [*notices, pruning] if pruning else notices
 
 
 def _check_reported(

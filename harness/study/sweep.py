@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from harness import continuation, search
 from harness.config import ConfigError, runs_dir
 from harness.gpus import pin_this_process, worker_envs
+from harness.pareto_pruner import pruner_for_objectives
 from harness.provenance import provenance
 from harness.secrets import first_line, redact_override
 from harness.storage import (
@@ -162,7 +163,10 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
         goals = self.plan.objectives
-        pruner = search.pruner_from(c.pruner, "none" if len(goals) > 1 else None)
+        if len(goals) == 1:
+            pruner = search.pruner_from(c.pruner)
+        else:  # Optuna's pruners judge one objective: several are ranked (pareto_pruner)
+            pruner = pruner_for_objectives(c.pruner, goals)
         return optuna.create_study(
             study_name=c.name,
             storage=self.storage,
