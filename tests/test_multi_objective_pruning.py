@@ -17,6 +17,7 @@ from harness.pareto_pruner import (
     pruner_for_objectives,
     values_at,
 )
+from harness.report import pruning_savings
 from harness.study import Sweep
 from harness.tracking import InMemoryStore
 
@@ -150,6 +151,8 @@ def test_a_multi_objective_sweep_prunes_dominated_trials_and_ends_with_a_front(m
         assert runs[f"trial-{trial.number:04d}"].tags["optuna.trial_state"] == "COMPLETE"
     front = study.best_trials
     assert front and all(t.state == TrialState.COMPLETE for t in front)
+    # the report extrapolates each pruned trial from its stored evaluations
+    assert pruning_savings(study).estimated == len(pruned)
 
 
 def test_pruner_none_prunes_no_trial_of_a_multi_objective_study(make_cfg):
