@@ -150,7 +150,7 @@ class ParetoPruner(optuna.pruners.BasePruner):
         ranks = pareto_ranks([self._as_losses(v) for v in [*others, values]])
         mine, theirs = ranks[-1], sorted(ranks[:-1])
         median = (theirs[(len(theirs) - 1) // 2] + theirs[len(theirs) // 2]) / 2
-        return mine > 0 and mine > median
+        return mine > median  # ranks are >= 0: a trial on the front (0) never stops
 
     def _as_losses(self, values: Sequence[float]) -> tuple[float, ...]:
         return tuple(sign * float(v) for sign, v in zip(self._signs, values, strict=True))

@@ -448,7 +448,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def objective_line(facts: Facts) -> str:
     parts = [f"{o.direction} `{o.metric}`" for o in facts.objectives]
     if facts.multi:
-        return f"Objectives: {', '.join(parts)} (multi-objective: a Pareto front, no pruning)"
+        return f"Objectives: {', '.join(parts)} (multi-objective: a Pareto front)"
     return f"Objective: {parts[0]}"
 
 

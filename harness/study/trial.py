@@ -42,8 +42,9 @@ class TrialReporter:
         number: int = -1,
     ) -> None:
         self.run, self.metric, self.trial, self.on_cost = run, metric, trial, on_cost
-        self.prune = prune  # False in multi-objective studies: Optuna cannot prune them
-        # ... which a ParetoPruner prunes from the vectors this reporter stores (pareto_pruner)
+        # False in multi-objective studies: Optuna's pruners judge one objective; there a
+        # ParetoPruner ranks the objective vectors this reporter stores (harness.pareto_pruner)
+        self.prune = prune
         pruner = trial.study.pruner if trial is not None else None
         self.pareto = pruner if isinstance(pruner, pareto_pruner.ParetoPruner) else None
         self.started = time.monotonic()  # train/seconds so far, midway
