@@ -25,6 +25,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.pruning import Evaluations
+
 ATTR_PREFIX = "harness_midway_"  # + the evaluation's number (from 1): the objective vector
 
 # The cost objectives' values midway (at evaluation n, what it took to get there), so a trial
@@ -51,18 +53,28 @@ def measures_quality_midway(goals: Sequence[tuple[str, str]]) -> bool:
 
 
 def pruner_for_objectives(
-    pruner_cfg: Any, goals: Sequence[tuple[str, str]]
+    pruner_cfg: Any, goals: Sequence[tuple[str, str]], evaluations: Evaluations | None = None
 ) -> optuna.pruners.BasePruner:
     """The pruner of a multi-objective study: any pruner but ``none`` becomes a ParetoPruner with
-    the config's n_startup_trials and n_warmup_steps (median's, hyperband's or another's);
-    NopPruner for ``pruner=none`` or when no objective is measured at evaluations."""
+    the config's n_startup_trials and its first decision where the named pruner's would come
+    (``first_decision``); NopPruner for ``pruner=none`` or when no objective is measured at
+    evaluations. ``evaluations``: the space's, for an ``auto`` setting (harness.pruning)."""
     if pruner_cfg.name == "none" or not measures_quality_midway(goals):
         return optuna.pruners.NopPruner()
+    key = first_decision(pruner_cfg)
+    value = pruner_cfg[key]
+    least = evaluations.least if evaluations is not None else 1
     return ParetoPruner(
         midway_objectives(goals),
         n_startup_trials=int(pruner_cfg.n_startup_trials),
-        n_warmup_steps=int(pruner_cfg.n_warmup_steps),
+        n_warmup_steps=least if value == "auto" else int(value),
     )
+
+
+def first_decision(pruner_cfg: Any) -> str:
+    """The setting that says at which evaluation the named pruner first decides: Hyperband's and
+    ASHA's first rung (min_resource), the median rules' (and any other's) n_warmup_steps."""
+    return "min_resource" if pruner_cfg.name in ("hyperband", "asha") else "n_warmup_steps"
 
 
 def describe(pruner_cfg: Any, goals: Sequence[tuple[str, str]]) -> str:
@@ -79,10 +91,11 @@ def describe(pruner_cfg: Any, goals: Sequence[tuple[str, str]]) -> str:
     ranked = ", ".join(metric for metric, _ in midway_objectives(goals))
     after = [metric for metric, _ in goals if metric.startswith("test/")]
     unranked = f" ({', '.join(after)}: measured after training, not ranked midway)" if after else ""
+    key = first_decision(pruner_cfg)
     return (
         f"pruning by Pareto rank (pruner={name} with its n_startup_trials="
-        f"{pruner_cfg.n_startup_trials}, n_warmup_steps={pruner_cfg.n_warmup_steps}): a trial "
-        f"whose {ranked} at an evaluation rank behind most completed trials' at that "
+        f"{pruner_cfg.n_startup_trials}, first decision at evaluation {key}={pruner_cfg[key]}): "
+        f"a trial whose {ranked} at an evaluation rank behind most completed trials' at that "
         f"evaluation stops{unranked}."
     )
 

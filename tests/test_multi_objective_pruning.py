@@ -17,6 +17,7 @@ from harness.pareto_pruner import (
     pruner_for_objectives,
     values_at,
 )
+from harness.pruning import Evaluations
 from harness.report import pruning_savings
 from harness.study import Sweep
 from harness.tracking import InMemoryStore
@@ -98,19 +99,26 @@ def test_midway_values_of_costs_and_which_objectives_are_ranked():
     assert values_at(goals, seen, seconds=3.5, steps=40, cost_usd=0.25) == [0.5, 3.5, 0.25]
     assert values_at(goals, seen, seconds=3.5, steps=40, cost_usd=None) is None  # not yet billed
     assert values_at([("train/steps", "minimize")], {}, seconds=0, steps=7, cost_usd=None) == [7.0]
-    cfg = OmegaConf.create({"name": "hyperband", "n_startup_trials": 4, "n_warmup_steps": 1})
+    settings = {"n_startup_trials": 4, "n_warmup_steps": 1, "min_resource": "auto"}
+    cfg = OmegaConf.create({"name": "hyperband", **settings})
     with_test = [("eval/f1", "maximize"), ("test/f1", "maximize"), ("train/steps", "minimize")]
-    made = pruner_for_objectives(cfg, with_test)
+    made = pruner_for_objectives(cfg, with_test, Evaluations(least=2, most=6))
     assert isinstance(made, ParetoPruner)  # any pruner but none: Pareto, with its settings
-    assert (made.goals, made.n_startup_trials, made.n_warmup_steps) == (GOALS, 4, 1)
+    # hyperband's first decision is its first rung: min_resource, auto the shortest trial's end
+    assert (made.goals, made.n_startup_trials, made.n_warmup_steps) == (GOALS, 4, 2)
+    median = pruner_for_objectives(OmegaConf.create({"name": "median", **settings}), with_test)
+    assert isinstance(median, ParetoPruner) and median.n_warmup_steps == 1
     notice = describe(cfg, with_test)
-    assert notice.startswith("pruning by Pareto rank (pruner=hyperband with its n_startup_trials=4")
+    assert notice.startswith(
+        "pruning by Pareto rank (pruner=hyperband with its n_startup_trials=4, first decision "
+        "at evaluation min_resource=auto)"
+    )
     assert "(test/f1: measured after training, not ranked midway)" in notice
     # a rank by cost alone would stop every slower trial: off, and said so
     costs_only = [("test/f1", "maximize"), ("train/seconds", "minimize")]
     assert isinstance(pruner_for_objectives(cfg, costs_only), optuna.pruners.NopPruner)
     assert describe(cfg, costs_only).startswith("pruning is off (pruner=hyperband ignored)")
-    none = OmegaConf.create({"name": "none", "n_startup_trials": 4, "n_warmup_steps": 1})
+    none = OmegaConf.create({"name": "none", **settings})
     assert isinstance(pruner_for_objectives(none, with_test), optuna.pruners.NopPruner)
     assert describe(none, with_test) == ""
 

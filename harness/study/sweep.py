@@ -24,6 +24,7 @@ from harness.config import ConfigError, runs_dir
 from harness.gpus import pin_this_process, worker_envs
 from harness.pareto_pruner import pruner_for_objectives
 from harness.provenance import provenance
+from harness.pruning import make_pruner
 from harness.secrets import first_line, redact_override
 from harness.storage import (
     STORAGE_ATTEMPTS,
@@ -164,9 +165,9 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
         )
         goals = self.plan.objectives
         if len(goals) == 1:
-            pruner = search.pruner_from(c.pruner)
+            pruner = make_pruner(c.pruner, self.plan.evaluations)
         else:  # Optuna's pruners judge one objective: several are ranked (pareto_pruner)
-            pruner = pruner_for_objectives(c.pruner, goals)
+            pruner = pruner_for_objectives(c.pruner, goals, self.plan.evaluations)
         return optuna.create_study(
             study_name=c.name,
             storage=self.storage,
