@@ -72,6 +72,12 @@ def check_stop_rules(cfg: DictConfig, goals: list[tuple[str, str]]) -> None:
         )
 
 
+def any_rule(cfg: DictConfig) -> bool:
+    """Whether a rule that reads the study is set (none: no read after each trial)."""
+    s = cfg.sweep
+    return any(v is not None for v in (s.target, s.stagnation_trials, s.budget_steps))
+
+
 def stop_rule_met(
     cfg: DictConfig, study: optuna.Study, goal: tuple[str, str], before_start: bool = False
 ) -> Stop | None:

@@ -39,7 +39,7 @@ from harness.study.objective import TrialObjective
 from harness.study.plan import check_resume, check_same_study, plan_study
 from harness.study.queries import FINISHED_STATES, RUNNING, count_finished
 from harness.study.recovery import Recovery, storage_wait
-from harness.study.stop_rules import stop_rule_met, time_budget
+from harness.study.stop_rules import any_rule, stop_rule_met, time_budget
 from harness.study.trial import ProgressCallback, TrialOutcome
 from harness.study.warmstart import WarmStart
 from harness.tracking import (
@@ -321,7 +321,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
     def _met_stop_rule(self, study: optuna.Study, before_start: bool = False) -> bool:
         """Whether a stop rule (harness/study/stop_rules.py) ends the study now; if so, it is
         the stop reason. Not asked once sweep.n_trials is made up: that is no early stop."""
-        if self.stop_reason or self._enough(study):
+        if self.stop_reason or not any_rule(self.cfg) or self._enough(study):
             return bool(self.stop_rule)
         stop = stop_rule_met(self.cfg, study, self.plan.objectives[0], before_start)
         if stop is not None:
