@@ -184,6 +184,10 @@ class SweepConfig:
     enqueue: list[Any]
     continue_from: str | None
     devices: list[int]
+    target: float | None  # stop rules: harness/study/stop_rules.py
+    stagnation_trials: int | None
+    min_improvement: float | None
+    budget_steps: int | None
 
 
 @dataclass
@@ -286,6 +290,9 @@ VALID_RANGES: dict[str, ValidRange] = {
     "sweep.timeout_s": ValidRange(low=0, low_open=True, nullable=True),
     "sweep.budget_usd": ValidRange(low=0, nullable=True),
     "sweep.n_workers": AT_LEAST_1,
+    "sweep.stagnation_trials": ValidRange(low=1, nullable=True),
+    "sweep.min_improvement": ValidRange(low=0, nullable=True),
+    "sweep.budget_steps": ValidRange(low=1, nullable=True),
 }
 
 

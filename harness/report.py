@@ -520,7 +520,14 @@ def _header_section(facts: Facts, cfg: DictConfig) -> list[str]:
         f"- Optuna storage: `{describe_storage(cfg)}`",
         f"- MLflow: `{redact_text(tracking_uri(cfg))}`, parent run `{parent}`",
         f"- Interactive plots: [{HTML}]({HTML}) (opens offline)",
+        *_stopped_line(facts),
     ]
+
+
+def _stopped_line(facts: Facts) -> list[str]:
+    """Why the last sweep stopped starting trials early (a stop rule, a budget), if it did."""
+    reason = facts.study.user_attrs.get("stop_reason")
+    return [f"- Stopped: {reason}"] if reason else []
 
 
 def _best_section(facts: Facts) -> list[str]:

@@ -24,6 +24,7 @@ from harness.metrics import GENERATED_TEXT_METRICS, SCORED_METRICS
 from harness.pruning import Evaluations, evaluation_range, make_pruner
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
+from harness.study.stop_rules import check_stop_rules
 
 # Final metrics every trial has besides its task's: what a multi-objective study may trade
 # against quality (money, time, compute).
@@ -88,6 +89,7 @@ def plan_study(cfg: DictConfig) -> Plan:
     goals = objectives(cfg)
     notices = _check_objectives(cfg, goals, backend)
     _check_sweep_settings(cfg, backend)
+    check_stop_rules(cfg, goals)
     dataset = load_dataset(cfg.data, backend.example_check(cfg))
     _check_reported(cfg, goals, backend, dataset)
     identity = fingerprint(cfg, dataset, backend.name, goals)
