@@ -65,6 +65,7 @@ from harness.backends.base import TrialSpec
 from harness.cli import _quiet_libraries
 from harness.config import load_config, with_params
 from harness.continuation import holds
+from harness.pruning import make_pruner
 from harness.study import Plan, plan_study
 
 TARGET_SHARE = 0.98  # "reached": the best so far is at least this share of the best found
@@ -220,7 +221,7 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
         study_name=f"{method.sampler}-{method.pruner}-seed{seed}",
         direction=plan.cfg.sweep.direction,
         sampler=make_sampler(method, cfg, seed, plan.distributions, bench.grid),
-        pruner=search.pruner_from(cfg.pruner),
+        pruner=make_pruner(cfg.pruner, plan.evaluations),
     )
     outcome, noise = Outcome(), bench.noise
 

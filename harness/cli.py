@@ -189,7 +189,9 @@ def _sweep_ending(console: Any, say: Callable[..., Any], cfg: Any, ending: Any) 
         return 1
     print_summary(console, ending.summary)
     say(f"plots and summary.md: {ending.report_command}", markup=False, soft_wrap=True)
-    if short:
+    if short and ending.stop_rule:  # a stop rule ended it: a normal end, exit 0
+        console.print(short, markup=False, soft_wrap=True)
+    elif short:
         console.print(f"[red]short of sweep.n_trials[/red]: {escape(short)}", soft_wrap=True)
         return 1
     return 0

@@ -146,9 +146,10 @@ class SamplerConfig:
 class PrunerConfig:
     name: str
     n_startup_trials: int
-    n_warmup_steps: int
-    min_resource: int
+    n_warmup_steps: Any  # a whole number, or auto (harness/pruning.py)
+    min_resource: Any  # a whole number, or auto
     reduction_factor: int
+    patience: int
 
 
 @dataclass
@@ -183,6 +184,10 @@ class SweepConfig:
     enqueue: list[Any]
     continue_from: str | None
     devices: list[int]
+    target: float | None  # stop rules: harness/study/stop_rules.py
+    stagnation_trials: int | None
+    min_improvement: float | None
+    budget_steps: int | None
     confirm_top_k: int
     confirm_seeds: int
 
@@ -201,10 +206,13 @@ class ValidRange:
     high: float | None = None
     low_open: bool = False  # low itself is not allowed (a learning rate of 0 learns nothing)
     nullable: bool = False  # null is allowed too (sweep.timeout_s: no time limit)
+    auto: bool = False  # the word auto is allowed too (pruner.min_resource: from the space)
 
     def holds(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if isinstance(value, str):
+            return self.auto and value == "auto"
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every
             # comparison; inf is no setting (an int is finite: isfinite overflows on a huge one)
             return False
@@ -223,7 +231,7 @@ class ValidRange:
             )
             parts += [] if high is None else [f"at most {high}"]
             rule = " and ".join(parts)
-        return f"{rule} (or null)" if self.nullable else rule
+        return f"{rule} (or null)" if self.nullable else f"{rule} (or auto)" if self.auto else rule
 
 
 def _number(value: float) -> str:
@@ -270,8 +278,9 @@ VALID_RANGES: dict[str, ValidRange] = {
     "train.dpo_beta": ABOVE_0,
     "sampler.n_startup_trials": AT_LEAST_0,
     "pruner.n_startup_trials": AT_LEAST_0,
-    "pruner.n_warmup_steps": AT_LEAST_0,
-    "pruner.min_resource": AT_LEAST_1,
+    "pruner.n_warmup_steps": ValidRange(low=0, auto=True),  # auto: harness/pruning.py
+    "pruner.min_resource": ValidRange(low=1, auto=True),
+    "pruner.patience": AT_LEAST_0,  # 0: the plain median rule
     "pruner.reduction_factor": ValidRange(low=2),
     "tracking.flush_every_s": AT_LEAST_0,
     "tracking.log_every_steps": AT_LEAST_1,
@@ -283,6 +292,9 @@ VALID_RANGES: dict[str, ValidRange] = {
     "sweep.timeout_s": ValidRange(low=0, low_open=True, nullable=True),
     "sweep.budget_usd": ValidRange(low=0, nullable=True),
     "sweep.n_workers": AT_LEAST_1,
+    "sweep.stagnation_trials": ValidRange(low=1, nullable=True),
+    "sweep.min_improvement": ValidRange(low=0, nullable=True),
+    "sweep.budget_steps": ValidRange(low=1, nullable=True),
     "sweep.confirm_top_k": AT_LEAST_0,  # 0: no confirm step
     "sweep.confirm_seeds": AT_LEAST_1,
 }

@@ -24,7 +24,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import advice, noise
+from harness import advice, noise, pareto_pruner
 from harness.config import ConfigError, runs_dir
 from harness.display import format_value
 from harness.secrets import redact_text
@@ -204,9 +204,7 @@ def pruning_savings(study: optuna.Study) -> Savings:
     trials = study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     lengths = [
-        len(t.intermediate_values)
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.intermediate_values
+        _evaluations(t) for t in trials if t.state == TrialState.COMPLETE and _evaluations(t)
     ]
     median = float(statistics.median(lengths)) if lengths else None
     finished = [t for t in trials if t.state.is_finished()]
@@ -223,7 +221,7 @@ def pruning_savings(study: optuna.Study) -> Savings:
     if any("cost_usd" in t.user_attrs for t in trials):
         savings.usd_spent, savings.usd_saved = study_spend(study), 0.0
     for trial in pruned:
-        done = len(trial.intermediate_values)
+        done = _evaluations(trial)
         if median is None or done == 0:
             continue  # nothing to extrapolate from
         savings.estimated += 1
@@ -234,6 +232,11 @@ def pruning_savings(study: optuna.Study) -> Savings:
         if savings.usd_saved is not None and "cost_usd" in trial.user_attrs:
             savings.usd_saved += usd_saved(trial, more)
     return savings
+
+
+def _evaluations(trial: FrozenTrial) -> int:
+    # a multi-objective trial's evaluations are its stored vectors (harness.pareto_pruner)
+    return len(trial.intermediate_values) or pareto_pruner.evaluations(trial)
 
 
 def usd_saved(trial: FrozenTrial, more: float) -> float:
@@ -351,8 +354,9 @@ def _pareto_front_spec(facts: Facts) -> tuple[Plot, Callable[[Any], Any]]:
 def _no_curves_reason(facts: Facts) -> str:
     if facts.multi:
         return (
-            "no learning curves: a multi-objective study does not prune, so its trials report "
-            "no intermediate values to Optuna"
+            "no learning curves: a multi-objective study's trials store their objectives at each "
+            "evaluation for Pareto pruning (harness.pareto_pruner), not as Optuna's intermediate "
+            "values"
         )
     return "no trial reported an intermediate value"
 
@@ -448,7 +452,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def objective_line(facts: Facts) -> str:
     parts = [f"{o.direction} `{o.metric}`" for o in facts.objectives]
     if facts.multi:
-        return f"Objectives: {', '.join(parts)} (multi-objective: a Pareto front, no pruning)"
+        return f"Objectives: {', '.join(parts)} (multi-objective: a Pareto front)"
     return f"Objective: {parts[0]}"
 
 
@@ -521,7 +525,14 @@ def _header_section(facts: Facts, cfg: DictConfig) -> list[str]:
         f"- Optuna storage: `{describe_storage(cfg)}`",
         f"- MLflow: `{redact_text(tracking_uri(cfg))}`, parent run `{parent}`",
         f"- Interactive plots: [{HTML}]({HTML}) (opens offline)",
+        *_stopped_line(facts),
     ]
+
+
+def _stopped_line(facts: Facts) -> list[str]:
+    """Why the last sweep stopped starting trials early (a stop rule, a budget), if it did."""
+    reason = facts.study.user_attrs.get("stop_reason")
+    return [f"- Stopped: {reason}"] if reason else []
 
 
 def _best_section(facts: Facts) -> list[str]:
@@ -636,9 +647,9 @@ def _confirm_section(facts: Facts) -> list[str]:
 def _pruning_section(facts: Facts) -> list[str]:
     s = facts.savings
     lines = ["## Pruning", ""]
-    if facts.multi:
-        return [*lines, "Off: Optuna cannot prune trials of a multi-objective study."]
     lines.append(f"{s.pruned} of {len(facts.trials)} trials were pruned.")
+    if facts.multi:  # unless pruner=none
+        lines.append("Several objectives: a trial is pruned by its Pareto rank at an evaluation.")
     if s.pruned == 0:
         return lines
     if s.median_evaluations is None or s.estimated == 0:

@@ -243,8 +243,10 @@ def test_multi_objective_report_has_a_pareto_front(make_cfg):
     for name in PLOTS:
         assert (folder / f"{name}.png").read_bytes().startswith(PNG), name
     assert not (folder / "intermediate_values.png").exists()
-    assert "not drawn: no learning curves: a multi-objective study does not prune" in summary
-    assert "Off: Optuna cannot prune" in summary
+    assert "not drawn: no learning curves: a multi-objective study's trials store" in summary
+    assert (
+        "0 of 4 trials were pruned.\nSeveral objectives: a trial is pruned by its Pareto" in summary
+    )
 
 
 # ---- search-space advice ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from harness.study.queries import (
     summarize,
 )
 from harness.study.recovery import others_running
+from harness.study.stop_rules import go_on
 from harness.study.trial import TrialOutcome
 from harness.tracking import Tracker, TrackingServerError, tracking_uri
 
@@ -40,6 +41,7 @@ class SweepEnding:
     last_failure: str  # the last failed trial's reason, for a study where none completed
     summary: StudySummary
     report_command: str  # `harness report` with this sweep's overrides (redacted)
+    stop_rule: str = ""  # the stop rule that ended it, a normal end (sweep.target...), if one did
 
 
 class SweepFinish:
@@ -54,6 +56,7 @@ class SweepFinish:
     is_helper: bool
     checkpoints: Path
     stop_reason: str
+    stop_rule: str
     provider_refused: bool
     failed: list[TrialOutcome]
 
@@ -68,6 +71,7 @@ class SweepFinish:
             last_failure=next((r for r in reversed(reasons) if r), "no reason recorded"),
             summary=summarize(study, self.plan.objectives),
             report_command=reproduce_command("report", self.overrides, {}),  # redacted
+            stop_rule=self.stop_rule,
         )
 
     def shortfall(self, study: optuna.Study) -> str:
@@ -90,6 +94,10 @@ class SweepFinish:
             why.append(f"{len(self.failed)} failed ({shown}{more})")
         if running:
             why.append(f"{running} still running in another process")
+        if self.stop_rule:  # a normal end: nothing to try again
+            return f"{finished} of {wanted} trials finished; " + "; ".join(
+                [*why, f"{go_on(self.stop_rule)}."]
+            )
         if self.stop_reason:
             why.append("the study stopped (see above)")
         elif self.cfg.sweep.timeout_s is not None and not self.failed:
@@ -119,6 +127,7 @@ class SweepFinish:
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
             self.tracker.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
+        study.set_user_attr("stop_reason", self.stop_reason)  # for the report; "" once it goes on
         best = best_trial(study)
         if best is not None:
             metrics["best_objective"] = float(best.values[0])

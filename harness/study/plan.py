@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from harness import continuation, search
+from harness import continuation, pareto_pruner, search
 from harness.backends.base import Backend, PaidBackend, check_tunable
 from harness.checks import check_space_ranges
 from harness.config import ConfigError, with_params
@@ -21,8 +21,10 @@ from harness.continuation import holds
 from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import GENERATED_TEXT_METRICS, SCORED_METRICS
+from harness.pruning import Evaluations, evaluation_range, make_pruner
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
+from harness.study.stop_rules import check_stop_rules
 
 # Final metrics every trial has besides its task's: what a multi-objective study may trade
 # against quality (money, time, compute).
@@ -62,6 +64,9 @@ class Plan:
     notices: list[str] = field(default_factory=list)  # said once before the first trial
     # (metric, direction) of each objective, the first one Optuna's value: from the config
     objectives: list[tuple[str, str]] = field(default_factory=list)
+    # evaluations of the space's shortest and longest trial (the pruner's resources); None for a
+    # hosted backend, whose provider decides when to evaluate
+    evaluations: Evaluations | None = None
 
     def __post_init__(self) -> None:
         if not self.objectives:  # a Plan made by hand: the config's (plan_study passes them)
@@ -84,10 +89,17 @@ def plan_study(cfg: DictConfig) -> Plan:
     goals = objectives(cfg)
     notices = _check_objectives(cfg, goals, backend)
     _check_sweep_settings(cfg, backend)
+    check_stop_rules(cfg, goals)
     dataset = load_dataset(cfg.data, backend.example_check(cfg))
     _check_reported(cfg, goals, backend, dataset)
     identity = fingerprint(cfg, dataset, backend.name, goals)
-    return Plan(cfg, distributions, fixed, backend, dataset, identity, None, notices, goals)
+    evaluations = None
+    if not isinstance(backend, PaidBackend):
+        evaluations = evaluation_range(cfg.train, distributions, len(dataset.train))
+    make_pruner(cfg.pruner, evaluations)  # its settings checked before anything is written
+    return Plan(
+        cfg, distributions, fixed, backend, dataset, identity, None, notices, goals, evaluations
+    )
 
 
 def _check_sampled_values(
@@ -157,7 +169,7 @@ def _text_metric_hint(metric: str, task: str) -> str:
 def _check_objectives(
     cfg: DictConfig, chosen: list[tuple[str, str]], backend: Backend
 ) -> list[str]:
-    """Refuses objectives no trial reports; says that several objectives turn pruning off."""
+    """Refuses objectives no trial reports; says how several objectives are pruned."""
     if len(cfg.sweep.objectives) == 1:
         metric, direction = chosen[0]
         raise ConfigError(
@@ -191,12 +203,8 @@ def _check_objectives(
         "looks for the Pareto front; the report plots it. Within a trial, early stopping and "
         f"the kept checkpoint follow sweep.metric ({cfg.sweep.direction} {cfg.sweep.metric})."
     ]
-    if cfg.pruner.name != "none":
-        notices.append(
-            f"pruning is off (pruner={cfg.pruner.name} ignored): Optuna cannot prune trials of "
-            "a multi-objective study, so every trial runs to the end."
-        )
-    return notices
+    pruning = pareto_pruner.describe(cfg.pruner, chosen)  # "" for pruner=none
+    return [*notices, pruning] if pruning else notices
 
 
 def _check_reported(

@@ -26,6 +26,10 @@ SWEEP_ONLY_KEYS = {
     "sweep.budget_usd",
     "sweep.enqueue",
     "sweep.continue_from",
+    "sweep.target",
+    "sweep.stagnation_trials",
+    "sweep.min_improvement",
+    "sweep.budget_steps",
     "sweep.confirm_top_k",
     "sweep.confirm_seeds",
 }

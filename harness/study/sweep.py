@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 from harness import continuation, search
 from harness.config import ConfigError, runs_dir
 from harness.gpus import pin_this_process, worker_envs
+from harness.pareto_pruner import pruner_for_objectives
 from harness.provenance import provenance
+from harness.pruning import make_pruner
 from harness.secrets import first_line, redact_override
 from harness.storage import (
     STORAGE_ATTEMPTS,
@@ -40,6 +42,7 @@ from harness.study.objective import TrialObjective
 from harness.study.plan import check_resume, check_same_study, plan_study
 from harness.study.queries import FINISHED_STATES, RUNNING, count_finished
 from harness.study.recovery import Recovery, storage_wait
+from harness.study.stop_rules import any_rule, stop_rule_met, time_budget
 from harness.study.trial import ProgressCallback, TrialOutcome
 from harness.study.warmstart import WarmStart
 from harness.tracking import (
@@ -93,6 +96,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         self.warm_sets = [] if self.is_helper else self._warm_sets()
         self.checkpoints = runs_dir(self.cfg) / "checkpoints" / self.cfg.name
         self.stop_reason = ""  # why the study stopped before n_trials (the budget), if it did
+        self.stop_rule = ""  # ... when a stop rule did, as a normal end: its key (sweep.target)
         self.provider_refused = False  # ... because the provider takes no new jobs
         self.tracking_gone = ""  # why MLflow could not be reached mid-study, if it could not
         self.store_unwritable = ""  # the message for an MLflow store that refused a write
@@ -164,7 +168,10 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
         goals = self.plan.objectives
-        pruner = search.pruner_from(c.pruner, "none" if len(goals) > 1 else None)
+        if len(goals) == 1:
+            pruner = make_pruner(c.pruner, self.plan.evaluations)
+        else:  # Optuna's pruners judge one objective: several are ranked (pareto_pruner)
+            pruner = pruner_for_objectives(c.pruner, goals, self.plan.evaluations)
         return optuna.create_study(
             study_name=c.name,
             storage=self.storage,
@@ -248,6 +255,8 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         """The missing trials, in this process and its workers (``self.workers``: stopped by
         the caller if this raises); then the summary."""
         missing = self.cfg.sweep.n_trials - count_finished(study)
+        if missing > 0 and self._met_stop_rule(study, before_start=True):
+            missing = 0  # a resumed study that meets a stop rule already: no trial starts
         if missing > 0 and not self.is_helper:
             self._warm_start(study)
         if missing > 0 and not self._enough(study):
@@ -274,7 +283,10 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         flight is failed and retried once with its params; a storage still failing after the
         last wait stops the study (see run)."""
         for attempt in range(STORAGE_ATTEMPTS):
+            if self.stop_rule:  # met by a trial of this process: no retry after its workers
+                return
             try:
+                started = time.monotonic()
                 if attempt > 0:  # after a wait: first the trial the failure left RUNNING
                     self._fail_own_running(study)
                     if self._enough(study):
@@ -284,10 +296,11 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
                     n_trials=n_trials,  # a bound: failed trials are replaced, but not forever
                     timeout=self.cfg.sweep.timeout_s,
                     catch=(Exception,),
-                    callbacks=[self._after_trial, self._stop_when_enough],
+                    callbacks=[self._after_trial, self._stop_when_enough, self._stop_by_rule],
                     # no gc_after_trial: ~200 ms a trial with torch loaded; the local backend
                     # collects after its own trials, which are the ones holding big objects
                 )
+                self._note_timeout(study, time.monotonic() - started)
                 return
             except Exception as exc:
                 cause = storage_error(exc)
@@ -312,6 +325,29 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         self._fail_stale_trials(study)  # a worker that died must not count as running
         if self._enough(study):
             study.stop()
+
+    def _met_stop_rule(self, study: optuna.Study, before_start: bool = False) -> bool:
+        """Whether a stop rule (harness/study/stop_rules.py) ends the study now; if so, it is
+        the stop reason. Not asked once sweep.n_trials is made up: that is no early stop."""
+        if self.stop_reason or not any_rule(self.cfg) or self._enough(study):
+            return bool(self.stop_rule)
+        stop = stop_rule_met(self.cfg, study, self.plan.objectives[0], before_start)
+        if stop is not None:
+            self.stop_rule, self.stop_reason = stop.rule, stop.message
+        return stop is not None
+
+    def _stop_by_rule(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._met_stop_rule(study):
+            study.stop()
+
+    def _note_timeout(self, study: optuna.Study, elapsed_s: float) -> None:
+        """study.optimize ended by sweep.timeout_s (rather than by a rule, a failure or the
+        trials made up) becomes the stop reason."""
+        timeout = self.cfg.sweep.timeout_s
+        if timeout is None or elapsed_s < timeout or self.stop_reason or self._enough(study):
+            return
+        stop = time_budget(timeout)
+        self.stop_rule, self.stop_reason = stop.rule, stop.message
 
     def _start_workers(self) -> list[subprocess.Popen[bytes]]:
         """sweep.n_workers - 1 more processes on this study; this one is the first. With

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from harness import pareto_pruner
 from harness.backends.base import TrialResult, TrialSpec
 from harness.config import with_params
 from harness.secrets import redact_text
@@ -41,7 +42,12 @@ class TrialReporter:
         number: int = -1,
     ) -> None:
         self.run, self.metric, self.trial, self.on_cost = run, metric, trial, on_cost
-        self.prune = prune  # False in multi-objective studies: Optuna cannot prune them
+        # False in multi-objective studies: Optuna's pruners judge one objective; there a
+        # ParetoPruner ranks the objective vectors this reporter stores (harness.pareto_pruner)
+        self.prune = prune
+        pruner = trial.study.pruner if trial is not None else None
+        self.pareto = pruner if isinstance(pruner, pareto_pruner.ParetoPruner) else None
+        self.started = time.monotonic()  # train/seconds so far, midway
         self.on_progress, self.number = on_progress, number
         self.evaluations = 0
         self.step = 0  # the last step reported: a pruned trial's compute
@@ -75,6 +81,35 @@ class TrialReporter:
             if self.trial.should_prune():
                 self.trial.set_user_attr("steps", self.step)  # what it cost: the report sums it
                 raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {step})")
+        if is_eval and self.trial is not None and self.pareto is not None:
+            self._report_vector(self.trial, self.pareto, step, metrics)
+
+    def _report_vector(
+        self,
+        trial: optuna.Trial,
+        pruner: pareto_pruner.ParetoPruner,
+        step: int,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """A multi-objective study's evaluation: the trial's objectives so far stored (the
+        evaluation index is the step, as above) and ranked against the finished trials'."""
+        self.evaluations += 1
+        values = pareto_pruner.values_at(
+            pruner.goals,
+            metrics,
+            seconds=time.monotonic() - self.started,
+            steps=self.step,
+            cost_usd=self.cost_usd,
+        )
+        if values is None:
+            return
+        pareto_pruner.report_values(trial, self.evaluations, values)
+        if pruner.should_prune(trial.study, self.evaluations, values):
+            trial.set_user_attr("steps", self.step)
+            raise optuna.TrialPruned(
+                f"pruned at evaluation {self.evaluations} (step {step}): its objectives rank "
+                "behind most completed trials' there (Pareto rank)"
+            )
 
 
 @dataclass
@@ -128,7 +163,7 @@ def run_trial(
             except Exception as exc:
                 run.set_tags({"harness.hosted_model_error": redact_text(repr(exc))[:TAG_LIMIT]})
     except optuna.TrialPruned as pruned:
-        _end_pruned(run, cfg.sweep.metric, pruned)
+        _end_pruned(run, goals[0][0], pruned)  # the (first) objective: sweep.metric alone
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
         _end_failed(run, exc)

@@ -1,0 +1,210 @@
+"""Stop rules (harness/study/stop_rules.py): sweep.target, stagnation, sweep.budget_steps and
+sweep.timeout_s end a study early as a normal end, say which rule did, and hold on resume.
+
+The fake backend's eval/f1 depends on train.epochs alone here (the other keys fixed), so each
+trial's value is known: epochs 1..6 give 0.4222, 0.6390, 0.7503, 0.8074, 0.8367, 0.8518.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from harness.config import ConfigError
+from harness.report import Objective, gather, summary_markdown
+from harness.study import FINISHED_STATES, Sweep, ranked_trials
+from harness.study.stop_rules import estimate_noise
+from harness.tracking import InMemoryStore
+from tests.helpers import run_in_process
+
+FAST = ("backend=fake", "tracking.log_best_model=false", "search=none", "pruner=none")
+EPOCHS = "train.epochs=choice(1,2,3,4,5,6)"
+
+
+def enqueue(*epochs: int) -> str:
+    """Trials run first, with these train.epochs."""
+    return "sweep.enqueue=[" + ", ".join(f"{{train.epochs: {e}}}" for e in epochs) + "]"
+
+
+ONE_TO_SIX = enqueue(1, 2, 3, 4, 5, 6)
+ONE_TWO_SIX = enqueue(1, 2, 6, 3)
+SAME_SCORE = "train.trainable_blocks=choice(-1,0,1)"  # searched, but the fake ignores it
+
+
+def sweep_of(make_cfg, store: InMemoryStore, *overrides: str) -> Sweep:
+    return Sweep(make_cfg(*FAST, *overrides), list(overrides), tracker_factory=store.tracker)
+
+
+def done(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials (an enqueued trial a stop rule kept from starting stays WAITING)."""
+    return study.get_trials(states=FINISHED_STATES)
+
+
+def report_summary(study: optuna.Study, sweep: Sweep) -> str:
+    """summary.md of `harness report`, without its plots."""
+    objectives = [Objective(m, d) for m, d in sweep.plan.objectives]
+    facts = gather(study, sweep.cfg, objectives, ranked_trials(study))
+    return summary_markdown(facts, [], sweep.cfg)
+
+
+def parent_tags(store: InMemoryStore, sweep: Sweep) -> dict[str, str]:
+    (parent,) = store.runs_of(sweep.cfg.name, "study")
+    return parent.tags
+
+
+@pytest.mark.parametrize(
+    ("metric", "target", "said"),
+    [
+        ("sweep.metric=eval/f1", 0.8, "trial 2's eval/f1 0.8518 >= sweep.target 0.8"),
+        ("sweep.metric=eval/loss", 0.3, "trial 2's eval/loss 0.2482 <= sweep.target 0.3"),
+    ],
+)
+def test_target_stops_the_study_once_a_trial_reaches_it(make_cfg, metric, target, said):
+    store = InMemoryStore()
+    direction = "sweep.direction=" + ("maximize" if "f1" in metric else "minimize")
+    rule = (EPOCHS, ONE_TWO_SIX, metric, direction, f"sweep.target={target}")
+    sweep = sweep_of(make_cfg, store, *rule, "sweep.n_trials=10")
+    study = sweep.run()
+    assert [t.params["train.epochs"] for t in done(study)] == [1, 2, 6]  # no 4th trial
+    assert sweep.stop_rule == "sweep.target"
+    assert sweep.stop_reason == f"target reached: {said}"
+    assert parent_tags(store, sweep)["harness.stop_reason"] == sweep.stop_reason
+    assert f"\n- Stopped: {sweep.stop_reason}\n" in report_summary(study, sweep)
+    ending = sweep.ending(study)
+    assert ending.shortfall == (
+        "3 of 10 trials finished; stopped by sweep.target; raise or unset sweep.target to go on."
+    )
+
+    resumed = sweep_of(make_cfg, store, *rule, "sweep.n_trials=10")
+    assert len(done(resumed.run())) == 3  # met already: no trial starts
+    assert resumed.stop_reason == f"target reached: {said} (before this sweep: no trial started)"
+
+    raised = sweep_of(make_cfg, store, *rule[:-1], "sweep.target=null", "sweep.n_trials=5")
+    assert len(done(raised.run())) == 5 and raised.stop_reason == ""  # unset: it goes on
+    assert raised.ending(study).shortfall == ""
+    assert "Stopped" not in report_summary(study, raised)
+
+
+def test_stagnation_stops_when_no_trial_beats_the_best(make_cfg):
+    """Every trial scores the same: the first sets the best, three more improve nothing."""
+    store = InMemoryStore()
+    sweep = sweep_of(make_cfg, store, SAME_SCORE, "sweep.stagnation_trials=3", "sweep.n_trials=20")
+    study = sweep.run()
+    assert len(done(study)) == 4
+    assert sweep.stop_rule == "sweep.stagnation_trials"
+    # four trials over three choices: a configuration was repeated, and scored the same
+    assert sweep.stop_reason.startswith(
+        "stagnation: the best eval/f1 (0.7503, trial 0) has not improved by more than 0 "
+        "(the noise: the spread of "
+    )
+    assert sweep.stop_reason.endswith(" repeated configurations) in the last 3 trials")
+    assert "stopped by sweep.stagnation_trials" in sweep.ending(study).shortfall
+
+
+def test_stagnation_counts_only_gains_above_the_noise_and_holds_on_resume(make_cfg):
+    """Epochs 1..6: gains 0.22, 0.11, 0.057, 0.029, 0.015. Over the last 2 trials the best
+    gains 0.33, 0.17, 0.087, then 0.044 <= sweep.min_improvement=0.05 after the 6th trial."""
+    store = InMemoryStore()
+    rule = (EPOCHS, ONE_TO_SIX, "sweep.stagnation_trials=2", "sweep.min_improvement=0.05")
+    sweep = sweep_of(make_cfg, store, *rule, "sweep.n_trials=20")
+    study = sweep.run()
+    assert [t.params["train.epochs"] for t in done(study)] == [1, 2, 3, 4, 5, 6]
+    message = (
+        "stagnation: the best eval/f1 (0.8518, trial 5) has not improved by more than 0.05 "
+        "(the noise: sweep.min_improvement) in the last 2 trials"
+    )
+    assert sweep.stop_reason == message
+
+    resumed = sweep_of(make_cfg, store, *rule, "sweep.n_trials=20")
+    assert len(done(resumed.run())) == 6
+    assert resumed.stop_reason == f"{message} (before this sweep: no trial started)"
+
+
+def test_step_budget_stops_once_the_trials_took_it_and_holds_on_resume(make_cfg):
+    store = InMemoryStore()
+    fixed = (SAME_SCORE, "train.epochs=2")  # every trial takes the same steps
+    first = sweep_of(make_cfg, store, *fixed, "sweep.n_trials=1").run()
+    steps = first.trials[0].user_attrs["steps"]
+    budget = 2 * steps + 1  # two trials take less, three more
+    rule = (*fixed, f"sweep.budget_steps={budget}", "sweep.n_trials=10")
+    sweep = sweep_of(make_cfg, store, *rule)
+    study = sweep.run()
+    assert len(done(study)) == 3
+    assert sweep.stop_rule == "sweep.budget_steps"
+    assert sweep.stop_reason == (
+        f"step budget: the study's trials took {3 * steps} optimizer steps of "
+        f"sweep.budget_steps={budget}"
+    )
+    assert parent_tags(store, sweep)["harness.stop_reason"] == sweep.stop_reason
+    resumed = sweep_of(make_cfg, store, *rule)
+    assert len(done(resumed.run())) == 3
+    assert resumed.stop_reason.endswith("(before this sweep: no trial started)")
+
+
+def test_the_time_budget_is_a_stated_stop_not_a_failure(make_cfg):
+    store = InMemoryStore()
+    sweep_of(make_cfg, store, SAME_SCORE, "sweep.n_trials=2").run()
+    sweep = sweep_of(make_cfg, store, SAME_SCORE, "sweep.timeout_s=1e-9", "sweep.n_trials=6")
+    study = sweep.run()
+    # Optuna checks the time before each trial; its clock (microseconds) may still read the
+    # start at the first check, letting one trial in, never a second
+    assert len(done(study)) in (2, 3)
+    assert sweep.stop_rule == "sweep.timeout_s"
+    assert sweep.stop_reason == "time budget: sweep.timeout_s=1e-09 reached"
+    shortfall = sweep.ending(study).shortfall
+    assert shortfall.endswith(
+        "stopped by sweep.timeout_s; run the same command to go on: it runs only the missing "
+        "trials."
+    )
+    assert parent_tags(store, sweep)["harness.stop_reason"] == sweep.stop_reason
+
+
+def test_the_cli_names_the_rule_and_exits_0(tmp_path):
+    done = run_in_process(
+        "sweep", *FAST, EPOCHS, ONE_TWO_SIX, "sweep.target=0.8", "sweep.n_trials=10", runs=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "stopped: target reached: trial 2's eval/f1 0.8518 >= sweep.target 0.8" in out
+    assert "3 of 10 trials finished; stopped by sweep.target; raise or unset" in out
+    assert "short of sweep.n_trials" not in out and "try again" not in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sweep.budget_steps=-5"], "sweep.budget_steps must be at least 1 (or null), not -5"),
+        (["sweep.stagnation_trials=0"], "sweep.stagnation_trials must be at least 1 (or null)"),
+        (["sweep.min_improvement=-0.1"], "sweep.min_improvement must be at least 0 (or null)"),
+        (["sweep.min_improvement=0.01"], "set sweep.stagnation_trials too"),
+        (
+            ["sweep.target=0.8", "sweep.objectives={eval/f1: maximize, train/steps: minimize}"],
+            "sweep.target=0.8 needs one objective; this study has 2 (sweep.objectives)",
+        ),
+        (
+            [
+                "sweep.stagnation_trials=5",
+                "sweep.objectives={eval/f1: maximize, train/steps: minimize}",
+            ],
+            "sweep.stagnation_trials=5 needs one objective",
+        ),
+    ],
+)
+def test_bad_stop_rules_are_refused_before_anything_is_written(
+    make_cfg, tmp_path, overrides, message
+):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Sweep(make_cfg(*FAST, *overrides), overrides, tracker_factory=InMemoryStore().tracker)
+    assert not any(tmp_path.rglob("*.log"))  # no Optuna journal: no study was created
+
+
+def test_the_noise_comes_from_the_setting_then_confirmed_repeats_then_zero():
+    confirm = {"trial-3": {"seeds": [1, 2, 3], "eval/f1": [0.80, 0.82, 0.84]}}
+    noise, source = estimate_noise([], None, {"confirm": confirm}, "eval/f1")
+    assert noise == pytest.approx(0.02)
+    assert source == "the noise: the spread of 1 confirmed configurations"
+    assert estimate_noise([], 0.05, {"confirm": confirm}, "eval/f1")[0] == 0.05  # set: wins
+    assert estimate_noise([], None, {}, "eval/f1") == (
+        0.0,
+        "no noise estimate: no configuration was repeated",
+    )
