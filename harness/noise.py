@@ -98,7 +98,12 @@ def t_quantile(df: int) -> float:
 
 def confirm_samples(study: optuna.Study) -> dict[int, dict[int, float]]:
     """The stored confirm samples: trial number -> seed -> value (see the module docstring)."""
-    stored: Mapping[str, Mapping[str, Any]] = study.user_attrs.get(CONFIRM_ATTR, {})
+    return samples_in(study.user_attrs)
+
+
+def samples_in(study_attrs: Mapping[str, Any]) -> dict[int, dict[int, float]]:
+    """confirm_samples, from a study's user attrs already read."""
+    stored: Mapping[str, Mapping[str, Any]] = study_attrs.get(CONFIRM_ATTR, {})
     return {
         int(number): {int(seed): float(value) for seed, value in by_seed.items()}
         for number, by_seed in stored.items()

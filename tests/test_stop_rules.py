@@ -199,7 +199,7 @@ def test_bad_stop_rules_are_refused_before_anything_is_written(
 
 
 def test_the_noise_comes_from_the_setting_then_confirmed_repeats_then_zero():
-    confirm = {"trial-3": {"seeds": [1, 2, 3], "eval/f1": [0.80, 0.82, 0.84]}}
+    confirm = {"3": {"0": 0.80, "1": 0.82, "2": 0.84}}  # trial -> seed -> value (harness.noise)
     noise, source = estimate_noise([], None, {"confirm": confirm}, "eval/f1")
     assert noise == pytest.approx(0.02)
     assert source == "the noise: the spread of 1 confirmed configurations"

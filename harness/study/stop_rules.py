@@ -17,7 +17,6 @@ for every worker of the study and for a resumed study before its first new trial
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ import optuna
 from omegaconf import DictConfig
 
 from harness.config import ConfigError
+from harness.noise import samples_in
 from harness.study.queries import FINISHED_STATES
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -168,11 +168,13 @@ def estimate_noise(
 ) -> tuple[float, str]:
     """How much the objective moves with no change of hyperparameters, and where that number
     came from: sweep.min_improvement if set; else the spread of repeated runs (seed repeats
-    in the study's "confirm" user attr, then trials that drew the same params); else 0 (any
+    of the confirm step, harness.noise, then trials that drew the same params); else 0 (any
     gain counts). One place to teach a new source of repeats."""
     if configured is not None:
         return float(configured), "the noise: sweep.min_improvement"
-    confirmed = [list(values) for values in _repeats_in(study_attrs.get("confirm"), metric)]
+    # the confirm step's runs of the best trials with other seeds (harness.noise)
+    confirmed = [list(by_seed.values()) for by_seed in samples_in(study_attrs).values()]
+    confirmed = [values for values in confirmed if len(values) > 1]
     spread = _pooled_std(confirmed)
     if spread is not None:
         return spread, f"the noise: the spread of {len(confirmed)} confirmed configurations"
@@ -185,28 +187,6 @@ def estimate_noise(
     if spread is not None:
         return spread, f"the noise: the spread of {len(repeated)} repeated configurations"
     return 0.0, "no noise estimate: no configuration was repeated"
-
-
-def _repeats_in(node: Any, metric: str) -> Iterator[list[float]]:
-    """Lists of two or more numbers under the key ``metric`` or "values", anywhere in the
-    confirm feature's record (its exact shape is its own: this reads what it can)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in (metric, "values") and _numbers(value):
-                yield [float(v) for v in value]
-            else:
-                yield from _repeats_in(value, metric)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _repeats_in(item, metric)
-
-
-def _numbers(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 1
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    )
 
 
 def _pooled_std(groups: list[list[float]]) -> float | None:
