@@ -246,3 +246,15 @@ def test_a_real_tiny_confirm_run_on_the_local_backend(make_cfg):
         assert run.status == "FINISHED" and run.params["seed"] == str(seed)
         assert run.metrics["objective"][-1][1] == pytest.approx(stored[str(seed)])
     assert len(set(stored.values())) > 1  # the seed changes a real run
+
+
+def test_a_stop_rules_normal_end_still_confirms_and_a_timeout_does_not(make_cfg):
+    words = [*FAKE, "sweep.confirm_top_k=1", "sweep.confirm_seeds=1", "sweep.n_trials=5"]
+    memory = InMemoryStore().tracker
+    reached = Sweep(make_cfg(*words, "sweep.target=0.0"), [], tracker_factory=memory)
+    study = reached.run()
+    assert reached.stop_rule == "sweep.target" and len(study.trials) == 1
+    assert set(study.user_attrs[CONFIRM_ATTR]["0"]) == {"0", "1"}
+    timed_out = Sweep(make_cfg(*words, "name=timed"), [], tracker_factory=memory)
+    timed_out.stop_rule, timed_out.stop_reason = "sweep.timeout_s", "time budget: reached"
+    assert timed_out._stopped_short()

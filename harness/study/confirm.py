@@ -88,13 +88,14 @@ class ConfirmStep:
     checkpoints: Path
     uid: str
     stop_reason: str
+    stop_rule: str  # the stop rule that ended the study, if one did (harness.study.stop_rules)
     on_confirm: Callable[[str], None]  # each confirm run's result, as a line (cli: printed)
 
     def _confirm(self, study: optuna.Study) -> None:
         """Runs the seeds each of the top trials is missing (the ranking: StudySummary)."""
         top = ranked_trials(study)[: self.cfg.sweep.confirm_top_k]
-        if self.cfg.sweep.confirm_top_k <= 0 or not top or self.stop_reason:
-            return  # (a study stopped early, by its budget or a provider: said as it ends)
+        if self.cfg.sweep.confirm_top_k <= 0 or not top or self._stopped_short():
+            return
         say = getattr(self, "on_confirm", lambda line: None)
         done = confirm_samples(study)
         for trial in top:  # its own run: the sample of the study's seed
@@ -115,6 +116,12 @@ class ConfirmStep:
         winner = confirmed_winner(study)
         if winner is not None:  # beside best_trial: what +from_best retrains
             self.tracker.set_tag(self.parent_id, "confirmed_winner", str(winner.number))
+
+    def _stopped_short(self) -> bool:
+        """The study stopped by its money budget, a provider, a failure or sweep.timeout_s
+        (said as it ends): no more runs. A stop rule's normal end (sweep.target, stagnation,
+        sweep.budget_steps) still confirms its best trials."""
+        return bool(self.stop_reason) and self.stop_rule in ("", "sweep.timeout_s")
 
     def _confirm_run(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, seed: int, say: Any
