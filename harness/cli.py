@@ -138,6 +138,7 @@ def cmd_sweep(args: list[str]) -> int:
 def _announce_sweep(say: Callable[..., Any], cfg: Any, sweep: Any) -> int:
     """The study, its storages and the plan's notices, before the first trial; returns how many
     notices were said."""
+    from harness import pareto_pruner
     from harness.secrets import redact_text
     from harness.storage import describe_storage
     from harness.tracking import tracking_uri
@@ -145,7 +146,9 @@ def _announce_sweep(say: Callable[..., Any], cfg: Any, sweep: Any) -> int:
     workers = f", {cfg.sweep.n_workers} workers" if cfg.sweep.n_workers > 1 else ""
     goals = sweep.plan.objectives
     target = ", ".join(f"{d} {m}" for m, d in goals)
-    pruner = "none (several objectives)" if len(goals) > 1 else cfg.pruner.name
+    pruner = cfg.pruner.name
+    if len(goals) > 1:
+        pruner = f"{pruner} (Pareto rank)" if pareto_pruner.active(cfg.pruner, goals) else "none"
     say(
         f"study [bold]{cfg.name}[/bold]: {cfg.sweep.n_trials} trials, {target}; "
         f"sampler {cfg.sampler.name}, pruner {pruner}, "

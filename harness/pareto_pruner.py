@@ -52,6 +52,11 @@ def measures_quality_midway(goals: Sequence[tuple[str, str]]) -> bool:
     return any(metric not in RUNNING_COSTS for metric, _ in midway_objectives(goals))
 
 
+def active(pruner_cfg: Any, goals: Sequence[tuple[str, str]]) -> bool:
+    """Whether a multi-objective study with this pruner config prunes by Pareto rank."""
+    return pruner_cfg.name != "none" and measures_quality_midway(goals)
+
+
 def pruner_for_objectives(
     pruner_cfg: Any, goals: Sequence[tuple[str, str]], evaluations: Evaluations | None = None
 ) -> optuna.pruners.BasePruner:
@@ -59,16 +64,22 @@ def pruner_for_objectives(
     the config's n_startup_trials and its first decision where the named pruner's would come
     (``first_decision``); NopPruner for ``pruner=none`` or when no objective is measured at
     evaluations. ``evaluations``: the space's, for an ``auto`` setting (harness.pruning)."""
-    if pruner_cfg.name == "none" or not measures_quality_midway(goals):
+    if not active(pruner_cfg, goals):
         return optuna.pruners.NopPruner()
-    key = first_decision(pruner_cfg)
-    value = pruner_cfg[key]
-    least = evaluations.least if evaluations is not None else 1
     return ParetoPruner(
         midway_objectives(goals),
         n_startup_trials=int(pruner_cfg.n_startup_trials),
-        n_warmup_steps=least if value == "auto" else int(value),
+        n_warmup_steps=first_evaluation(pruner_cfg, evaluations),
     )
+
+
+def first_evaluation(pruner_cfg: Any, evaluations: Evaluations | None) -> int:
+    """The evaluation of the first pruning decision: the named pruner's setting, ``auto`` the
+    space's shortest trial's evaluations (1 where the space does not tell)."""
+    value = pruner_cfg[first_decision(pruner_cfg)]
+    if value == "auto":
+        return evaluations.least if evaluations is not None else 1
+    return int(value)
 
 
 def first_decision(pruner_cfg: Any) -> str:
@@ -77,7 +88,9 @@ def first_decision(pruner_cfg: Any) -> str:
     return "min_resource" if pruner_cfg.name in ("hyperband", "asha") else "n_warmup_steps"
 
 
-def describe(pruner_cfg: Any, goals: Sequence[tuple[str, str]]) -> str:
+def describe(
+    pruner_cfg: Any, goals: Sequence[tuple[str, str]], evaluations: Evaluations | None = None
+) -> str:
     """What pruning a multi-objective study gets, said once before the first trial ("" for
     pruner=none: nothing to say)."""
     name = pruner_cfg.name
@@ -94,7 +107,8 @@ def describe(pruner_cfg: Any, goals: Sequence[tuple[str, str]]) -> str:
     key = first_decision(pruner_cfg)
     return (
         f"pruning by Pareto rank (pruner={name} with its n_startup_trials="
-        f"{pruner_cfg.n_startup_trials}, first decision at evaluation {key}={pruner_cfg[key]}): "
+        f"{pruner_cfg.n_startup_trials}, first decision at evaluation "
+        f"{first_evaluation(pruner_cfg, evaluations)} ({key}={pruner_cfg[key]})): "
         f"a trial whose {ranked} at an evaluation rank behind most completed trials' at that "
         f"evaluation stops{unranked}."
     )

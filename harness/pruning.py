@@ -52,13 +52,19 @@ def _values(key: str, cfg_value: Any, distributions: Mapping[str, BaseDistributi
 
 
 def evaluation_range(
-    train: Any, distributions: Mapping[str, BaseDistribution], train_rows: int
+    train: Any,
+    distributions: Mapping[str, BaseDistribution],
+    train_rows: int,
+    each_epoch: bool = False,
 ) -> Evaluations:
-    """Evaluations of the shortest and longest trial the space allows, as the local and fake
-    backends evaluate: every epoch, or every ``train.eval_every_steps`` steps and at the end;
-    ``train.max_steps`` caps a trial. (Early stopping can end a trial sooner.)"""
+    """Evaluations of the shortest and longest trial the space allows, as the local backend
+    evaluates: every epoch, or every ``train.eval_every_steps`` steps and at the end;
+    ``train.max_steps`` caps a trial. (Early stopping can end a trial sooner.) ``each_epoch``:
+    a backend that evaluates once an epoch whatever those two say (backend=fake)."""
     epochs = _values("train.epochs", train.epochs, distributions)
     batches = _values("train.batch_size", train.batch_size, distributions)
+    if each_epoch:
+        return Evaluations(min(epochs), max(epochs))
     every = int(train.eval_every_steps)
 
     def evaluations(n_epochs: int, batch_size: int) -> int:

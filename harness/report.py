@@ -354,9 +354,9 @@ def _pareto_front_spec(facts: Facts) -> tuple[Plot, Callable[[Any], Any]]:
 def _no_curves_reason(facts: Facts) -> str:
     if facts.multi:
         return (
-            "no learning curves: a multi-objective study's trials store their objectives at each "
-            "evaluation for Pareto pruning (harness.pareto_pruner), not as Optuna's intermediate "
-            "values"
+            "no learning curves: a multi-objective study has no Optuna intermediate values (with "
+            "Pareto pruning, its trials store their objectives at each evaluation instead: "
+            "harness.pareto_pruner)"
         )
     return "no trial reported an intermediate value"
 
@@ -648,7 +648,7 @@ def _pruning_section(facts: Facts) -> list[str]:
     s = facts.savings
     lines = ["## Pruning", ""]
     lines.append(f"{s.pruned} of {len(facts.trials)} trials were pruned.")
-    if facts.multi:  # unless pruner=none
+    if facts.multi and facts.study.user_attrs.get("pareto_pruning"):  # as the last sweep did
         lines.append("Several objectives: a trial is pruned by its Pareto rank at an evaluation.")
     if s.pruned == 0:
         return lines

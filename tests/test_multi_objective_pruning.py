@@ -108,10 +108,10 @@ def test_midway_values_of_costs_and_which_objectives_are_ranked():
     assert (made.goals, made.n_startup_trials, made.n_warmup_steps) == (GOALS, 4, 2)
     median = pruner_for_objectives(OmegaConf.create({"name": "median", **settings}), with_test)
     assert isinstance(median, ParetoPruner) and median.n_warmup_steps == 1
-    notice = describe(cfg, with_test)
+    notice = describe(cfg, with_test, Evaluations(least=2, most=6))
     assert notice.startswith(
         "pruning by Pareto rank (pruner=hyperband with its n_startup_trials=4, first decision "
-        "at evaluation min_resource=auto)"
+        "at evaluation 2 (min_resource=auto))"
     )
     assert "(test/f1: measured after training, not ranked midway)" in notice
     # a rank by cost alone would stop every slower trial: off, and said so

@@ -24,6 +24,7 @@ def test_the_space_tells_the_shortest_and_longest_trials_evaluations(make_cfg):
     assert evaluation_range(train, SPACE, 100) == Evaluations(1, 8)
     train.max_steps = 25
     assert evaluation_range(train, SPACE, 100) == Evaluations(1, 3)
+    assert evaluation_range(train, SPACE, 100, each_epoch=True) == Evaluations(2, 6)  # the fake
     train.eval_every_steps, train.max_steps, train.epochs = 0, 0, 3
     assert evaluation_range(train, {}, 100) == Evaluations(3, 3)  # nothing searched: fixed
 

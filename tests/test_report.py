@@ -243,7 +243,11 @@ def test_multi_objective_report_has_a_pareto_front(make_cfg):
     for name in PLOTS:
         assert (folder / f"{name}.png").read_bytes().startswith(PNG), name
     assert not (folder / "intermediate_values.png").exists()
-    assert "not drawn: no learning curves: a multi-objective study's trials store" in summary
+    assert "not drawn: no learning curves: a multi-objective study has no Optuna" in summary
+    # the hand-made study was never swept with Pareto pruning: the report does not claim it
+    assert "0 of 4 trials were pruned.\n\n" in summary and "Pareto rank" not in summary
+    study.set_user_attr("pareto_pruning", True)  # as a sweep that pruned by rank stores it
+    summary = (write_report(cfg, console()) / "summary.md").read_text()
     assert (
         "0 of 4 trials were pruned.\nSeveral objectives: a trial is pruned by its Pareto" in summary
     )

@@ -59,6 +59,7 @@ class SweepFinish:
     stop_rule: str
     provider_refused: bool
     failed: list[TrialOutcome]
+    trials_run: int
 
     def ending(self, study: optuna.Study) -> SweepEnding:
         trials = study.get_trials(deepcopy=False)
@@ -71,7 +72,8 @@ class SweepFinish:
             last_failure=next((r for r in reversed(reasons) if r), "no reason recorded"),
             summary=summarize(study, self.plan.objectives),
             report_command=reproduce_command("report", self.overrides, {}),  # redacted
-            stop_rule=self.stop_rule,
+            # a rule's stop is a normal end only when no trial of this sweep failed
+            stop_rule="" if self.failed else self.stop_rule,
         )
 
     def shortfall(self, study: optuna.Study) -> str:
@@ -94,7 +96,7 @@ class SweepFinish:
             why.append(f"{len(self.failed)} failed ({shown}{more})")
         if running:
             why.append(f"{running} still running in another process")
-        if self.stop_rule:  # a normal end: nothing to try again
+        if self.stop_rule and not self.failed:  # a normal end: nothing to try again
             return f"{finished} of {wanted} trials finished; " + "; ".join(
                 [*why, f"{go_on(self.stop_rule)}."]
             )
@@ -127,7 +129,9 @@ class SweepFinish:
         metrics["spend_usd"] = study_spend(study)
         if self.stop_reason:
             self.tracker.set_tag(self.parent_id, "harness.stop_reason", self.stop_reason)
-        study.set_user_attr("stop_reason", self.stop_reason)  # for the report; "" once it goes on
+        if self.stop_reason or self.trials_run:  # for the report; "" once a sweep goes on (a
+            # run that starts no trial, `harness confirm` or a complete study, keeps it)
+            study.set_user_attr("stop_reason", self.stop_reason)
         best = best_trial(study)
         if best is not None:
             metrics["best_objective"] = float(best.values[0])

@@ -61,6 +61,7 @@ class TrialObjective:
     store_unwritable: str
     disk_full: BaseException | None
     failed: list[TrialOutcome]
+    trials_run: int  # trials this invocation ran to an end, in this process
     is_helper: bool  # a worker process of sweep.n_workers: it prints no ending of its own
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
@@ -187,6 +188,7 @@ class TrialObjective:
         self._keep_if_best(study, trial, workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         outcome = trial_outcome(trial)
+        self.trials_run += 1
         if self.stop_reason and self.stop_reason in outcome.reason and not self.is_helper:
             # the failure that stopped the study is said once, in full, as why it stopped
             kind = outcome.reason.split(":", 1)[0]

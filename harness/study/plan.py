@@ -95,8 +95,11 @@ def plan_study(cfg: DictConfig) -> Plan:
     identity = fingerprint(cfg, dataset, backend.name, goals)
     evaluations = None
     if not isinstance(backend, PaidBackend):
-        evaluations = evaluation_range(cfg.train, distributions, len(dataset.train))
+        each_epoch = backend.name == "FakeBackend"  # its curves are per epoch
+        evaluations = evaluation_range(cfg.train, distributions, len(dataset.train), each_epoch)
     make_pruner(cfg.pruner, evaluations)  # its settings checked before anything is written
+    if len(goals) > 1 and (pruning := pareto_pruner.describe(cfg.pruner, goals, evaluations)):
+        notices.append(pruning)
     return Plan(
         cfg, distributions, fixed, backend, dataset, identity, None, notices, goals, evaluations
     )
@@ -203,8 +206,8 @@ def _check_objectives(
         "looks for the Pareto front; the report plots it. Within a trial, early stopping and "
         f"the kept checkpoint follow sweep.metric ({cfg.sweep.direction} {cfg.sweep.metric})."
     ]
-    pruning = pareto_pruner.describe(cfg.pruner, chosen)  # "" for pruner=none
-    return [*notices, pruning] if pruning else notices
+    return notices  # what pruning it gets: said by plan_study, once the space's evaluations
+    # are known (pareto_pruner.describe)
 
 
 def _check_reported(

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from harness import continuation, search
 from harness.config import ConfigError, runs_dir
 from harness.gpus import pin_this_process, worker_envs
-from harness.pareto_pruner import pruner_for_objectives
+from harness.pareto_pruner import active, pruner_for_objectives
 from harness.provenance import provenance
 from harness.pruning import make_pruner
 from harness.secrets import first_line, redact_override
@@ -105,6 +105,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         self.existing: optuna.Study | None = None  # the study as stored before this sweep
         self.carried: list[optuna.trial.FrozenTrial] = []  # sweep.continue_from's trials
         self.failed: list[TrialOutcome] = []  # trials this invocation ran that failed
+        self.trials_run = 0  # ... and how many it ran to an end (any state)
 
     def preflight(self) -> None:
         """Every check this sweep makes, before anything is written to any store: the stored
@@ -227,6 +228,8 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         study.set_user_attr("overrides", self.overrides)
         # for report and best
         study.set_user_attr("objectives", [list(goal) for goal in self.plan.objectives])
+        goals = self.plan.objectives  # whether the last sweep pruned by Pareto rank: the report
+        study.set_user_attr("pareto_pruning", len(goals) > 1 and active(self.cfg.pruner, goals))
         study.set_user_attr("fingerprint", self.plan.fingerprint)  # adopted by older studies
         study.set_user_attr("mlflow_experiment", self.cfg.tracking.experiment or self.cfg.name)
         # Names this study's trials to hosted providers (see the trial key in _objective). Two
@@ -345,6 +348,8 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         trials made up) becomes the stop reason."""
         timeout = self.cfg.sweep.timeout_s
         if timeout is None or elapsed_s < timeout or self.stop_reason or self._enough(study):
+            return
+        if self.failed:  # Optuna's trial cap, used up by failures, may have ended it instead
             return
         stop = time_budget(timeout)
         self.stop_rule, self.stop_reason = stop.rule, stop.message
