@@ -4,7 +4,7 @@ trials re-run with new seeds (`harness confirm`, harness.study.confirm).
 The confirm runs live in the Optuna study, user attr ``confirm`` (CONFIRM_ATTR), written by the
 main process only (never by workers of sweep.n_workers):
 
-    {"7": {"0": 0.803, "1": 0.812, "2": 0.791}, "3": {"0": 0.799, "1": 0.785}}
+    {"7": {"1": 0.803, "2": 0.812, "3": 0.791}, "3": {"1": 0.799, "2": 0.785}}
 
 trial number -> seed -> the first objective's value of a run of that trial's params with that
 new ``seed`` (keys are strings: user attrs are JSON). Only new seeds are stored, each once its

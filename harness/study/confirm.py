@@ -5,7 +5,7 @@ runs it alone on a study's finished trials.
 
 - Config: each run is the trial's: this command's config with the trial's params and ``seed``.
   A trial whose recorded overrides differ from this command's in what a run trains (anything
-  but sweep.*, paths.*, tracking.*, storage.*) is refused, naming the difference.
+  but sweep.*, paths.*, tracking.*, storage.*, name) is refused, naming the difference.
 - Seeds: the study's ``seed`` + 1, + 2, ... skipping the trial's own seed, N of them. Only
   these new seeds rank a trial and measure noise: its own search run was picked for being
   the best draw (the winner's curse); its value is shown beside the mean.
@@ -45,7 +45,9 @@ from harness.tracking.records import ROLE_TAG
 
 COMMAND_TOP_K = 3  # `harness confirm` with sweep.confirm_top_k=0 (the sweep's default: off)
 # keys that say where runs are stored and how the sweep runs: no part of what a run trains
+# (``name``: a continued study's trials recorded their first study's)
 NOT_TRAINED = ("sweep.", "paths.", "tracking.", "storage.")
+NOT_TRAINED_KEYS = {"name", *SWITCHES}
 
 
 def trial_seed(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> int:
@@ -94,7 +96,7 @@ def _trained(overrides: list[str], searched: dict[str, Any]) -> dict[str, str]:
     kept: dict[str, str] = {}
     for line in split_overrides(overrides).plain:
         key = line.split("=", 1)[0].lstrip("+~")
-        if key.startswith(NOT_TRAINED) or key in SWITCHES or key in searched or "***" in line:
+        if key.startswith(NOT_TRAINED) or key in NOT_TRAINED_KEYS | set(searched) or "***" in line:
             continue  # a redacted secret is no setting: the real one comes from the environment
         kept[key] = line
     return kept
