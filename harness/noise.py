@@ -4,16 +4,17 @@ trials re-run with new seeds (`harness confirm`, harness.study.confirm).
 The confirm runs live in the Optuna study, user attr ``confirm`` (CONFIRM_ATTR), written by the
 main process only (never by workers of sweep.n_workers):
 
-    {"7": {"0": 0.803, "1": 0.812, "2": 0.791}, "3": {"0": 0.799, "1": 0.785}}
+    {"7": {"1": 0.803, "2": 0.812, "3": 0.791}, "3": {"1": 0.799, "2": 0.785}}
 
 trial number -> seed -> the first objective's value of a run of that trial's params with that
-``seed`` (keys are strings: user attrs are JSON). The trial's own value is stored too, as the
-sample of the seed it ran with (the study's ``seed``): every sample of a trial is in this dict.
+new ``seed`` (keys are strings: user attrs are JSON). Only new seeds are stored, each once its
+run succeeded: the trial's own search run won its place by being the best draw (the winner's
+curse), so it is shown beside the mean (Confirmed.own) but neither ranks nor measures noise.
 What the confirm runs of a paid backend spent is the study attr CONFIRM_SPENT_ATTR (USD).
 
 ``seed_noise(study)`` is the one estimate of seed noise other code reads (the report, stop
-rules): the pooled standard deviation of the confirm runs, or, without any, of trials with
-identical params (repeated configurations).
+rules): the pooled standard deviation of the confirm runs. Trials of a study all run with the
+same ``seed``, so identical params give identical runs: they measure no seed noise.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ NOISE_BAND = 1.96 * math.sqrt(2.0)
 
 class SeedNoise(NamedTuple):
     """The seed-to-seed standard deviation of the objective, from ``runs`` runs (in groups of
-    the same params), and where they came from: "confirm runs" or "repeated configurations"."""
+    the same params), and where they came from: "confirm runs"."""
 
     sd: float
     runs: int
@@ -53,11 +54,13 @@ class SeedNoise(NamedTuple):
 
 @dataclass(frozen=True)
 class Confirmed:
-    """A trial's values over seeds (its own run included), in seed order."""
+    """A trial's values over its new seeds, in seed order; ``own``: its search run's value,
+    shown apart (it was selected for being lucky)."""
 
     number: int
     seeds: tuple[int, ...]
     values: tuple[float, ...]
+    own: float | None = None
 
     @property
     def mean(self) -> float:
@@ -78,14 +81,16 @@ class Confirmed:
         return self.mean - half, self.mean + half
 
     def line(self, metric: str) -> str:
-        """E.g. "trial 7: eval/f1 0.805 ± 0.012 (95% CI 0.78-0.83, 4 seeds)"."""
+        """E.g. "trial 7: eval/f1 0.805 ± 0.012 (95% CI 0.78 to 0.83, 3 new seeds; its search
+        run 0.83)"."""
         n = len(self.values)
+        own = "" if self.own is None else f"; its search run {self.own:.4g}"
         if self.sd is None or self.interval is None:
-            return f"trial {self.number}: {metric} {self.mean:.4g} (1 seed)"
+            return f"trial {self.number}: {metric} {self.mean:.4g} (1 new seed{own})"
         low, high = self.interval
         return (
             f"trial {self.number}: {metric} {self.mean:.4g} ± {self.sd:.2g} "
-            f"({CONFIDENCE:.0%} CI {low:.4g} to {high:.4g}, {n} seeds)"
+            f"({CONFIDENCE:.0%} CI {low:.4g} to {high:.4g}, {n} new seeds{own})"
         )
 
 
@@ -111,19 +116,31 @@ def samples_in(study_attrs: Mapping[str, Any]) -> dict[int, dict[int, float]]:
 
 
 def confirmed_ranking(study: optuna.Study) -> list[Confirmed]:
-    """Every confirmed trial, best mean first on the first objective (ties: the lower sd)."""
+    """Every trial confirmed on two new seeds or more, best mean first on the first objective
+    (ties: the lower sd). One new seed has no spread to judge it by: left out."""
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     confirmed = [
-        Confirmed(number, tuple(sorted(by_seed)), tuple(by_seed[s] for s in sorted(by_seed)))
+        Confirmed(
+            number,
+            tuple(sorted(by_seed)),
+            tuple(by_seed[s] for s in sorted(by_seed)),
+            _own_value(trials.get(number)),
+        )
         for number, by_seed in confirm_samples(study).items()
-        if by_seed
+        if len(by_seed) > 1
     ]
     return sorted(confirmed, key=lambda c: (-c.mean if maximize else c.mean, c.sd or 0.0, c.number))
 
 
+def _own_value(trial: optuna.trial.FrozenTrial | None) -> float | None:
+    return float(trial.values[0]) if trial is not None and trial.values else None
+
+
 def confirmed_winner(study: optuna.Study) -> Confirmed | None:
-    """The trial with the best mean over at least two seeds; None before any confirm run."""
-    return next((c for c in confirmed_ranking(study) if len(c.values) > 1), None)
+    """The trial with the best mean over its new seeds; None before any trial is confirmed."""
+    ranking = confirmed_ranking(study)
+    return ranking[0] if ranking else None
 
 
 def pooled_sd(groups: Iterable[Iterable[float]]) -> tuple[float, int] | None:
@@ -138,21 +155,10 @@ def pooled_sd(groups: Iterable[Iterable[float]]) -> tuple[float, int] | None:
 
 
 def seed_noise(study: optuna.Study) -> SeedNoise | None:
-    """The study's seed noise on its first objective: from its confirm runs where there are
-    any, else from COMPLETE trials with identical params; None when neither has two values of
-    one configuration."""
-    confirmed = pooled_sd(by_seed.values() for by_seed in confirm_samples(study).values())
-    if confirmed is not None:
-        return SeedNoise(confirmed[0], confirmed[1], "confirm runs")
-    groups: dict[tuple[tuple[str, str], ...], list[float]] = {}
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    for trial in complete:
-        key = tuple(sorted((k, repr(v)) for k, v in trial.params.items()))
-        groups.setdefault(key, []).append(float(trial.values[0]))
-    repeated = pooled_sd(groups.values())
-    if repeated is None:
-        return None
-    return SeedNoise(repeated[0], repeated[1], "repeated configurations")
+    """The study's seed noise on its first objective: the pooled sd of its confirm runs (new
+    seeds only); None before a trial has two."""
+    pooled = pooled_sd(by_seed.values() for by_seed in confirm_samples(study).values())
+    return None if pooled is None else SeedNoise(pooled[0], pooled[1], "confirm runs")
 
 
 def top_within_noise(

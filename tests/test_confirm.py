@@ -12,11 +12,17 @@ from harness import noise
 from harness.backends.fake import seed_noise
 from harness.champion import champion_config, train_champion
 from harness.config import ConfigError, load_config
-from harness.noise import CONFIRM_ATTR, SeedNoise, confirmed_ranking, confirmed_winner
+from harness.noise import (
+    CONFIRM_ATTR,
+    CONFIRM_SPENT_ATTR,
+    SeedNoise,
+    confirmed_ranking,
+    confirmed_winner,
+)
 from harness.report import Objective as ReportObjective
 from harness.report import gather, summary_markdown
-from harness.study import Sweep, load_study
-from harness.study.queries import ranked_trials
+from harness.study import Sweep, confirm, load_study
+from harness.study.queries import ranked_trials, study_spend
 from harness.tracking import InMemoryStore
 from tests.helpers import run_in_process, study_runs
 
@@ -28,7 +34,7 @@ def confirm_records(store: InMemoryStore, name: str) -> dict[str, dict[str, str]
     """The tags of each confirm run, by run name."""
     return {
         run.name: run.tags
-        for run in store.runs_of(name, "trial")
+        for run in store.runs_of(name, "confirm")
         if run.name.startswith("confirm-")
     }
 
@@ -45,8 +51,7 @@ def test_sweep_confirms_its_best_trials_with_new_seeds_as_child_runs(make_cfg):
     assert set(runs) == {f"confirm-trial-{t.number:04d}-seed-{s}" for t in top for s in (1, 2)}
     for trial in top:
         by_seed = stored[str(trial.number)]
-        assert set(by_seed) == {"0", "1", "2"}
-        assert by_seed["0"] == trial.values[0]  # the trial's own run: the study's seed
+        assert set(by_seed) == {"1", "2"}  # new seeds only: the trial's own (0) is no sample
         # the fake's score moves by seed_noise(seed), scaled by its learning curve
         curve = 1.0 - math.exp(-trial.params["train.epochs"] / 1.5)
         for seed in (1, 2):
@@ -56,8 +61,10 @@ def test_sweep_confirms_its_best_trials_with_new_seeds_as_child_runs(make_cfg):
             assert tags["harness.confirm_seed"] == str(seed)
             assert tags["mlflow.parentRunId"] == parent.run_id
             assert "optuna.trial_number" not in tags  # not a trial: resumes leave it alone
-    seeds = {r.params["seed"] for r in store.runs_of(cfg.name, "trial") if "seed" in r.params}
+            assert tags["harness.role"] == "confirm" and "optuna.trial_state" not in tags
+    seeds = {r.params["seed"] for r in store.runs_of(cfg.name, "confirm")}
     assert seeds == {"1", "2"}
+    assert not any(r.name.startswith("confirm-") for r in store.runs_of(cfg.name, "trial"))
     assert len(study.trials) == 4  # confirm runs are no Optuna trials
     winner = confirmed_winner(study)
     assert winner is not None and parent.tags["confirmed_winner"] == str(winner.number)
@@ -67,7 +74,8 @@ def test_confirm_goes_on_after_an_interrupt_skipping_the_seeds_done(make_cfg):
     store = InMemoryStore()
     first = Sweep(make_cfg(*FAKE, "sweep.n_trials=3"), list(FAKE), tracker_factory=store.tracker)
     first.run()
-    sweep = Sweep(make_cfg(*FAKE, *CONFIRM, "sweep.n_trials=3"), [], tracker_factory=store.tracker)
+    again_cfg = (*FAKE, *CONFIRM, "sweep.n_trials=3")
+    sweep = Sweep(make_cfg(*again_cfg), list(again_cfg), tracker_factory=store.tracker)
     real_run = sweep.plan.backend.run
     seen: list[tuple[int, int]] = []
 
@@ -81,11 +89,11 @@ def test_confirm_goes_on_after_an_interrupt_skipping_the_seeds_done(make_cfg):
     with pytest.raises(KeyboardInterrupt):
         sweep.run()
     study = load_study(sweep.cfg)
-    assert sum(len(s) - 1 for s in study.user_attrs[CONFIRM_ATTR].values()) == 2  # two done
+    assert sum(len(s) for s in study.user_attrs[CONFIRM_ATTR].values()) == 2  # two done
     statuses = [r.status for r in store.runs_of(sweep.cfg.name) if r.name.startswith("confirm-")]
     assert sorted(statuses) == ["FAILED", "FINISHED", "FINISHED"]
 
-    again = Sweep(make_cfg(*FAKE, *CONFIRM, "sweep.n_trials=3"), [], tracker_factory=store.tracker)
+    again = Sweep(make_cfg(*again_cfg), list(again_cfg), tracker_factory=store.tracker)
     ran: list[tuple[int, int]] = []
     real_again = again.plan.backend.run
 
@@ -97,12 +105,15 @@ def test_confirm_goes_on_after_an_interrupt_skipping_the_seeds_done(make_cfg):
     study = again.run()
     assert ran == [seen[2], (seen[2][0], 2)]  # the interrupted seed, then the one never run
     stored = study.user_attrs[CONFIRM_ATTR]
-    assert all(set(by_seed) == {"0", "1", "2"} for by_seed in stored.values())
+    assert all(set(by_seed) == {"1", "2"} for by_seed in stored.values())
     assert len(stored) == 2
 
 
-def hand_study(direction: str, confirm: dict) -> optuna.Study:
+def hand_study(direction: str, confirm: dict, own: tuple[float, ...] = ()) -> optuna.Study:
+    """A study with trials 0, 1, ... of values ``own`` and confirm samples ``confirm``."""
     study = optuna.create_study(direction=direction)
+    for value in own:
+        study.add_trial(optuna.trial.create_trial(value=value))
     study.set_user_attr(CONFIRM_ATTR, confirm)
     return study
 
@@ -110,33 +121,41 @@ def hand_study(direction: str, confirm: dict) -> optuna.Study:
 def test_ranking_mean_sd_and_t_interval_match_a_hand_calculation():
     study = hand_study(
         "maximize",
-        {"1": {"0": 0.80, "1": 0.82, "2": 0.78}, "2": {"0": 0.83, "1": 0.85}, "3": {"0": 0.9}},
+        {"1": {"1": 0.80, "2": 0.82, "3": 0.78}, "2": {"1": 0.83, "2": 0.85}, "3": {"1": 0.99}},
+        own=(0.5, 0.83, 0.86, 0.99),
     )
     ranked = confirmed_ranking(study)
-    assert [c.number for c in ranked] == [3, 2, 1]  # best mean first
-    two, one = ranked[1], ranked[2]
+    assert [c.number for c in ranked] == [2, 1]  # best mean first; one new seed is not ranked
+    two, one = ranked
     assert one.mean == pytest.approx(0.80) and one.sd == pytest.approx(0.02)
     # t(0.975, df=2) = 4.302653: 0.80 ± 4.302653 x 0.02 / sqrt(3)
     assert one.interval == pytest.approx((0.80 - 0.0496828, 0.80 + 0.0496828), abs=1e-6)
     # t(0.975, df=1) = 12.706205: 0.84 ± 12.706205 x 0.0141421 / sqrt(2)
     assert two.interval == pytest.approx((0.84 - 0.1270620, 0.84 + 0.1270620), abs=1e-6)
-    assert one.line("eval/f1") == "trial 1: eval/f1 0.8 ± 0.02 (95% CI 0.7503 to 0.8497, 3 seeds)"
-    assert ranked[0].line("eval/f1") == "trial 3: eval/f1 0.9 (1 seed)"
-    assert confirmed_winner(study).number == 2  # one seed is no confirmation
-    # pooled over the confirmed trials: sqrt((2 x 0.02^2 + 1 x 0.0141421^2) / 3)
+    assert one.line("eval/f1") == (
+        "trial 1: eval/f1 0.8 ± 0.02 (95% CI 0.7503 to 0.8497, 3 new seeds; its search run 0.83)"
+    )
+    assert confirmed_winner(study).number == 2  # trial 3's lucky 0.99 on one seed: no winner
+    # pooled over the trials with two new seeds: sqrt((2 x 0.02^2 + 1 x 0.0141421^2) / 3)
     assert noise.seed_noise(study) == pytest.approx((math.sqrt(0.001 / 3), 5, "confirm runs"))
-    minimized = hand_study("minimize", {"1": {"0": 0.3, "1": 0.5}, "2": {"0": 0.5, "1": 0.6}})
+    minimized = hand_study("minimize", {"1": {"1": 0.3, "2": 0.5}, "2": {"1": 0.5, "2": 0.6}})
     assert confirmed_winner(minimized).number == 1
 
 
-def test_seed_noise_from_repeated_configurations_without_confirm_runs():
+def test_repeated_configurations_are_no_seed_noise():
+    """Every trial runs with the study's seed: identical params give identical runs."""
     study = optuna.create_study(direction="maximize")
-    assert noise.seed_noise(study) is None
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for x, value in [(0.1, 0.5), (0.1, 0.7), (0.2, 0.9)]:
         study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, value=value))
-    # one repeated configuration (x=0.1): sd of (0.5, 0.7) = 0.141421
-    assert noise.seed_noise(study) == pytest.approx((0.1414214, 2, "repeated configurations"))
+    assert noise.seed_noise(study) is None
+    assert confirmed_winner(study) is None
+
+
+def test_new_seeds_skip_the_seed_the_trial_ran_with(make_cfg):
+    cfg = make_cfg(*FAKE, "seed=0", "sweep.confirm_seeds=3")
+    assert confirm.confirm_seeds(cfg, own=0) == [1, 2, 3]
+    assert confirm.confirm_seeds(cfg, own=2) == [1, 3, 4]  # a searched seed drew 2
 
 
 def test_differences_within_seed_noise_are_said_and_others_are_not():
@@ -155,6 +174,8 @@ def test_multi_objective_and_unbudgeted_paid_confirms_are_refused(make_cfg, open
     goals = "sweep.objectives={eval/f1: maximize, train/seconds: minimize}"
     with pytest.raises(ConfigError, match="multi-objective study has a Pareto front"):
         Sweep(make_cfg(*FAKE, goals, "sweep.confirm_top_k=1"), [])
+    with pytest.raises(ConfigError, match=r"sweep\.confirm_seeds=1: .* one run has no spread"):
+        Sweep(make_cfg(*FAKE, "sweep.confirm_top_k=1", "sweep.confirm_seeds=1"), [])
     with pytest.raises(ConfigError, match=r"set sweep\.budget_usd"):
         Sweep(openai_cfg("sweep.confirm_top_k=1", "sweep.budget_usd=null"), [])
     Sweep(openai_cfg("sweep.confirm_top_k=1", "sweep.budget_usd=5"), [])  # capped: allowed
@@ -197,7 +218,7 @@ def test_from_best_retrains_the_confirmed_winner(make_cfg, runs):
     said: list[str] = []
     assert train_champion(overrides, said.append) == 1  # the fake saves no model to register
     assert said[0].startswith(f"champion of study sentiment_tiny: trial {runner_up.number}'s")
-    assert "the confirmed winner" in said[0] and "2 seeds" in said[0]
+    assert "the confirmed winner" in said[0] and "2 new seeds" in said[0]
 
 
 def test_harness_confirm_and_best_print_the_ranking_and_record_child_runs(runs):
@@ -212,12 +233,17 @@ def test_harness_confirm_and_best_print_the_ranking_and_record_child_runs(runs):
     for seed in (1, 2):
         assert f"confirm-trial-{best.number:04d}-seed-{seed}: eval/f1 = " in done.stdout
     line = confirmed_ranking(load_study(cfg))[0].line("eval/f1")
-    assert line.endswith("3 seeds)") and line in done.stdout
+    assert line.endswith(f"2 new seeds; its search run {best.values[0]:.4g})")
+    assert line in done.stdout
     shown = run_in_process("best", *FAKE, runs=runs)
     assert line in shown.stdout and f"confirmed winner: trial {best.number}" in shown.stdout
     found = study_runs(cfg)
     parent = found.parents[0].info.run_id
-    confirm_runs = [r for r in found.trials if r.info.run_name.startswith("confirm-")]
+    confirm_runs = [r for r in found.runs if r.data.tags.get("harness.role") == "confirm"]
+    assert len(confirm_runs) == 2 and not any(
+        r.info.run_name.startswith("confirm-") for r in found.trials
+    )
+    assert not any("optuna.trial_state" in r.data.tags for r in confirm_runs)
     assert {r.data.params["seed"] for r in confirm_runs} == {"1", "2"}
     assert {r.data.tags["mlflow.parentRunId"] for r in confirm_runs} == {parent}
     assert {r.info.status for r in confirm_runs} == {"FINISHED"}
@@ -239,8 +265,8 @@ def test_a_real_tiny_confirm_run_on_the_local_backend(make_cfg):
     study = Sweep(make_cfg(*words, "sweep.n_trials=1"), words, tracker_factory=store.tracker).run()
     best = ranked_trials(study)[0]
     stored = study.user_attrs[CONFIRM_ATTR][str(best.number)]
-    assert set(stored) == {"0", "1", "2"}
-    runs = {r.name: r for r in store.runs_of(study.study_name, "trial")}
+    assert set(stored) == {"1", "2"}
+    runs = {r.name: r for r in store.runs_of(study.study_name, "confirm")}
     for seed in (1, 2):
         run = runs[f"confirm-trial-{best.number:04d}-seed-{seed}"]
         assert run.status == "FINISHED" and run.params["seed"] == str(seed)
@@ -249,12 +275,71 @@ def test_a_real_tiny_confirm_run_on_the_local_backend(make_cfg):
 
 
 def test_a_stop_rules_normal_end_still_confirms_and_a_timeout_does_not(make_cfg):
-    words = [*FAKE, "sweep.confirm_top_k=1", "sweep.confirm_seeds=1", "sweep.n_trials=5"]
-    memory = InMemoryStore().tracker
-    reached = Sweep(make_cfg(*words, "sweep.target=0.0"), [], tracker_factory=memory)
+    words = [*FAKE, "sweep.confirm_top_k=1", "sweep.confirm_seeds=2", "sweep.n_trials=5"]
+    store = InMemoryStore()
+    target = [*words, "sweep.target=0.0"]
+    reached = Sweep(make_cfg(*target), target, tracker_factory=store.tracker)
     study = reached.run()
     assert reached.stop_rule == "sweep.target" and len(study.trials) == 1
-    assert set(study.user_attrs[CONFIRM_ATTR]["0"]) == {"0", "1"}
-    timed_out = Sweep(make_cfg(*words, "name=timed"), [], tracker_factory=memory)
-    timed_out.stop_rule, timed_out.stop_reason = "sweep.timeout_s", "time budget: reached"
-    assert timed_out._stopped_short()
+    assert set(study.user_attrs[CONFIRM_ATTR]["0"]) == {"1", "2"}
+    # two trials, then a resume whose sweep.timeout_s is spent before Optuna's first check
+    first = [*FAKE, "name=timed", "sweep.n_trials=2", "backend.seconds_per_epoch=0"]
+    Sweep(make_cfg(*first), first, tracker_factory=store.tracker).run()
+    timed = [*words, "name=timed", "sweep.timeout_s=1e-6", "backend.seconds_per_epoch=0"]
+    timed_out = Sweep(make_cfg(*timed), timed, tracker_factory=store.tracker)
+    study = timed_out.run()
+    assert timed_out.stop_rule == "sweep.timeout_s" and len(study.trials) == 2
+    assert CONFIRM_ATTR not in study.user_attrs
+    assert store.runs_of("timed", "confirm") == []
+
+
+def test_the_confirm_step_stops_once_sweep_timeout_s_is_spent(make_cfg, monkeypatch):
+    store = InMemoryStore()
+    words = [*FAKE, "sweep.n_trials=2"]
+    Sweep(make_cfg(*words), words, tracker_factory=store.tracker).run()
+    # the confirm step's clock: its start, then before each run (the second past the limit)
+    clock = iter([0.0, 1.0, 100.0])
+    monkeypatch.setattr(confirm, "monotonic", lambda: next(clock))
+    again = [*words, "sweep.confirm_top_k=1", "sweep.confirm_seeds=3", "sweep.timeout_s=10"]
+    sweep = Sweep(make_cfg(*again), again, tracker_factory=store.tracker)
+    study = sweep.run()
+    assert len(store.runs_of(sweep.cfg.name, "confirm")) == 1
+    assert sweep.stop_rule == "sweep.timeout_s"
+    assert sweep.stop_reason == "time budget: sweep.timeout_s=10 reached; the confirm step stopped"
+    assert sum(len(s) for s in study.user_attrs[CONFIRM_ATTR].values()) == 1
+    assert confirmed_winner(study) is None  # one new seed confirms nothing
+
+
+def test_a_confirm_run_counts_its_spend_as_it_goes_and_stores_only_successes(make_cfg):
+    store = InMemoryStore()
+    words = [*FAKE, "sweep.n_trials=2", "sweep.confirm_top_k=1", "sweep.confirm_seeds=2"]
+    sweep = Sweep(make_cfg(*words), words, tracker_factory=store.tracker)
+    real_run = sweep.plan.backend.run
+
+    def paid_then_failed_once(spec, reporter):
+        reporter.report(1, {"cost_usd": 0.25})  # billed so far
+        if spec.workdir.name.startswith("confirm-") and spec.workdir.name.endswith("seed-1"):
+            raise RuntimeError("the job failed after billing")
+        return real_run(spec, reporter)
+
+    sweep.plan.backend.run = paid_then_failed_once
+    study = sweep.run()
+    assert study.user_attrs[CONFIRM_SPENT_ATTR] == pytest.approx(0.5)  # the failed run's too
+    assert study_spend(study) == pytest.approx(0.25 * 2 + 0.5)  # the trials' and the confirms'
+    (stored,) = study.user_attrs[CONFIRM_ATTR].values()
+    assert set(stored) == {"2"}  # seed 1 failed: nothing stored for it
+    assert confirmed_ranking(study) == [] and confirmed_winner(study) is None
+    runs = {r.name: r for r in store.runs_of(sweep.cfg.name, "confirm")}
+    failed = runs[f"confirm-trial-{ranked_trials(study)[0].number:04d}-seed-1"]
+    assert failed.status == "FAILED" and "optuna.trial_state" not in failed.tags
+
+
+def test_a_trial_run_with_other_overrides_is_not_confirmed_with_this_commands(make_cfg):
+    store = InMemoryStore()
+    Sweep(make_cfg(*FAKE, "sweep.n_trials=2"), list(FAKE), tracker_factory=store.tracker).run()
+    other = [*FAKE, "train.max_steps=50", "sweep.n_trials=2", "sweep.confirm_top_k=1"]
+    sweep = Sweep(make_cfg(*other), other, tracker_factory=store.tracker)
+    with pytest.raises(ConfigError, match="ran with other overrides than this command") as err:
+        sweep.run()
+    assert "train.max_steps: the trial ran with its default, this command has " in str(err.value)
+    assert store.runs_of(sweep.cfg.name, "confirm") == []

@@ -3,16 +3,22 @@
 lucky seed. `harness sweep` runs it after its trials when confirm_top_k > 0; `harness confirm`
 runs it alone on a study's finished trials.
 
-- Seeds: the study's ``seed`` + 1 ... + N. The trial's own run counts as one more sample (its
-  seed, the study's ``seed``), so a trial is ranked on N + 1 values.
-- Each run is a child run of the study's parent MLflow run, named confirm-trial-0007-seed-1,
-  tagged ``harness.confirm_of`` (the trial) and ``harness.confirm_seed``; its params are the
-  trial's and ``seed``. Values are stored in the Optuna study as each run ends (the format:
-  harness.noise), so an interrupted confirm step goes on where it stopped, skipping the seeds
-  done. A failed run is said and left out; the next invocation tries it again.
+- Config: each run is the trial's: this command's config with the trial's params and ``seed``.
+  A trial whose recorded overrides differ from this command's in what a run trains (anything
+  but sweep.*, paths.*, tracking.*, storage.*, name) is refused, naming the difference.
+- Seeds: the study's ``seed`` + 1, + 2, ... skipping the trial's own seed, N of them. Only
+  these new seeds rank a trial and measure noise: its own search run was picked for being
+  the best draw (the winner's curse); its value is shown beside the mean.
+- Each run is a child run of the study's parent MLflow run, role ``confirm`` (no Optuna
+  trial), named confirm-trial-0007-seed-1, tagged ``harness.confirm_of`` (the trial) and
+  ``harness.confirm_seed``; its params are the trial's and ``seed``. A value is stored in the
+  Optuna study once its run succeeded (the format: harness.noise), so an interrupted confirm
+  step goes on where it stopped, skipping the seeds done. A failed run is said and left out;
+  the next invocation tries it again.
 - Ranked on the first objective: a multi-objective study (a Pareto front) is refused.
 - A paid backend spends money on every run: refused unless sweep.budget_usd caps the spend;
-  the confirm runs count toward it, and the step stops before a run would exceed it.
+  the confirm runs count toward it as they spend (failed and interrupted ones too), and the
+  step stops before a run would exceed it. It stops too once sweep.timeout_s is spent.
 """
 
 from __future__ import annotations
@@ -20,31 +26,80 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig
 
 from harness.backends.base import PaidBackend
-from harness.config import ConfigError, with_params
-from harness.noise import (
-    CONFIRM_ATTR,
-    CONFIRM_SPENT_ATTR,
-    confirm_samples,
-    confirmed_winner,
-)
+from harness.config import SWITCHES, ConfigError, split_overrides, with_params
+from harness.noise import CONFIRM_ATTR, CONFIRM_SPENT_ATTR, confirm_samples, confirmed_winner
 from harness.storage import full_disk
 from harness.study.plan import Plan
 from harness.study.queries import count_finished, load_study, ranked_trials, study_spend
+from harness.study.stop_rules import time_budget
 from harness.study.trial import describe_failure, run_trial
 from harness.tracking import Tracker, is_unreachable
+from harness.tracking.records import ROLE_TAG
 
 COMMAND_TOP_K = 3  # `harness confirm` with sweep.confirm_top_k=0 (the sweep's default: off)
+# keys that say where runs are stored and how the sweep runs: no part of what a run trains
+# (``name``: a continued study's trials recorded their first study's)
+NOT_TRAINED = ("sweep.", "paths.", "tracking.", "storage.")
+NOT_TRAINED_KEYS = {"name", *SWITCHES}
 
 
-def confirm_seeds(cfg: DictConfig) -> list[int]:
-    """The new seeds: the study's seed + 1 ... + sweep.confirm_seeds."""
-    return [int(cfg.seed) + i for i in range(1, int(cfg.sweep.confirm_seeds) + 1)]
+def trial_seed(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> int:
+    """The seed the trial ran with: its param where seed is searched, else the study's (the
+    command's ``seed``; check_same_run holds it to the trial's)."""
+    return int(trial.params.get("seed", cfg.seed))
+
+
+def confirm_seeds(cfg: DictConfig, own: int) -> list[int]:
+    """The new seeds of a trial that ran with seed ``own``: the study's seed + 1, + 2, ...
+    skipping ``own``, sweep.confirm_seeds of them (the same for every trial where it can)."""
+    seeds: list[int] = []
+    candidate = int(cfg.seed)
+    while len(seeds) < int(cfg.sweep.confirm_seeds):
+        candidate += 1
+        if candidate != own:
+            seeds.append(candidate)
+    return seeds
+
+
+def check_same_run(overrides: list[str], trial: optuna.trial.FrozenTrial) -> None:
+    """Refuses to confirm a trial with a config it did not run with: its recorded overrides
+    and this command's must agree on what a run trains (its searched params aside)."""
+    recorded = trial.user_attrs.get("overrides")
+    if recorded is None:  # carried from a study that recorded none: nothing to compare
+        return
+    mine = _trained(overrides, trial.params)
+    theirs = _trained(list(recorded), trial.params)
+    changed = [
+        f"{key}: the trial ran with {theirs.get(key, 'its default')}, this command has "
+        f"{mine.get(key, 'its default')}"
+        for key in sorted(set(mine) | set(theirs))
+        if mine.get(key) != theirs.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"trial {trial.number} ran with other overrides than this command:\n  "
+            + "\n  ".join(changed)
+            + "\nA confirm run repeats the trial with only the seed changed: give this command "
+            "the trial's overrides (`harness best` prints them), or set sweep.confirm_top_k=0"
+        )
+
+
+def _trained(overrides: list[str], searched: dict[str, Any]) -> dict[str, str]:
+    """key -> override line, of the plain overrides that change what a run trains."""
+    kept: dict[str, str] = {}
+    for line in split_overrides(overrides).plain:
+        key = line.split("=", 1)[0].lstrip("+~")
+        if key.startswith(NOT_TRAINED) or key in NOT_TRAINED_KEYS | set(searched) or "***" in line:
+            continue  # a redacted secret is no setting: the real one comes from the environment
+        kept[key] = line
+    return kept
 
 
 def confirm_overrides(cfg: DictConfig) -> list[str]:
@@ -62,6 +117,11 @@ def check_confirm(cfg: DictConfig, plan: Plan) -> None:
     """Refuses a confirm step it cannot rank or must not pay for, before anything is written."""
     if cfg.sweep.confirm_top_k <= 0:
         return
+    if cfg.sweep.confirm_seeds < 2:
+        raise ConfigError(
+            f"sweep.confirm_seeds={cfg.sweep.confirm_seeds}: a trial is ranked by the mean and "
+            "spread of its new seeds, and one run has no spread; set sweep.confirm_seeds=2 or more"
+        )
     if len(plan.objectives) > 1:
         raise ConfigError(
             "sweep.confirm_top_k: a multi-objective study has a Pareto front, no single order "
@@ -83,6 +143,7 @@ class ConfirmStep:
     cfg: DictConfig
     plan: Plan
     tracker: Tracker
+    overrides: list[str]  # this command's, as the trials record theirs (redacted)
     parent_id: str
     tags: dict[str, str]
     checkpoints: Path
@@ -96,21 +157,21 @@ class ConfirmStep:
         top = ranked_trials(study)[: self.cfg.sweep.confirm_top_k]
         if self.cfg.sweep.confirm_top_k <= 0 or not top or self._stopped_short():
             return
+        for trial in top:
+            check_same_run(self.overrides, trial)
         say = getattr(self, "on_confirm", lambda line: None)
+        deadline = self._deadline()
         done = confirm_samples(study)
-        for trial in top:  # its own run: the sample of the study's seed
-            if int(self.cfg.seed) not in done.get(trial.number, {}):
-                self._store_sample(study, trial.number, int(self.cfg.seed), trial.values[0])
         todo = [
             (trial, seed)
             for trial in top
-            for seed in confirm_seeds(self.cfg)
+            for seed in confirm_seeds(self.cfg, trial_seed(self.cfg, trial))
             if seed not in done.get(trial.number, {})
         ]
         if todo and self.plan.prepared is None:  # a sweep with no trial left to run
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
         for trial, seed in todo:
-            if not self._within_budget(study, trial):
+            if not self._within_time(deadline) or not self._within_budget(study, trial):
                 break
             self._confirm_run(study, trial, seed, say)
         winner = confirmed_winner(study)
@@ -123,17 +184,40 @@ class ConfirmStep:
         sweep.budget_steps) still confirms its best trials."""
         return bool(self.stop_reason) and self.stop_rule in ("", "sweep.timeout_s")
 
+    def _deadline(self) -> float | None:
+        """When sweep.timeout_s is spent (time.monotonic): from the sweep's start where it
+        keeps one (``started_at``), else from now."""
+        timeout = self.cfg.sweep.timeout_s
+        if timeout is None:
+            return None
+        started = getattr(self, "started_at", None)
+        return (monotonic() if started is None else float(started)) + float(timeout)
+
+    def _within_time(self, deadline: float | None) -> bool:
+        if deadline is None or monotonic() < deadline:
+            return True
+        stop = time_budget(float(self.cfg.sweep.timeout_s))
+        self.stop_rule = stop.rule
+        self.stop_reason = f"{stop.message}; the confirm step stopped"
+        return False
+
     def _confirm_run(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, seed: int, say: Any
     ) -> None:
         name = f"confirm-trial-{trial.number:04d}-seed-{seed}"
         tags = {
             **self.tags,
+            ROLE_TAG: "confirm",  # no trial: report, resume and trial counts leave it out
             "harness.confirm_of": str(trial.number),
             "harness.confirm_seed": str(seed),
         }
         params = {**self.plan.fixed, **trial.params, "seed": seed}
         workdir = self.checkpoints / name
+        spent_before = float(study.user_attrs.get(CONFIRM_SPENT_ATTR, 0.0))
+
+        def spent(usd: float) -> None:  # as it spends: a failed or interrupted run counts too
+            study.set_user_attr(CONFIRM_SPENT_ATTR, spent_before + usd)
+
         try:
             result, _ = run_trial(
                 self.plan,
@@ -146,6 +230,8 @@ class ConfirmStep:
                 parent_id=self.parent_id,
                 save_model=False,
                 key=f"{self.uid}-{name}",
+                on_cost=spent,
+                of_trial=False,
             )
         except Exception as exc:
             if is_unreachable(exc) or full_disk(exc) is not None:
@@ -156,9 +242,6 @@ class ConfirmStep:
             shutil.rmtree(workdir, ignore_errors=True)
         value = float(result.metrics[self.plan.objectives[0][0]])
         self._store_sample(study, trial.number, seed, value)
-        if "cost_usd" in result.metrics:
-            spent = float(study.user_attrs.get(CONFIRM_SPENT_ATTR, 0.0))
-            study.set_user_attr(CONFIRM_SPENT_ATTR, spent + float(result.metrics["cost_usd"]))
         say(f"{name}: {self.plan.objectives[0][0]} = {value:.4g}")
 
     def _store_sample(self, study: optuna.Study, number: int, seed: int, value: float) -> None:

@@ -4,7 +4,7 @@ its objectives, best and ranked trials, counts, spend, and the command that repe
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +83,25 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """COMPLETE trials, best first on the first objective (ties: the earlier trial)."""
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return ranked(study.get_trials(deepcopy=False), maximize)
+
+
+def ranked(
+    trials: Sequence[optuna.trial.FrozenTrial], maximize: bool
+) -> list[optuna.trial.FrozenTrial]:
+    """ranked_trials of these trials: the COMPLETE ones, best first (ties: the earlier)."""
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.values]
+    sign = 1.0 if maximize else -1.0
     return sorted(completed, key=lambda t: (-sign * t.values[0], t.number))
+
+
+def best_of(
+    trials: Sequence[optuna.trial.FrozenTrial], maximize: bool
+) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial among these on the first objective; None without one."""
+    ordered = ranked(trials, maximize)
+    return ordered[0] if ordered else None
 
 
 def reproduce_command(command: str, overrides: list[str], params: Mapping[str, Any]) -> str:

@@ -2,8 +2,9 @@
 
 - sweep.target: a COMPLETE trial reached this value of the objective (>= when maximizing,
   <= when minimizing);
-- sweep.stagnation_trials (with sweep.min_improvement, the noise): that many finished trials in
-  a row have not improved the best by more than the noise (Optuna's terminator idea);
+- sweep.stagnation_trials: that many finished trials in a row have not improved the best by more
+  than the noise (Optuna's terminator idea): sweep.min_improvement, or else one seed-noise
+  standard deviation (harness.noise.seed_noise: the confirm runs), or else 0;
 - sweep.budget_steps: the study's finished trials have taken this many optimizer steps;
 - sweep.timeout_s: this invocation ran this long (Optuna's own ``timeout``; only worded here).
 
@@ -16,18 +17,14 @@ for every worker of the study and for a resumed study before its first new trial
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
 from omegaconf import DictConfig
 
 from harness.config import ConfigError
-from harness.noise import samples_in
-from harness.study.queries import FINISHED_STATES
-
-COMPLETE = optuna.trial.TrialState.COMPLETE
+from harness.noise import SeedNoise, seed_noise
+from harness.study.queries import FINISHED_STATES, best_of
 
 # what to do to go on past each rule: a stop rule is a normal end, not a failure to retry
 HOW_TO_GO_ON = {
@@ -87,7 +84,7 @@ def stop_rule_met(
     trials.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
     stop = (
         target_reached(trials, cfg.sweep.target, goal)
-        or stagnated(trials, cfg, goal, study.user_attrs)
+        or stagnated(trials, cfg, goal, study)
         or steps_spent(trials, cfg.sweep.budget_steps)
     )
     if stop is not None and before_start:
@@ -99,7 +96,7 @@ def target_reached(
     trials: list[optuna.trial.FrozenTrial], target: float | None, goal: tuple[str, str]
 ) -> Stop | None:
     metric, direction = goal
-    best = _best(trials, direction)
+    best = best_of(trials, direction == "maximize")
     if target is None or best is None:
         return None
     value = best.values[0]
@@ -118,7 +115,7 @@ def stagnated(
     trials: list[optuna.trial.FrozenTrial],
     cfg: DictConfig,
     goal: tuple[str, str],
-    study_attrs: dict[str, Any],
+    study: optuna.Study,
 ) -> Stop | None:
     """The best has not improved by more than the noise over the last sweep.stagnation_trials
     finished trials (pruned ones included: they improved nothing), against the best before
@@ -127,10 +124,11 @@ def stagnated(
     metric, direction = goal
     if window is None or len(trials) <= window:
         return None
-    before, now = _best(trials[:-window], direction), _best(trials, direction)
+    maximize = direction == "maximize"
+    before, now = best_of(trials[:-window], maximize), best_of(trials, maximize)
     if before is None or now is None:
         return None
-    noise, source = estimate_noise(trials, cfg.sweep.min_improvement, study_attrs, metric)
+    noise, source = margin(cfg.sweep.min_improvement, seed_noise(study))
     gain = now.values[0] - before.values[0]
     if (gain if direction == "maximize" else -gain) > noise:
         return None
@@ -160,50 +158,12 @@ def time_budget(timeout_s: float) -> Stop:
     return Stop("sweep.timeout_s", f"time budget: sweep.timeout_s={timeout_s:g} reached")
 
 
-def estimate_noise(
-    trials: list[optuna.trial.FrozenTrial],
-    configured: float | None,
-    study_attrs: dict[str, Any],
-    metric: str,
-) -> tuple[float, str]:
-    """How much the objective moves with no change of hyperparameters, and where that number
-    came from: sweep.min_improvement if set; else the spread of repeated runs (seed repeats
-    of the confirm step, harness.noise, then trials that drew the same params); else 0 (any
-    gain counts). One place to teach a new source of repeats."""
+def margin(configured: float | None, noise: SeedNoise | None) -> tuple[float, str]:
+    """The gain stagnation asks for, and where it came from: sweep.min_improvement if set;
+    else one seed-noise sd (harness.noise.seed_noise, from the confirm runs); else 0 (any gain
+    counts)."""
     if configured is not None:
         return float(configured), "the noise: sweep.min_improvement"
-    # the confirm step's runs of the best trials with other seeds (harness.noise)
-    confirmed = [list(by_seed.values()) for by_seed in samples_in(study_attrs).values()]
-    confirmed = [values for values in confirmed if len(values) > 1]
-    spread = _pooled_std(confirmed)
-    if spread is not None:
-        return spread, f"the noise: the spread of {len(confirmed)} confirmed configurations"
-    same_params: dict[str, list[float]] = {}
-    for t in trials:
-        if t.state == COMPLETE:
-            same_params.setdefault(repr(sorted(t.params.items())), []).append(t.values[0])
-    repeated = [values for values in same_params.values() if len(values) > 1]
-    spread = _pooled_std(repeated)
-    if spread is not None:
-        return spread, f"the noise: the spread of {len(repeated)} repeated configurations"
-    return 0.0, "no noise estimate: no configuration was repeated"
-
-
-def _pooled_std(groups: list[list[float]]) -> float | None:
-    """The standard deviation within groups of repeats, pooled; None without a repeat."""
-    dof = sum(len(g) - 1 for g in groups)
-    if dof <= 0:
-        return None
-    squares = sum((v - sum(g) / len(g)) ** 2 for g in groups for v in g)
-    return math.sqrt(squares / dof)
-
-
-def _best(
-    trials: list[optuna.trial.FrozenTrial], direction: str
-) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial on the first objective (ties: the earlier one)."""
-    completed = [t for t in trials if t.state == COMPLETE and t.values]
-    if not completed:
-        return None
-    sign = 1.0 if direction == "maximize" else -1.0
-    return max(completed, key=lambda t: (sign * t.values[0], -t.number))
+    if noise is not None:
+        return noise.sd, f"the noise: seed noise, {noise.describe()}"
+    return 0.0, "no noise estimate: no confirm runs"

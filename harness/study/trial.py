@@ -139,9 +139,11 @@ def run_trial(
     key: str = "",
     on_cost: Callable[[float], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    of_trial: bool = True,
 ) -> tuple[TrialResult, TrackedRun]:
     """One trial through the backend, recorded in its own MLflow run. Exceptions propagate after
-    the run is closed with the right state."""
+    the run is closed with the right state. ``of_trial=False``: a run of no Optuna trial (a
+    confirm run), closed without an ``optuna.trial_state`` tag."""
     cfg = with_params(plan.cfg, params)
     workdir.mkdir(parents=True, exist_ok=True)
     goals = plan.objectives
@@ -166,9 +168,9 @@ def run_trial(
         _end_pruned(run, goals[0][0], pruned)  # the (first) objective: sweep.metric alone
         raise
     except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING
-        _end_failed(run, exc)
+        _end_failed(run, exc, of_trial)
         raise
-    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"} if of_trial else {})
     return result, run
 
 
@@ -210,11 +212,12 @@ def _end_pruned(run: TrackedRun, metric: str, pruned: optuna.TrialPruned) -> Non
     run.end("FINISHED", {"optuna.trial_state": "PRUNED", "harness.pruned_reason": str(pruned)})
 
 
-def _end_failed(run: TrackedRun, exc: BaseException) -> None:
+def _end_failed(run: TrackedRun, exc: BaseException, of_trial: bool = True) -> None:
     reason = describe_failure(exc)
+    state = {"optuna.trial_state": "FAIL"} if of_trial else {}
     # best effort: the store itself may be what failed (a full disk, a server gone)
     with contextlib.suppress(Exception):
-        run.set_tags({"optuna.trial_state": "FAIL", "harness.failure_reason": reason[:TAG_LIMIT]})
+        run.set_tags({**state, "harness.failure_reason": reason[:TAG_LIMIT]})
     with contextlib.suppress(Exception):
         run.log_text(redact_text(traceback.format_exc()), "error.txt")
     with contextlib.suppress(Exception):  # the original error is the one to report
