@@ -100,7 +100,7 @@ class Facts:
     spend_usd: float | None = None  # where money was spent
     overrides: list[str] = field(default_factory=list)
     parent_id: str = ""
-    seed_noise: noise.SeedNoise | None = None  # from confirm runs or repeated configurations
+    seed_noise: noise.SeedNoise | None = None  # from confirm runs
     confirmed: list[noise.Confirmed] = field(default_factory=list)  # best mean first
 
     @property
@@ -632,9 +632,10 @@ def _confirm_section(facts: Facts) -> list[str]:
     lines = [
         "## Confirmed across seeds",
         "",
-        "The best trials re-run with new seeds (`harness confirm`); each trial's own run is one "
-        f"of its samples. Mean ± standard deviation, {noise.CONFIDENCE:.0%} confidence "
-        "interval of the mean (Student t), best mean first:",
+        "The best trials re-run with new seeds (`harness confirm`), ranked on the new seeds "
+        "only (the search run, picked for being best, is shown apart). Mean ± standard "
+        f"deviation, {noise.CONFIDENCE:.0%} confidence interval of the mean (Student t), best "
+        "mean first:",
         "",
         *(f"- {c.line(metric)}" for c in facts.confirmed),
     ]

@@ -4,6 +4,7 @@ seeds, ranked by the mean with its sd and CI; seed noise shown in the report; +f
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -22,6 +23,7 @@ from harness.noise import (
 from harness.report import Objective as ReportObjective
 from harness.report import gather, summary_markdown
 from harness.study import Sweep, confirm, load_study
+from harness.study import sweep as sweep_module
 from harness.study.queries import ranked_trials, study_spend
 from harness.tracking import InMemoryStore
 from tests.helpers import run_in_process, study_runs
@@ -297,8 +299,10 @@ def test_the_confirm_step_stops_once_sweep_timeout_s_is_spent(make_cfg, monkeypa
     store = InMemoryStore()
     words = [*FAKE, "sweep.n_trials=2"]
     Sweep(make_cfg(*words), words, tracker_factory=store.tracker).run()
-    # the confirm step's clock: its start, then before each run (the second past the limit)
-    clock = iter([0.0, 1.0, 100.0])
+    # the sweep starts at 0 on its clock; the confirm step's, before each run: the second
+    # run would start past the limit
+    monkeypatch.setattr(sweep_module, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    clock = iter([1.0, 100.0])
     monkeypatch.setattr(confirm, "monotonic", lambda: next(clock))
     again = [*words, "sweep.confirm_top_k=1", "sweep.confirm_seeds=3", "sweep.timeout_s=10"]
     sweep = Sweep(make_cfg(*again), again, tracker_factory=store.tracker)

@@ -76,6 +76,9 @@ def test_target_stops_the_study_once_a_trial_reaches_it(make_cfg, metric, target
         "3 of 10 trials finished; stopped by sweep.target; raise or unset sweep.target to go on."
     )
 
+    # a run that starts no trial (as `harness confirm` runs) keeps the reason for the report
+    sweep_of(make_cfg, store, *rule, "sweep.n_trials=3").run()
+    assert study.user_attrs["stop_reason"] == sweep.stop_reason
     resumed = sweep_of(make_cfg, store, *rule, "sweep.n_trials=10")
     assert len(done(resumed.run())) == 3  # met already: no trial starts
     assert resumed.stop_reason == f"target reached: {said} (before this sweep: no trial started)"

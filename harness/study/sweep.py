@@ -36,11 +36,11 @@ from harness.storage import (
     storage_exists,
     storage_for,
 )
-from harness.study.confirm import ConfirmStep, check_confirm
+from harness.study.confirm import ConfirmStep, check_confirm, check_same_run
 from harness.study.finish import SweepFinish
 from harness.study.objective import TrialObjective
 from harness.study.plan import check_resume, check_same_study, plan_study
-from harness.study.queries import FINISHED_STATES, RUNNING, count_finished
+from harness.study.queries import FINISHED_STATES, RUNNING, count_finished, ranked_trials
 from harness.study.recovery import Recovery, storage_wait
 from harness.study.stop_rules import any_rule, stop_rule_met, time_budget
 from harness.study.trial import ProgressCallback, TrialOutcome
@@ -116,6 +116,9 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         finished = 0
         if self.existing is not None:
             check_resume(self.existing, self.plan, self.overrides)
+            if self.cfg.sweep.confirm_top_k > 0:  # refused now rather than after the trials
+                for trial in ranked_trials(self.existing)[: self.cfg.sweep.confirm_top_k]:
+                    check_same_run(self.overrides, trial)
             finished = count_finished(self.existing)
             if not self.cfg.tracking.experiment:  # a continuation records under its source's
                 self.cfg.tracking.experiment = self.existing.user_attrs.get("mlflow_experiment")
@@ -185,6 +188,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
     def run(self) -> optuna.Study:
         # Optuna's own "trial failed" warnings would print errors unredacted; ours are redacted
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        self.started_at = time.monotonic()  # sweep.timeout_s counts from here (confirm step too)
         self.preflight()
         try:
             return self._run_study()

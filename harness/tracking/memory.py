@@ -193,7 +193,7 @@ class InMemoryTracker:
                 run.status = "FAILED"
 
     def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
-        for run in self._runs("trial"):
+        for run in [*self._runs("trial"), *self._runs("confirm")]:
             closing = closing_of(run.tags, trials) if run.status == "RUNNING" else None
             if closing is not None:
                 run.status, tags = closing

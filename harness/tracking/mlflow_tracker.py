@@ -146,12 +146,14 @@ class MLflowTracker(MLflowStore):
         (a tracking server that was gone then, a kill): runs whose Optuna trial is finished or
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
-        worker, maybe on another host: it is left alone."""
-        running = f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
-        for run in self._study_runs(running):
-            closing = closing_of(run.data.tags, trials)
-            if closing is not None:
-                self._close(run.info.run_id, *closing)
+        worker, maybe on another host: it is left alone. A confirm run (harness confirm) has no
+        trial: it is closed once its process is gone."""
+        for role in ("trial", "confirm"):
+            running = f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'"
+            for run in self._study_runs(running):
+                closing = closing_of(run.data.tags, trials)
+                if closing is not None:
+                    self._close(run.info.run_id, *closing)
 
     def _study_runs(self, condition: str) -> list[Any]:
         """This study's runs that meet ``condition`` (an MLflow filter)."""
