@@ -31,6 +31,7 @@ from harness.backends.fake import FakeBackend
 from harness.cli import _quiet_libraries
 from harness.config import load_config, with_params
 from harness.data import load_dataset
+from harness.pruning import make_pruner
 from harness.study import Sweep
 
 
@@ -63,7 +64,7 @@ def bare_loop(cfg: Any, n_trials: int) -> float:
         sampler=search.make_sampler(
             cfg.sampler.name, cfg.seed, cfg.sampler.n_startup_trials, distributions
         ),
-        pruner=search.pruner_from(cfg.pruner),
+        pruner=make_pruner(cfg.pruner),
     )
 
     def objective(trial: optuna.Trial) -> float:

@@ -87,6 +87,7 @@ from harness.backends.base import TrialSpec
 from harness.cli import _quiet_libraries
 from harness.config import CONF_DIR, load_config, with_params
 from harness.continuation import holds
+from harness.pruning import make_pruner
 from harness.study import Plan, plan_study
 
 DEFAULT_BUDGET = {"fake": 6000, "local": 3000}  # local: see README (35-40 min, 7 methods x 5)
@@ -270,7 +271,7 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
 
         cfg, plan = bench.plan.cfg, bench.plan
         started = time.perf_counter()
-        outcome = run_anchor(cfg, bench.prepared, plan.distributions, seed, bench.settings.budget)
+        outcome = run_anchor(plan, bench.prepared, seed, bench.settings.budget)
         outcome.seconds = time.perf_counter() - started
         return outcome
     cfg = method_config(method, bench)
@@ -283,7 +284,7 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
         study_name=f"{cfg.sampler.name}-{cfg.pruner.name}-seed{seed}",
         direction=cfg.sweep.direction,
         sampler=make_sampler(method, cfg, seed, bench),
-        pruner=search.pruner_from(cfg.pruner),
+        pruner=make_pruner(cfg.pruner, bench.plan.evaluations),  # resources from the space
     )
     outcome, noise = Outcome(), bench.noise
 

@@ -26,8 +26,9 @@ What cannot be made equal, by the Trainer's design:
   resource is steps, not evaluations, and trials of different batch sizes are compared at
   different steps. Its pruner is Optuna's MedianPruner (the classic pairing Trainer users pass)
   with the config's pruner.n_startup_trials, and no pruning before the step at which the
-  smallest batch size finishes pruner.n_warmup_steps - 1 epochs (harness's median pruner
-  never prunes at evaluations numbered below n_warmup_steps).
+  smallest batch size of the space ends epoch pruner.n_warmup_steps - 1 (auto: the shortest
+  trial's evaluations, harness/pruning.py), so no trial is pruned at an evaluation numbered
+  below n_warmup_steps, as harness's median pruner does.
 """
 
 from __future__ import annotations
@@ -154,10 +155,9 @@ def trainer_arguments(cfg: Any, workdir: str) -> TrainingArguments:
     )
 
 
-def run_anchor(
-    cfg: Any, prepared: Any, distributions: dict[str, BaseDistribution], seed: int, budget: int
-) -> Outcome:
+def run_anchor(plan: Any, prepared: Any, seed: int, budget: int) -> Outcome:
     """One seed of Trainer.hyperparameter_search at the budget; its trials as an Outcome."""
+    cfg, distributions = plan.cfg, plan.distributions
     metric = str(cfg.sweep.metric).removeprefix("eval/")
     ledger = Ledger(prepared, cfg, budget, metric)
 
@@ -184,7 +184,8 @@ def run_anchor(
     if unknown:
         raise SystemExit(f"the Trainer anchor cannot search {sorted(unknown)}")
     t = cfg.train
-    warmup = int(cfg.pruner.n_warmup_steps)
+    warmup = cfg.pruner.n_warmup_steps  # evaluations; auto: the shortest trial's (pruning.py)
+    warmup = plan.evaluations.least if warmup == "auto" else int(warmup)
     epoch = first_evaluation_step(len(prepared.train), distributions, cfg)
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=int(cfg.pruner.n_startup_trials),

@@ -33,7 +33,9 @@ def check_ranges(cfg: DictConfig) -> None:
             value = OmegaConf.select(cfg, key)
         except InterpolationResolutionError as exc:  # ${oc.env:UNSET}
             raise ConfigError(f"{key}: {exc}".splitlines()[0]) from None
-        if (value is None or _is_number(value)) and not valid.holds(value):
+        # a knob that may be auto has no type of its own in the schema: anything else is refused
+        checked = value is None or _is_number(value) or valid.auto
+        if checked and not (valid.holds(value) and not isinstance(value, bool)):
             raise ConfigError(f"{key} must be {valid.describe()}, not {value}")
 
 

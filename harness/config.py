@@ -146,9 +146,10 @@ class SamplerConfig:
 class PrunerConfig:
     name: str
     n_startup_trials: int
-    n_warmup_steps: int
-    min_resource: int
+    n_warmup_steps: Any  # a whole number, or auto (harness/pruning.py)
+    min_resource: Any  # a whole number, or auto
     reduction_factor: int
+    patience: int
 
 
 @dataclass
@@ -199,10 +200,13 @@ class ValidRange:
     high: float | None = None
     low_open: bool = False  # low itself is not allowed (a learning rate of 0 learns nothing)
     nullable: bool = False  # null is allowed too (sweep.timeout_s: no time limit)
+    auto: bool = False  # the word auto is allowed too (pruner.min_resource: from the space)
 
     def holds(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if isinstance(value, str):
+            return self.auto and value == "auto"
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every
             # comparison; inf is no setting (an int is finite: isfinite overflows on a huge one)
             return False
@@ -221,7 +225,7 @@ class ValidRange:
             )
             parts += [] if high is None else [f"at most {high}"]
             rule = " and ".join(parts)
-        return f"{rule} (or null)" if self.nullable else rule
+        return f"{rule} (or null)" if self.nullable else f"{rule} (or auto)" if self.auto else rule
 
 
 def _number(value: float) -> str:
@@ -268,8 +272,9 @@ VALID_RANGES: dict[str, ValidRange] = {
     "train.dpo_beta": ABOVE_0,
     "sampler.n_startup_trials": AT_LEAST_0,
     "pruner.n_startup_trials": AT_LEAST_0,
-    "pruner.n_warmup_steps": AT_LEAST_0,
-    "pruner.min_resource": AT_LEAST_1,
+    "pruner.n_warmup_steps": ValidRange(low=0, auto=True),  # auto: harness/pruning.py
+    "pruner.min_resource": ValidRange(low=1, auto=True),
+    "pruner.patience": AT_LEAST_0,  # 0: the plain median rule
     "pruner.reduction_factor": ValidRange(low=2),
     "tracking.flush_every_s": AT_LEAST_0,
     "tracking.log_every_steps": AT_LEAST_1,

@@ -1,4 +1,4 @@
-"""Hydra's sweep grammar -> Optuna distributions; sampler and pruner construction.
+"""Hydra's sweep grammar -> Optuna distributions; sampler construction (pruners: harness.pruning).
 
 The grammar is parsed by Hydra's own override parser, so a ``hydra.sweeper.params`` block written
 for the hydra-optuna-sweeper plugin means the same here:
@@ -251,20 +251,3 @@ def make_sampler(
     if name == "gp":
         return samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
     raise SearchSpaceError(f"unknown sampler {name!r}: use tpe, random, grid, cmaes or gp")
-
-
-def pruner_from(pruner_cfg: Any, name: str | None = None) -> optuna.pruners.BasePruner:
-    """The pruner a config's ``pruner`` group describes (``name`` replaces its name); its
-    settings' defaults are conf/config.yaml's ``pruner:``."""
-    name = name or pruner_cfg.name
-    if name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=pruner_cfg.n_startup_trials, n_warmup_steps=pruner_cfg.n_warmup_steps
-        )
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=pruner_cfg.min_resource, reduction_factor=pruner_cfg.reduction_factor
-        )
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise SearchSpaceError(f"unknown pruner {name!r}: use median, hyperband or none")

@@ -7,12 +7,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from harness.cli import main
 from harness.config import load_config
+from harness.pruning import PatientPruner, make_pruner
 from harness.search import (
     SearchSpaceError,
     fixed_values,
     grid_of,
     make_sampler,
-    pruner_from,
     suggest,
     to_distributions,
 )
@@ -101,11 +101,13 @@ def test_grid_refuses_continuous_intervals():
 
 def test_pruners_and_unknown_names(make_cfg):
     pruners = make_cfg().pruner
-    assert isinstance(pruner_from(pruners, "median"), optuna.pruners.MedianPruner)
-    assert isinstance(pruner_from(pruners, "hyperband"), optuna.pruners.HyperbandPruner)
-    assert isinstance(pruner_from(pruners, "none"), optuna.pruners.NopPruner)
-    with pytest.raises(SearchSpaceError, match="unknown pruner 'asha'"):
-        pruner_from(pruners, "asha")
+    assert isinstance(make_pruner(pruners, name="median"), optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner(pruners, name="hyperband"), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(pruners, name="asha"), optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(make_pruner(pruners, name="patient"), PatientPruner)
+    assert isinstance(make_pruner(pruners, name="none"), optuna.pruners.NopPruner)
+    with pytest.raises(SearchSpaceError, match="unknown pruner 'bohb'"):
+        make_pruner(pruners, name="bohb")
     with pytest.raises(SearchSpaceError, match="unknown sampler 'bohb'"):
         make_sampler("bohb", 0, 1, {})
 

@@ -21,6 +21,7 @@ from harness.continuation import holds
 from harness.data import Dataset, load_dataset
 from harness.fingerprint import differences, fingerprint, suggested_name
 from harness.metrics import GENERATED_TEXT_METRICS, SCORED_METRICS
+from harness.pruning import Evaluations, evaluation_range, make_pruner
 from harness.storage import describe_storage
 from harness.study.queries import count_finished, objectives, stored_objectives
 
@@ -62,6 +63,9 @@ class Plan:
     notices: list[str] = field(default_factory=list)  # said once before the first trial
     # (metric, direction) of each objective, the first one Optuna's value: from the config
     objectives: list[tuple[str, str]] = field(default_factory=list)
+    # evaluations of the space's shortest and longest trial (the pruner's resources); None for a
+    # hosted backend, whose provider decides when to evaluate
+    evaluations: Evaluations | None = None
 
     def __post_init__(self) -> None:
         if not self.objectives:  # a Plan made by hand: the config's (plan_study passes them)
@@ -87,7 +91,13 @@ def plan_study(cfg: DictConfig) -> Plan:
     dataset = load_dataset(cfg.data, backend.example_check(cfg))
     _check_reported(cfg, goals, backend, dataset)
     identity = fingerprint(cfg, dataset, backend.name, goals)
-    return Plan(cfg, distributions, fixed, backend, dataset, identity, None, notices, goals)
+    evaluations = None
+    if not isinstance(backend, PaidBackend):
+        evaluations = evaluation_range(cfg.train, distributions, len(dataset.train))
+    make_pruner(cfg.pruner, evaluations)  # its settings checked before anything is written
+    return Plan(
+        cfg, distributions, fixed, backend, dataset, identity, None, notices, goals, evaluations
+    )
 
 
 def _check_sampled_values(

@@ -23,6 +23,7 @@ from harness import continuation, search
 from harness.config import ConfigError, runs_dir
 from harness.gpus import pin_this_process, worker_envs
 from harness.provenance import provenance
+from harness.pruning import make_pruner
 from harness.secrets import first_line, redact_override
 from harness.storage import (
     STORAGE_ATTEMPTS,
@@ -162,7 +163,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish):
             c.sampler.name, seed, c.sampler.n_startup_trials, self.plan.distributions
         )
         goals = self.plan.objectives
-        pruner = search.pruner_from(c.pruner, "none" if len(goals) > 1 else None)
+        pruner = make_pruner(c.pruner, self.plan.evaluations, "none" if len(goals) > 1 else None)
         return optuna.create_study(
             study_name=c.name,
             storage=self.storage,
