@@ -90,7 +90,7 @@ from harness.continuation import holds
 from harness.pruning import make_pruner
 from harness.study import Plan, plan_study
 
-DEFAULT_BUDGET = {"fake": 6000, "local": 3000}  # local: see README (35-40 min, 7 methods x 5)
+DEFAULT_BUDGET = {"fake": 6000, "local": 3000}  # local: SST-2, 7 methods x 5 seeds in ~40 min
 QUICK_BUDGET = {"fake": 1500, "local": 300}
 DEFAULT_SEEDS = {"fake": [0, 1, 2], "local": [0, 1, 2, 3, 4]}
 REAL = Path("../shared/data/real")  # relative to the repository root, as the data README says
@@ -204,6 +204,55 @@ def grid_values(key: str, dist: BaseDistribution, points: int) -> list[Any]:
     return [low, *(float(f"{v:.3g}") for v in inner), high]  # exact ends: stay inside
 
 
+@dataclass
+class Curve:
+    """What one trial reported: each evaluation (its step and metrics), its last step and its
+    final metrics."""
+
+    evaluations: list[tuple[int, dict[str, float]]]
+    steps: int
+    metrics: dict[str, float]
+
+
+class RecordingReporter(SilentReporter):
+    def __init__(self, metric: str) -> None:
+        self.metric, self.steps = metric, 0
+        self.evaluations: list[tuple[int, dict[str, float]]] = []
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.steps = max(self.steps, step)
+        if self.metric in metrics:
+            self.evaluations.append((step, {k: float(v) for k, v in metrics.items()}))
+
+
+class TrialMemo:
+    """Each distinct params' trial is trained once per run, to its end, and replayed to every
+    study that samples them again: a trial's training depends only on its params (one seed for
+    data order, init and dropout), and methods sharing a seed draw the same first trials (TPE's
+    random startup is random search's). A replayed trial reports its evaluations in order, so a
+    pruner stops it where it would have stopped the real one, at the same step: the numbers are
+    those of training each study's trials itself, for fewer seconds. Entries are files in the
+    run's temporary folder, shared by the worker processes."""
+
+    def __init__(self, folder: Path, metric: str) -> None:
+        self.folder, self.metric = folder, metric
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def curve(self, params: Mapping[str, Any], run: Any) -> Curve:
+        key = hashlib.sha256(json.dumps(dict(params), sort_keys=True).encode()).hexdigest()[:32]
+        path = self.folder / f"{key}.json"
+        if path.exists():
+            evaluations, steps, metrics = json.loads(path.read_text())
+            return Curve([(s, m) for s, m in evaluations], steps, metrics)
+        reporter = RecordingReporter(self.metric)
+        metrics = {k: float(v) for k, v in run(reporter).metrics.items()}
+        curve = Curve(reporter.evaluations, reporter.steps, metrics)
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        partial.write_text(json.dumps([curve.evaluations, curve.steps, curve.metrics]))
+        partial.replace(path)  # whole or absent, for the other worker
+        return curve
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a worker process needs to rebuild the shared part of every study (picklable)."""
@@ -224,6 +273,7 @@ class Bench:
     prepared: Any
     grid: dict[str, list[Any]]
     noise: FixedNoise
+    memo: TrialMemo
 
 
 def build_bench(settings: Settings) -> Bench:
@@ -232,7 +282,8 @@ def build_bench(settings: Settings) -> Bench:
     plan = plan_study(load_config(list(settings.overrides)))
     grid = {k: grid_values(k, d, settings.grid_points) for k, d in plan.distributions.items()}
     prepared = plan.backend.prepare(plan.cfg, plan.dataset)
-    return Bench(settings, plan, prepared, grid, FixedNoise(settings.noise))
+    memo = TrialMemo(Path(settings.workdir) / "memo", str(plan.cfg.sweep.metric))
+    return Bench(settings, plan, prepared, grid, FixedNoise(settings.noise), memo)
 
 
 def method_config(method: Method, bench: Bench) -> Any:
@@ -290,17 +341,20 @@ def run_study(method: Method, seed: int, bench: Bench) -> Outcome:
 
     def objective(trial: optuna.Trial) -> float:
         params = search.suggest(trial, bench.plan.distributions)
+        curve = bench.memo.curve(
+            params,
+            lambda r: bench.plan.backend.run(trial_spec(bench, trial.number, params, workdir), r),
+        )
         reporter = CountingReporter(trial, metric, lambda e: noise(params, e))
         try:
-            result = bench.plan.backend.run(
-                trial_spec(bench, trial.number, params, workdir), reporter
-            )
+            for step, metrics in curve.evaluations:  # as the trial reported them
+                reporter.report(step, metrics)
         except optuna.TrialPruned:
             outcome.add(reporter.steps, None, None, params)
             raise
-        value = float(result.metrics[metric]) + noise(params, reporter.evaluations)
-        test = result.metrics.get(test_metric)
-        outcome.add(reporter.steps, value, None if test is None else float(test), params)
+        value = float(curve.metrics[metric]) + noise(params, reporter.evaluations)
+        test = curve.metrics.get(test_metric)
+        outcome.add(curve.steps, value, None if test is None else float(test), params)
         return value
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -338,7 +392,10 @@ def run_all(
     """Every (method, seed) study, serially or in ``jobs`` worker processes (spawned: a forked
     torch may hang); results keyed the same either way."""
     results: dict[str, dict[int, Outcome]] = defaultdict(dict)
-    tasks = [(m.key, s) for s in seeds for m in methods]  # seeds outer: an early stop is even
+    # the Trainer's studies first (the longest: nothing to replay); then method by method, so
+    # two workers start different seeds and a method finds its seed's shared trials done
+    ordered = sorted(methods, key=lambda m: m.key != "trainer")
+    tasks = [(m.key, s) for m in ordered for s in seeds]
     if jobs <= 1:
         for key, seed in tasks:
             results[key][seed] = run_study(METHODS[key], seed, bench)
