@@ -4,9 +4,10 @@
 The same: the tokenized data (harness's LocalBackend.prepare), the model (harness's
 build_model and freeze, seeded as harness seeds it), the search space (the very distributions
 and parameter names, sampled by harness.search.suggest inside the Trainer's hp_space, so its TPE
-sees the space harness's does; trainable_blocks and dropout are read from the trial in
-model_init), the fixed training settings (max_length, gradient clipping, linear warmup then
-decay, fused AdamW with no decay on biases and norms, length grouping, seed), evaluation each
+sees the space harness's does; model_init, which Trainer.train calls before hp_space, samples
+them first and builds the model with the trial's dropout and trainable_blocks), the fixed
+training settings (max_length, gradient clipping, linear warmup then decay, fused AdamW
+with no decay on biases and norms, length grouping, seed), evaluation each
 epoch, early stopping with harness's patience, the best evaluation's weights loaded at the end
 (load_best_model_at_end) and scored on the test split, and the metric (harness.metrics' macro
 F1 through compute_metrics).
@@ -167,7 +168,10 @@ def run_anchor(plan: Any, prepared: Any, seed: int, budget: int) -> Outcome:
         return {TRAINING_ARGUMENTS[k]: v for k, v in params.items() if k in TRAINING_ARGUMENTS}
 
     def model_init(trial: Any) -> Any:
-        chosen = {k: v for k, v in (trial.params if trial else {}).items() if k in MODEL_KEYS}
+        # Trainer.train calls model_init BEFORE hp_space (transformers 5.24): the trial has no
+        # params yet, so sample them here; hp_space's suggest calls then return the same values
+        params = search.suggest(trial, distributions) if trial is not None else {}
+        chosen = {k: v for k, v in params.items() if k in MODEL_KEYS}
         trial_cfg = with_params(cfg, chosen)
         torch.manual_seed(cfg.seed)  # as harness does before build_model: the same init
         model = build_model(trial_cfg, prepared)
