@@ -38,8 +38,9 @@ not chosen on (they were chosen on SST-2; BANKING77 is the held-out one).
 
 --out DIR (default benchmarks/out/search_efficiency/<data>/) receives results.json (settings,
 every trial, the statistics), trials.csv (method, seed, trial, steps, cumulative steps,
-objective, test score, params) and curves.png: best validation objective so far against
-cumulative steps per method, median line and min-max band over seeds.
+objective, test score, params), output.txt (the table as printed) and curves.png: best
+validation objective so far against cumulative steps, a panel per method (median line,
+interquartile and min-max bands over seeds, random search's median for reference).
 
 --data sst2 | banking77 trains the tiny GPT-2 (backend local) on ../shared/data/real/ (see its
 README); --train-rows N takes a stratified (proportional per label), seeded subsample of the

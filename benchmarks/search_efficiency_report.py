@@ -207,8 +207,9 @@ def write_files(
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     write_csv(out / "trials.csv", summary["trials"])
+    (out / "output.txt").write_text("\n".join(report.lines) + "\n")  # what was printed
     plot_curves(report, results, out / "curves.png", found["target"])
-    print(f"wrote {out}/results.json, trials.csv, curves.png")
+    print(f"wrote {out}/results.json, trials.csv, output.txt, curves.png")
 
 
 def _cpus() -> int:
@@ -252,33 +253,75 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def plot_curves(
     report: Report, results: dict[str, dict[int, Outcome]], path: Path, target: float
 ) -> None:
+    """One panel per method (median line, interquartile band, min-max band lighter; random
+    search's median dashed for reference), and a last panel with every median."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 5.5))
     everything = [o for by_seed in results.values() for o in by_seed.values()]
     grid = step_grid(report.args.budget_steps, everything)
-    for key, by_seed in results.items():
-        band = curve_band(list(by_seed.values()), grid)
-        xs = [x for x, b in zip(grid, band, strict=True) if b is not None]
-        bands = [b for b in band if b is not None]
-        if not bands:
-            continue
-        (line,) = axes.plot(xs, [b["median"] for b in bands], label=report.label(key))
-        low, high = [b["min"] for b in bands], [b["max"] for b in bands]
-        axes.fill_between(xs, low, high, color=line.get_color(), alpha=0.12, step=None)
-    axes.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (98% of best)")
-    axes.axvline(report.args.budget_steps, color="grey", linestyle=":", linewidth=1)
-    cfg = report.plan.cfg
-    axes.set_xlabel("optimizer steps spent (cumulative over trials)")
-    axes.set_ylabel(f"best validation {cfg.sweep.metric} so far")
-    axes.set_title(
-        f"{cfg.data.name}: median and min-max over seeds {' '.join(map(str, report.args.seeds))}"
+    curves = {key: band_points(grid, list(by_seed.values())) for key, by_seed in results.items()}
+    columns = 4
+    rows = math.ceil((len(curves) + 1) / columns)
+    figure, panels = plt.subplots(
+        rows, columns, figsize=(4 * columns, 3.2 * rows), sharex=True, sharey=True, squeeze=False
     )
-    axes.legend(loc="lower right", fontsize=8)
-    axes.grid(alpha=0.3)
+    flat = list(panels.flat)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (key, (xs, bands)) in enumerate(curves.items()):
+        colour, axes = colours[index % len(colours)], flat[index]
+        if bands:
+            median = [b["median"] for b in bands]
+            axes.fill_between(
+                xs,
+                [b["min"] for b in bands],
+                [b["max"] for b in bands],
+                color=colour,
+                alpha=0.12,
+                linewidth=0,
+            )
+            axes.fill_between(
+                xs,
+                [b["q1"] for b in bands],
+                [b["q3"] for b in bands],
+                color=colour,
+                alpha=0.3,
+                linewidth=0,
+            )
+            axes.plot(xs, median, color=colour)
+            flat[-1].plot(xs, median, color=colour, label=report.label(key))
+        if key != "random" and "random" in curves and curves["random"][1]:
+            rx, rb = curves["random"]
+            axes.plot(rx, [b["median"] for b in rb], color="grey", linestyle="--", linewidth=1)
+        axes.set_title(report.label(key), fontsize=9)
+    for axes in flat[len(curves) : -1]:
+        axes.set_visible(False)
+    flat[-1].set_title("medians", fontsize=9)
+    flat[-1].legend(fontsize=6, loc="lower right")
+    for axes in flat:
+        axes.axhline(target, color="black", linestyle=":", linewidth=0.8)
+        axes.axvline(report.args.budget_steps, color="grey", linestyle=":", linewidth=0.8)
+        axes.grid(alpha=0.3)
+    cfg = report.plan.cfg
+    figure.supxlabel("optimizer steps spent (cumulative over trials)")
+    figure.supylabel(f"best validation {cfg.sweep.metric} so far")
+    figure.suptitle(
+        f"{cfg.data.name}: median, interquartile and min-max over seeds "
+        f"{' '.join(map(str, report.args.seeds))}; dotted: target (98% of best), budget; "
+        "dashed: random search's median",
+        fontsize=9,
+    )
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def band_points(
+    grid: Sequence[float], outcomes: list[Outcome]
+) -> tuple[list[float], list[dict[str, float]]]:
+    """The grid points where every seed has a finished trial, and the spread there."""
+    band = curve_band(outcomes, grid)
+    xs = [x for x, b in zip(grid, band, strict=True) if b is not None]
+    return xs, [b for b in band if b is not None]
