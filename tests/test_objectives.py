@@ -47,7 +47,9 @@ def test_two_objectives_give_a_pareto_front(make_cfg, tmp_path):
 def test_the_cli_says_how_it_prunes_and_prints_the_front(tmp_path):
     done = run_in_process("sweep", *FAST, TWO, "sweep.n_trials=4", runs=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "pruning by Pareto rank (pruner=median" in done.stdout and "Pareto front" in done.stdout
+    assert (
+        "pruning by Pareto rank (pruner=hyperband" in done.stdout and "Pareto front" in done.stdout
+    )
     assert "objectives=" in done.stdout
 
 

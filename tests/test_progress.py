@@ -24,7 +24,7 @@ def test_off_a_terminal_each_trial_is_one_plain_line(tmp_path):
     lines = [line for line in done.stdout.splitlines() if re.match(r"trial +\d+ ", line)]
     assert len(lines) == 3 and all("objective=" in line for line in lines)
     assert not TRIAL_BAR.search(done.stdout) and "\x1b[" not in done.stdout  # a log stays plain
-    assert "best 3 of 3 completed trials" in done.stdout
+    assert re.search(r"^best \d of \d completed trials", done.stdout, re.M)  # some pruned
 
 
 def test_quiet_prints_the_summary_only(tmp_path):
