@@ -35,7 +35,9 @@ def test_auto_resources_come_from_the_space(make_cfg):
     assert hyperband._min_resource == 2 and hyperband._max_resource == 6
     asha = make_pruner(cfg.pruner, Evaluations(3, 9), name="asha")
     assert asha._min_resource == 3
-    median = make_pruner(make_cfg("backend=fake", "pruner.n_warmup_steps=auto").pruner)
+    median = make_pruner(
+        make_cfg("backend=fake", "pruner=median", "pruner.n_warmup_steps=auto").pruner
+    )
     assert median._n_warmup_steps == 1  # no evaluations known: auto is the first
     cfg.pruner.min_resource = 4  # a number given is kept
     assert make_pruner(cfg.pruner, Evaluations(2, 6))._min_resource == 4

@@ -13,7 +13,7 @@ from harness.study import Sweep, make_backend
 from harness.tracking import UNRECORDED, InMemoryStore
 from tests.helpers import window_ends
 
-FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3")
+FAST = ("backend=fake", "tracking.log_best_model=false", "sweep.n_trials=3", "pruner=median")
 
 
 def test_a_sweep_in_memory_records_parent_and_trial_runs_and_no_mlflow_store(make_cfg, runs):
