@@ -274,22 +274,9 @@ def plot_curves(
         colour, axes = colours[index % len(colours)], flat[index]
         if bands:
             median = [b["median"] for b in bands]
-            axes.fill_between(
-                xs,
-                [b["min"] for b in bands],
-                [b["max"] for b in bands],
-                color=colour,
-                alpha=0.12,
-                linewidth=0,
-            )
-            axes.fill_between(
-                xs,
-                [b["q1"] for b in bands],
-                [b["q3"] for b in bands],
-                color=colour,
-                alpha=0.3,
-                linewidth=0,
-            )
+            for low, high, alpha in (("min", "max", 0.12), ("q1", "q3", 0.3)):
+                lows, highs = [b[low] for b in bands], [b[high] for b in bands]
+                axes.fill_between(xs, lows, highs, color=colour, alpha=alpha, linewidth=0)
             axes.plot(xs, median, color=colour)
             flat[-1].plot(xs, median, color=colour, label=report.label(key))
         if key != "random" and "random" in curves and curves["random"][1]:

@@ -639,9 +639,9 @@ def _confirm_section(facts: Facts) -> list[str]:
         "",
         *(f"- {c.line(metric)}" for c in facts.confirmed),
     ]
-    winner = next((c for c in facts.confirmed if len(c.values) > 1), None)
-    if winner is not None:
-        lines += ["", f"Confirmed winner: trial {winner.number} (`+from_best=true` retrains it)."]
+    if facts.confirmed:  # ranked best first, two new seeds or more each: the first is the winner
+        winner = facts.confirmed[0].number
+        lines += ["", f"Confirmed winner: trial {winner} (`+from_best=true` retrains it)."]
     return lines
 
 
