@@ -143,7 +143,7 @@ def main() -> None:
         seconds = statistics.median(times)
         each = " ".join(f"{s / args.trials * 1000:.1f}" for s in times)
         print(
-            f"  {label}: {seconds:7.2f} s  {seconds / args.trials * 1000:6.1f} ms/trial  "
+            f"  {label + ':':43s} {seconds:7.2f} s  {seconds / args.trials * 1000:6.1f} ms/trial  "
             f"(runs: {each})"
         )
     print(
