@@ -10,13 +10,14 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from harness.backends.fake import FakeBackend
 from harness.config import ConfigError
 from harness.noise import CONFIRM_ATTR, SeedNoise
 from harness.report import Objective, gather, summary_markdown
 from harness.study import FINISHED_STATES, Sweep, ranked_trials
 from harness.study.stop_rules import margin, stop_rule_met
 from harness.tracking import InMemoryStore
-from tests.helpers import run_in_process
+from tests.helpers import OPENAI_TEST_SETTINGS, run_in_process
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "search=none", "pruner=none")
 EPOCHS = "train.epochs=choice(1,2,3,4,5,6)"
@@ -171,6 +172,55 @@ def test_the_cli_names_the_rule_and_exits_0(tmp_path):
     assert "stopped: target reached: trial 2's eval/f1 0.8518 >= sweep.target 0.8" in out
     assert "3 of 10 trials finished; stopped by sweep.target; raise or unset" in out
     assert "short of sweep.n_trials" not in out and "try again" not in out
+
+
+def file_requests(fake) -> list[tuple[str, str]]:
+    """The requests a hosted backend's preparation makes: it lists the uploaded files, then
+    uploads what is missing."""
+    return [(method, path) for method, path in fake.api.requests if path.startswith("/v1/files")]
+
+
+def test_a_resumed_study_that_met_its_target_prepares_no_upload(fake_openai, runs):
+    """A resumed sweep that a stop rule ends already starts no trial: it asks the provider
+    nothing about its files (a request that can fail, for nothing) and exits 0."""
+    hosted = ("study=tickets_openai", f"backend.base_url={fake_openai.base_url}")
+    quick = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2", "pruner=none")
+    command = ("sweep", *hosted, *OPENAI_TEST_SETTINGS, *quick, "sweep.target=10")
+    first = run_in_process(*command, runs=runs)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = file_requests(fake_openai)
+    assert before.count(("POST", "/v1/files")) == 2  # train and validation
+    assert len(fake_openai.api.jobs) == 1  # any eval/loss meets the target: 1 trial
+
+    again = run_in_process(*command, runs=runs)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert file_requests(fake_openai) == before  # not even a listing
+    assert len(fake_openai.api.jobs) == 1
+    out = " ".join(again.stdout.split())
+    assert "(before this sweep: no trial started)" in out
+    assert "1 of 3 trials finished; stopped by sweep.target; raise or unset" in out
+
+
+def test_a_continuation_whose_carried_trials_meet_a_rule_prepares_nothing(tmp_path, monkeypatch):
+    prepared: list[str] = []
+    prepare = FakeBackend.prepare
+
+    def counted(self, cfg, dataset):
+        prepared.append(cfg.name)
+        return prepare(self, cfg, dataset)
+
+    monkeypatch.setattr(FakeBackend, "prepare", counted)
+    rule = (*FAST, EPOCHS, ONE_TWO_SIX, "sweep.target=0.8", "sweep.n_trials=10")
+    first = run_in_process("sweep", *rule, runs=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert prepared == ["sentiment_tiny"]
+    continued = ("name=sentiment_tiny-2", "sweep.continue_from=sentiment_tiny")
+    again = run_in_process("sweep", *rule, *continued, runs=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert prepared == ["sentiment_tiny"]  # the carried trials met sweep.target already
+    out = " ".join(again.stdout.split())
+    assert "trial 2's eval/f1 0.8518 >= sweep.target 0.8 (before this sweep" in out
+    assert "3 of 10 trials finished; stopped by sweep.target" in out
 
 
 @pytest.mark.parametrize(
