@@ -223,6 +223,27 @@ def test_a_continuation_whose_carried_trials_meet_a_rule_prepares_nothing(tmp_pa
     assert "3 of 10 trials finished; stopped by sweep.target" in out
 
 
+def test_a_failed_trial_in_a_study_a_rule_stopped_exits_1(tmp_path):
+    """A rule's stop is a normal end only where no trial of the sweep failed: a failure is
+    not, so the exit code is 1 and the failed trial is named."""
+    flaky = "backend._target_=tests.helpers.FlakyBackend"  # fails at batch size 8
+    batches = (
+        "train.batch_size=choice(8,16)",
+        "sweep.enqueue=[{train.batch_size: 8}, {train.batch_size: 16}]",
+    )
+    done = run_in_process(
+        "sweep", *FAST, flaky, *batches, "sweep.target=0.1", "sweep.n_trials=10", runs=tmp_path
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    assert "trial 0 FAIL" in out and "trial 1 COMPLETE" in out
+    assert "stopped: target reached: trial 1's eval/f1 0.7503 >= sweep.target 0.1" in out
+    assert (
+        "short of sweep.n_trials: 1 of 10 trials finished; 1 failed (trial 0: RuntimeError: "
+        "out of memory (simulated for batch size 8)); the study stopped (see above)."
+    ) in out
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
