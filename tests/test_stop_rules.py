@@ -13,7 +13,7 @@ import pytest
 from harness.backends.fake import FakeBackend
 from harness.config import ConfigError
 from harness.noise import CONFIRM_ATTR, SeedNoise
-from harness.report import Objective, gather, summary_markdown
+from harness.report import Objective, gather, rules_to_unset, summary_markdown
 from harness.study import FINISHED_STATES, Sweep, ranked_trials
 from harness.study.stop_rules import margin, stop_rule_met
 from harness.tracking import InMemoryStore
@@ -296,3 +296,26 @@ def test_stagnation_reads_the_confirm_runs_seed_noise(make_cfg, last, stops):
         f"stagnation: the best eval/f1 ({last:.4g}, trial 2) has not improved by more than 0.02 "
         "(the noise: seed noise, sd 0.02, from 3 confirm runs) in the last 2 trials"
     )
+
+
+@pytest.mark.parametrize(
+    ("rules", "unset"),
+    [
+        (
+            ["sweep.target=0.4", "sweep.stagnation_trials=2", "sweep.min_improvement=0.01"],
+            ["sweep.target", "sweep.stagnation_trials", "sweep.min_improvement"],
+        ),
+        (["sweep.target=0.9", "sweep.budget_steps=30"], ["sweep.budget_steps"]),
+        (["sweep.target=0.9", "sweep.budget_steps=31", "sweep.stagnation_trials=3"], []),
+    ],
+)
+def test_the_advice_unsets_the_rules_the_study_meets_as_its_overrides_set_them(
+    make_cfg, rules, unset
+):
+    """Three trials of 0.5, 10 steps each. The rules are read from the study's own overrides
+    (what the advice's command runs with), not from the report's config, which has none."""
+    study = optuna.create_study(direction="maximize")
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"steps": 10}))
+    objective = Objective("eval/f1", "maximize")
+    assert rules_to_unset(study, make_cfg(*FAST), [*FAST, *rules], objective) == unset
