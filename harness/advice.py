@@ -130,21 +130,25 @@ def follow_command(
     advice: Sequence[EdgeAdvice],
     distributions: Mapping[str, BaseDistribution],
     overrides: Sequence[str],
+    unset: Sequence[str] = (),
 ) -> str | None:
     """The `harness sweep` command that widens every range the advice widens and adds
-    MORE_TRIALS trials: the study's own overrides with the new ranges. In place where Optuna
-    can follow the change (a wider interval or range), else as a continuation study that
-    starts with this one's finished trials (a longer choice list; harness.continuation)."""
+    MORE_TRIALS trials: the study's own overrides with the new ranges, and the keys ``unset``
+    set to null (stop rules the study meets already: kept, they would stop the command before
+    its first trial). In place where Optuna can follow the change (a wider interval or range),
+    else as a continuation study that starts with this one's finished trials (a longer choice
+    list; harness.continuation)."""
     widened = {a.key: a.suggestion for a in advice if a.suggestion is not None}
     if not widened:
         return None
     finished = len(study.get_trials(deepcopy=False, states=continuation.FINISHED_STATES))
-    replaced = {"sweep.n_trials", *widened}
+    replaced = {"sweep.n_trials", *widened, *unset}
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
     new = [
         *kept,
         f"sweep.n_trials={finished + MORE_TRIALS}",
         *(f"{key}={expression}" for key, expression in widened.items()),
+        *(f"{key}=null" for key in unset),
     ]
     wider = {key: to_distribution(key, expression) for key, expression in widened.items()}
     checked = {key: dist for key, dist in wider.items() if dist is not None}

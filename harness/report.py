@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from harness import advice, noise, pareto_pruner
-from harness.config import ConfigError, runs_dir
+from harness.config import ConfigError, load_config, runs_dir
 from harness.display import format_value
 from harness.secrets import redact_text
 from harness.storage import describe_storage
@@ -37,6 +37,7 @@ from harness.study.queries import (
     stored_objectives,
     study_spend,
 )
+from harness.study.stop_rules import UNSET_TO_GO_ON, rules_met
 from harness.tracking import MLflowStore, tracking_uri
 
 SUMMARY = "summary.md"
@@ -96,6 +97,7 @@ class Facts:
     importance_problem: str = ""  # why there are no importances
     advice: list[advice.EdgeAdvice] = field(default_factory=list)
     follow_advice: str | None = None  # the command that widens the advised ranges
+    follow_unset: list[str] = field(default_factory=list)  # stop rules it unsets: met already
     pareto: list[FrozenTrial] = field(default_factory=list)
     spend_usd: float | None = None  # where money was spent
     overrides: list[str] = field(default_factory=list)
@@ -170,14 +172,37 @@ def gather(
         limits = dict(advice.LIMITS)
     distributions = searched_distributions(trials)
     facts.advice = advice.boundary_advice(ranked, distributions, limits)
+    stored = list(study.user_attrs.get("overrides", facts.overrides))
+    if facts.advice:
+        facts.follow_unset = rules_to_unset(study, cfg, stored, objectives[0])
     facts.follow_advice = advice.follow_command(
-        study, facts.advice, distributions, study.user_attrs.get("overrides", facts.overrides)
+        study, facts.advice, distributions, stored, facts.follow_unset
     )
     if facts.multi:
         facts.pareto = by_primary(study.best_trials, objectives[0])
     if any("cost_usd" in t.user_attrs for t in trials):
         facts.spend_usd = study_spend(study)
     return facts
+
+
+def rules_to_unset(
+    study: optuna.Study, cfg: DictConfig, overrides: list[str], primary: Objective
+) -> list[str]:
+    """The stop-rule settings the command that follows the advice sets to null: those of each
+    rule the study meets already, in the config the study's own overrides compose (the
+    command's, but for its new ranges; the report's config where they no longer compose).
+    Kept, such a rule would stop the command before its first trial."""
+    try:
+        composed = load_config(overrides)
+    except ConfigError:
+        composed = cfg
+    met = rules_met(composed, study, (primary.metric, primary.direction))
+    return [
+        key
+        for stop in met
+        for key in UNSET_TO_GO_ON[stop.rule]
+        if OmegaConf.select(composed, key) is not None
+    ]
 
 
 def searched_distributions(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
@@ -695,10 +720,13 @@ def _advice_section(facts: Facts) -> list[str]:
         return [*lines, "No boundary problems: the best trial lies inside every searched range."]
     lines += [f"- {a.text()}" for a in facts.advice]
     if facts.follow_advice:
+        unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
+        if unset:  # said, as the command departs from the study's own overrides there
+            unset = f"; {unset}: kept, a stop rule the study meets already would stop it at once"
         lines += [
             "",
             f"To follow it ({advice.MORE_TRIALS} more trials, the study's own overrides with the "
-            "wider ranges):",
+            f"wider ranges{unset}):",
             "",
             f"`{facts.follow_advice}`",
         ]

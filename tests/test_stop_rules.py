@@ -10,13 +10,14 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from harness.backends.fake import FakeBackend
 from harness.config import ConfigError
 from harness.noise import CONFIRM_ATTR, SeedNoise
-from harness.report import Objective, gather, summary_markdown
+from harness.report import Objective, gather, rules_to_unset, summary_markdown
 from harness.study import FINISHED_STATES, Sweep, ranked_trials
 from harness.study.stop_rules import margin, stop_rule_met
 from harness.tracking import InMemoryStore
-from tests.helpers import run_in_process
+from tests.helpers import OPENAI_TEST_SETTINGS, run_in_process
 
 FAST = ("backend=fake", "tracking.log_best_model=false", "search=none", "pruner=none")
 EPOCHS = "train.epochs=choice(1,2,3,4,5,6)"
@@ -173,6 +174,76 @@ def test_the_cli_names_the_rule_and_exits_0(tmp_path):
     assert "short of sweep.n_trials" not in out and "try again" not in out
 
 
+def file_requests(fake) -> list[tuple[str, str]]:
+    """The requests a hosted backend's preparation makes: it lists the uploaded files, then
+    uploads what is missing."""
+    return [(method, path) for method, path in fake.api.requests if path.startswith("/v1/files")]
+
+
+def test_a_resumed_study_that_met_its_target_prepares_no_upload(fake_openai, runs):
+    """A resumed sweep that a stop rule ends already starts no trial: it asks the provider
+    nothing about its files (a request that can fail, for nothing) and exits 0."""
+    hosted = ("study=tickets_openai", f"backend.base_url={fake_openai.base_url}")
+    quick = ("sweep.n_trials=3", "train.batch_size=16", "train.epochs=2", "pruner=none")
+    command = ("sweep", *hosted, *OPENAI_TEST_SETTINGS, *quick, "sweep.target=10")
+    first = run_in_process(*command, runs=runs)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = file_requests(fake_openai)
+    assert before.count(("POST", "/v1/files")) == 2  # train and validation
+    assert len(fake_openai.api.jobs) == 1  # any eval/loss meets the target: 1 trial
+
+    again = run_in_process(*command, runs=runs)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert file_requests(fake_openai) == before  # not even a listing
+    assert len(fake_openai.api.jobs) == 1
+    out = " ".join(again.stdout.split())
+    assert "(before this sweep: no trial started)" in out
+    assert "1 of 3 trials finished; stopped by sweep.target; raise or unset" in out
+
+
+def test_a_continuation_whose_carried_trials_meet_a_rule_prepares_nothing(tmp_path, monkeypatch):
+    prepared: list[str] = []
+    prepare = FakeBackend.prepare
+
+    def counted(self, cfg, dataset):
+        prepared.append(cfg.name)
+        return prepare(self, cfg, dataset)
+
+    monkeypatch.setattr(FakeBackend, "prepare", counted)
+    rule = (*FAST, EPOCHS, ONE_TWO_SIX, "sweep.target=0.8", "sweep.n_trials=10")
+    first = run_in_process("sweep", *rule, runs=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert prepared == ["sentiment_tiny"]
+    continued = ("name=sentiment_tiny-2", "sweep.continue_from=sentiment_tiny")
+    again = run_in_process("sweep", *rule, *continued, runs=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert prepared == ["sentiment_tiny"]  # the carried trials met sweep.target already
+    out = " ".join(again.stdout.split())
+    assert "trial 2's eval/f1 0.8518 >= sweep.target 0.8 (before this sweep" in out
+    assert "3 of 10 trials finished; stopped by sweep.target" in out
+
+
+def test_a_failed_trial_in_a_study_a_rule_stopped_exits_1(tmp_path):
+    """A rule's stop is a normal end only where no trial of the sweep failed: a failure is
+    not, so the exit code is 1 and the failed trial is named."""
+    flaky = "backend._target_=tests.helpers.FlakyBackend"  # fails at batch size 8
+    batches = (
+        "train.batch_size=choice(8,16)",
+        "sweep.enqueue=[{train.batch_size: 8}, {train.batch_size: 16}]",
+    )
+    done = run_in_process(
+        "sweep", *FAST, flaky, *batches, "sweep.target=0.1", "sweep.n_trials=10", runs=tmp_path
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    assert "trial 0 FAIL" in out and "trial 1 COMPLETE" in out
+    assert "stopped: target reached: trial 1's eval/f1 0.7503 >= sweep.target 0.1" in out
+    assert (
+        "short of sweep.n_trials: 1 of 10 trials finished; 1 failed (trial 0: RuntimeError: "
+        "out of memory (simulated for batch size 8)); the study stopped (see above)."
+    ) in out
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -225,3 +296,26 @@ def test_stagnation_reads_the_confirm_runs_seed_noise(make_cfg, last, stops):
         f"stagnation: the best eval/f1 ({last:.4g}, trial 2) has not improved by more than 0.02 "
         "(the noise: seed noise, sd 0.02, from 3 confirm runs) in the last 2 trials"
     )
+
+
+@pytest.mark.parametrize(
+    ("rules", "unset"),
+    [
+        (
+            ["sweep.target=0.4", "sweep.stagnation_trials=2", "sweep.min_improvement=0.01"],
+            ["sweep.target", "sweep.stagnation_trials", "sweep.min_improvement"],
+        ),
+        (["sweep.target=0.9", "sweep.budget_steps=30"], ["sweep.budget_steps"]),
+        (["sweep.target=0.9", "sweep.budget_steps=31", "sweep.stagnation_trials=3"], []),
+    ],
+)
+def test_the_advice_unsets_the_rules_the_study_meets_as_its_overrides_set_them(
+    make_cfg, rules, unset
+):
+    """Three trials of 0.5, 10 steps each. The rules are read from the study's own overrides
+    (what the advice's command runs with), not from the report's config, which has none."""
+    study = optuna.create_study(direction="maximize")
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"steps": 10}))
+    objective = Objective("eval/f1", "maximize")
+    assert rules_to_unset(study, make_cfg(*FAST), [*FAST, *rules], objective) == unset

@@ -139,17 +139,18 @@ def test_new_choices_continue_as_a_new_study_with_the_old_trials(runs, capsys):
     assert len(trial_runs) == 1 + 5  # its parent and its own trials 4-8
 
 
-def test_following_the_reports_advice_works(runs, capsys):
-    """The report's advice is a command; run as printed, it continues the study."""
-    space = (
-        "train.batch_size=choice(4,8)",  # the fake backend peaks at 16: 8 is the best edge
-        "train.learning_rate=1e-3",
-        "train.epochs=2",
-        "train.dropout=0.1",
-        "train.weight_decay=1e-4",
-    )
-    assert sweep(runs, "sweep.n_trials=4", *space) == 0
-    assert main(["report", *FAKE, f"paths.runs_dir={runs}", *space]) == 0
+ADVISED_SPACE = (
+    "train.batch_size=choice(4,8)",  # the fake backend peaks at 16: 8 is the best edge
+    "train.learning_rate=1e-3",
+    "train.epochs=2",
+    "train.dropout=0.1",
+    "train.weight_decay=1e-4",
+)
+
+
+def advice_command(runs: Path, *overrides: str) -> str:
+    """The one command `harness report` says follows its advice (summary.md)."""
+    assert main(["report", *FAKE, f"paths.runs_dir={runs}", *overrides]) == 0
     summary = (runs / "reports" / "sentiment_tiny" / "summary.md").read_text()
     commands = [
         line.strip().strip("`")
@@ -157,14 +158,53 @@ def test_following_the_reports_advice_works(runs, capsys):
         if line.strip().startswith("`harness sweep")
     ]
     assert len(commands) == 1, summary
-    assert "train.batch_size=choice(4, 8, 16)" in commands[0]
+    return commands[0]
+
+
+def follow(command: str) -> optuna.Study:
+    """Runs the advice's command as printed; returns the study it ran."""
+    assert main(shlex.split(command)[1:]) == 0
+    words = shlex.split(command)
+    name = next(w.split("=", 1)[1] for w in words if w.startswith("name="))
+    runs = Path(next(w.split("=", 1)[1] for w in words if w.startswith("paths.runs_dir=")))
+    return study_of(runs, f"name={name}")
+
+
+def test_following_the_reports_advice_works(runs, capsys):
+    """The report's advice is a command; run as printed, it continues the study."""
+    assert sweep(runs, "sweep.n_trials=4", *ADVISED_SPACE) == 0
+    command = advice_command(runs, *ADVISED_SPACE)
+    assert "train.batch_size=choice(4, 8, 16)" in command
     capsys.readouterr()
-    assert main(shlex.split(commands[0])[1:]) == 0
-    name = next(w.split("=", 1)[1] for w in shlex.split(commands[0]) if w.startswith("name="))
-    continued = study_of(runs, f"name={name}")
+    continued = follow(command)
     assert {t.state.name for t in continued.trials} == {"COMPLETE"}
     assert len(continued.trials) > 4
     assert 16 in {t.params["train.batch_size"] for t in continued.trials}
+
+
+def test_the_advice_of_a_study_a_stop_rule_ended_runs_new_trials(runs, capsys):
+    """Batch size 4 scores eval/f1 0.5727, 8 scores 0.6654: sweep.target=0.6 stops the study
+    after its second trial. Kept in the advice's command, the target (met by the trials the
+    command carries over) would stop it before its first trial: the command unsets it."""
+    first = ("sweep.enqueue=[{train.batch_size: 4}, {train.batch_size: 8}]", "sweep.target=0.6")
+    assert sweep(runs, "sweep.n_trials=4", *ADVISED_SPACE, *first) == 0
+    assert len(study_of(runs).trials) == 2
+    command = advice_command(runs, *ADVISED_SPACE, *first)
+    assert "train.batch_size=choice(4, 8, 16)" in command
+    capsys.readouterr()
+    continued = follow(command)
+    assert len(continued.trials) == 2 + 10  # the carried ones and the advice's 10 more
+    assert {t.state.name for t in continued.trials} == {"COMPLETE"}
+    assert 16 in {t.params["train.batch_size"] for t in continued.trials}
+    assert "sweep.target=0.6" not in command
+    assert command.endswith(
+        "sweep.target=null name=sentiment_tiny-2 sweep.continue_from=sentiment_tiny"
+    )
+    summary = (runs / "reports" / "sentiment_tiny" / "summary.md").read_text()
+    assert (
+        "wider ranges; sweep.target=null: kept, a stop rule the study meets already would stop "
+        "it at once):"
+    ) in summary
 
 
 def test_an_error_while_sampling_is_the_trials_reason(runs, monkeypatch):

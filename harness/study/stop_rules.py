@@ -35,6 +35,13 @@ HOW_TO_GO_ON = {
     "sweep.budget_steps": "raise sweep.budget_steps to go on",
     "sweep.timeout_s": "run the same command to go on: it runs only the missing trials",
 }
+# what a command that goes on past a rule the study meets sets to null (the report's command
+# that follows its advice): the rule, and the setting only that rule reads
+UNSET_TO_GO_ON = {
+    "sweep.target": ("sweep.target",),
+    "sweep.stagnation_trials": ("sweep.stagnation_trials", "sweep.min_improvement"),
+    "sweep.budget_steps": ("sweep.budget_steps",),
+}
 
 
 @dataclass(frozen=True)
@@ -80,16 +87,23 @@ def stop_rule_met(
 ) -> Stop | None:
     """The first rule the stored study meets (target, stagnation, step budget), or None.
     ``before_start``: asked before this invocation starts a trial (a resumed study)."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    trials.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
-    stop = (
-        target_reached(trials, cfg.sweep.target, goal)
-        or stagnated(trials, cfg, goal, study)
-        or steps_spent(trials, cfg.sweep.budget_steps)
-    )
+    stop = next(iter(rules_met(cfg, study, goal)), None)
     if stop is not None and before_start:
         return Stop(stop.rule, f"{stop.message} (before this sweep: no trial started)")
     return stop
+
+
+def rules_met(cfg: DictConfig, study: optuna.Study, goal: tuple[str, str]) -> list[Stop]:
+    """Every rule the stored study meets, in the order stop_rule_met asks them: a sweep that
+    resumes or continues the study with any of them set stops before its first trial."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    trials.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
+    met = (
+        target_reached(trials, cfg.sweep.target, goal),
+        stagnated(trials, cfg, goal, study),
+        steps_spent(trials, cfg.sweep.budget_steps),
+    )
+    return [stop for stop in met if stop is not None]
 
 
 def target_reached(

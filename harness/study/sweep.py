@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig
+from optuna.study import StudyDirection
 
 from harness import continuation, search
 from harness.config import ConfigError, runs_dir
@@ -136,8 +137,19 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         self.on_start(finished if self.existing is not None else 0)  # carried ones: not yet
         check_tracking_server(tracking_uri(self.cfg), self.cfg.tracking.server_timeout_s)
         check_store_writable(tracking_uri(self.cfg))
-        if finished < self.cfg.sweep.n_trials:
+        if finished < self.cfg.sweep.n_trials and not self._stopped_before_start():
             self.plan.prepared = self.plan.backend.prepare(self.cfg, self.plan.dataset)
+
+    def _stopped_before_start(self) -> bool:
+        """Whether the study as it will start (the stored one, or the trials a continuation
+        carries) meets a stop rule already: then no trial starts, and preparing would be for
+        nothing (a hosted backend's upload, which can fail). Asked after every check."""
+        start = self.existing
+        if start is None and self.carried:  # judged as the new study will hold them
+            directions = [StudyDirection[d.upper()] for _, d in self.plan.objectives]
+            start = optuna.create_study(directions=directions)  # in memory
+            start.add_trials(self.carried)
+        return start is not None and self._met_stop_rule(start, before_start=True)
 
     def _stored_study(self) -> optuna.Study | None:
         """The study as stored, read through the storage this sweep then writes with; None, and
@@ -181,7 +193,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
             storage=self.storage,
             sampler=sampler,
             pruner=pruner,
-            directions=[optuna.study.StudyDirection[d.upper()] for _, d in goals],
+            directions=[StudyDirection[d.upper()] for _, d in goals],
             load_if_exists=True,
         )
 
@@ -263,7 +275,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         the caller if this raises); then the summary."""
         missing = self.cfg.sweep.n_trials - count_finished(study)
         if missing > 0 and self._met_stop_rule(study, before_start=True):
-            missing = 0  # a resumed study that meets a stop rule already: no trial starts
+            missing = 0  # a resumed study that meets a stop rule already (preflight said so)
         if missing > 0 and not self.is_helper:
             self._warm_start(study)
         if missing > 0 and not self._enough(study):
