@@ -240,8 +240,9 @@ def test_a_failed_trial_in_a_study_a_rule_stopped_exits_1(tmp_path):
     assert "stopped: target reached: trial 1's eval/f1 0.7503 >= sweep.target 0.1" in out
     assert (
         "short of sweep.n_trials: 1 of 10 trials finished; 1 failed (trial 0: RuntimeError: "
-        "out of memory (simulated for batch size 8)); the study stopped (see above)."
-    ) in out
+        "out of memory (simulated for batch size 8)); the study stopped (see above). The same "
+        "command would start no trial: raise or unset sweep.target to go on."
+    ) in out  # not "run the same command to try again": the rule holds on a rerun
 
 
 @pytest.mark.parametrize(

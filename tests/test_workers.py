@@ -55,14 +55,14 @@ def gone(pid: int) -> bool:
     return False
 
 
-@pytest.mark.slow  # two processes, ~1 s a trial
+@pytest.mark.slow  # two processes, ~2 s a trial
 def test_a_stop_rule_stops_every_worker(make_cfg, runs, tmp_path):
     """sweep.budget_steps with 2 workers: each reads the rule from the stored study after each
     of its trials, so all stop; only the trial the other worker had in flight when the budget
     was spent can overshoot it."""
     fixed = [
         "backend=fake",
-        "backend.seconds_per_epoch=0.5",  # longer than a worker takes to start: both run trials
+        "backend.seconds_per_epoch=1",  # 2 s a trial, 16 s for one worker: both get to run trials
         "train.epochs=2",  # every trial takes the same steps
         "search=none",
         "train.trainable_blocks=choice(-1,0,1)",  # searched; the fake backend ignores it

@@ -26,7 +26,7 @@ from harness.study.queries import (
     summarize,
 )
 from harness.study.recovery import others_running
-from harness.study.stop_rules import go_on
+from harness.study.stop_rules import HOW_TO_GO_ON, go_on
 from harness.study.trial import TrialOutcome
 from harness.tracking import Tracker, TrackingServerError, tracking_uri
 
@@ -104,11 +104,14 @@ class SweepFinish:
             why.append("the study stopped (see above)")
         elif self.cfg.sweep.timeout_s is not None and not self.failed:
             why.append(f"sweep.timeout_s={self.cfg.sweep.timeout_s} was reached")
-        again = (
-            "Run it on a provider that trains (see above): this one would refuse again."
-            if self.provider_refused
-            else "Run the same command to try again: it runs only the missing trials."
-        )
+        if self.provider_refused:
+            again = "Run it on a provider that trains (see above): this one would refuse again."
+        elif self.stop_rule and self.stop_rule != "sweep.timeout_s":
+            # the rule still holds on a rerun, which would start no trial: only going past it
+            # runs the missing ones
+            again = f"The same command would start no trial: {HOW_TO_GO_ON[self.stop_rule]}."
+        else:
+            again = "Run the same command to try again: it runs only the missing trials."
         return (
             f"{finished} of {wanted} trials finished"
             + (f"; {'; '.join(why)}" if why else "")
