@@ -185,6 +185,10 @@ def gather(
     return facts
 
 
+# why the command that follows the advice sets a stop rule to null
+UNSET_WHY = "kept, a stop rule this study meets already could stop it before its first trial"
+
+
 def rules_to_unset(
     study: optuna.Study, cfg: DictConfig, overrides: list[str], primary: Objective
 ) -> list[str]:
@@ -722,7 +726,7 @@ def _advice_section(facts: Facts) -> list[str]:
     if facts.follow_advice:
         unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
         if unset:  # said, as the command departs from the study's own overrides there
-            unset = f"; {unset}: kept, a stop rule the study meets already would stop it at once"
+            unset = f"; {unset}: {UNSET_WHY}"
         lines += [
             "",
             f"To follow it ({advice.MORE_TRIALS} more trials, the study's own overrides with the "
@@ -807,7 +811,8 @@ def _print(console: Any, folder: Path, facts: Facts, plots: Sequence[Plot], logg
     for item in facts.advice:
         console.print(f"  {item.text().replace('`', '')}", markup=False, soft_wrap=True)
     if facts.follow_advice:
-        console.print("to follow it:", markup=False)
+        unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
+        console.print(f"to follow it{f' ({unset}: {UNSET_WHY})' if unset else ''}:", markup=False)
         console.print(facts.follow_advice, markup=False, soft_wrap=True)
     style = "green" if logged.startswith("logged") else "yellow"
     console.print(f"[{style}]mlflow[/{style}]: {escape(logged)}", soft_wrap=True)

@@ -320,3 +320,24 @@ def test_the_advice_unsets_the_rules_the_study_meets_as_its_overrides_set_them(
         study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"steps": 10}))
     objective = Objective("eval/f1", "maximize")
     assert rules_to_unset(study, make_cfg(*FAST), [*FAST, *rules], objective) == unset
+
+
+def test_a_met_rule_with_a_confirm_step_still_prepares_before_any_write(tmp_path, monkeypatch):
+    """The confirm step runs after a stop rule's end and trains: its backend is prepared in
+    preflight as before, so a preparation that fails refuses the command with nothing
+    written (the study's recorded overrides stay the first command's)."""
+    rule = (*FAST, EPOCHS, ONE_TWO_SIX, "sweep.target=0.8", "sweep.n_trials=10")
+    first = run_in_process("sweep", *rule, runs=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    journal = next((tmp_path / "optuna").glob("*.log"))
+    written = journal.read_bytes()
+
+    def refused(self, cfg, dataset):
+        raise ConfigError("upload refused")
+
+    monkeypatch.setattr(FakeBackend, "prepare", refused)
+    confirm = ("sweep.confirm_top_k=1", "sweep.confirm_seeds=2")
+    again = run_in_process("sweep", *rule, *confirm, runs=tmp_path)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "upload refused" in again.stdout + again.stderr
+    assert journal.read_bytes() == written  # refused before the first write

@@ -202,8 +202,8 @@ def test_the_advice_of_a_study_a_stop_rule_ended_runs_new_trials(runs, capsys):
     )
     summary = (runs / "reports" / "sentiment_tiny" / "summary.md").read_text()
     assert (
-        "wider ranges; sweep.target=null: kept, a stop rule the study meets already would stop "
-        "it at once):"
+        "wider ranges; sweep.target=null: kept, a stop rule this study meets already could stop "
+        "it before its first trial):"
     ) in summary
 
 

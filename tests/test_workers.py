@@ -113,7 +113,7 @@ def test_two_workers_prune_a_multi_objective_study_by_pareto_rank(make_cfg, runs
     enqueued = ", ".join(f"{{train.learning_rate: {rate}}}" for rate in rates)
     overrides = [
         "backend=fake",
-        "backend.seconds_per_epoch=1",  # longer than a worker takes to start: both run trials
+        "backend.seconds_per_epoch=2",  # 6 s a good trial: the other worker starts within
         "train.epochs=3",
         "search=none",
         f"train.learning_rate=choice({','.join(rates)})",

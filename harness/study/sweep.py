@@ -143,7 +143,11 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
     def _stopped_before_start(self) -> bool:
         """Whether the study as it will start (the stored one, or the trials a continuation
         carries) meets a stop rule already: then no trial starts, and preparing would be for
-        nothing (a hosted backend's upload, which can fail). Asked after every check."""
+        nothing (a hosted backend's upload, which can fail). Asked after every check. Not
+        skipped where a confirm step may follow (sweep.confirm_top_k): it runs after a stop
+        rule's end and trains, and its backend must be prepared here, before any write."""
+        if not any_rule(self.cfg) or self.cfg.sweep.confirm_top_k > 0:
+            return False
         start = self.existing
         if start is None and self.carried:  # judged as the new study will hold them
             directions = [StudyDirection[d.upper()] for _, d in self.plan.objectives]
