@@ -70,9 +70,11 @@ class Report:
         self.say(f"Search efficiency on {cfg.data.name} ({rows} training rows), {what}")
         if self.sample_note:
             self.say(f"  training split: {self.sample_note}")
+        every = int(cfg.train.eval_every_steps)  # 0: once per epoch
+        when = f"every {every} steps and at the end" if every else "epoch"
         self.say(
             f"  objective {cfg.sweep.metric} ({cfg.sweep.direction}), reported per evaluation "
-            "(epoch); steps = optimizer steps, ceil(rows / batch size) per epoch"
+            f"({when}); steps = optimizer steps, ceil(rows / batch size) per epoch"
         )
         self.say("  space: " + ", ".join(f"{k}={v}" for k, v in cfg.search.space.items()))
         self.say(
