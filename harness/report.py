@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from harness import advice, noise, pareto_pruner
-from harness.config import ConfigError, load_config, runs_dir
+from harness.config import ConfigError, load_config, runs_dir, with_params
 from harness.display import format_value
 from harness.secrets import redact_text
 from harness.storage import describe_storage
@@ -194,12 +194,13 @@ def rules_to_unset(
 ) -> list[str]:
     """The stop-rule settings the command that follows the advice sets to null: those of each
     rule the study meets already, in the config the study's own overrides compose (the
-    command's, but for its new ranges; the report's config where they no longer compose).
-    Kept, such a rule would stop the command before its first trial."""
+    command's, but for its new ranges; where they no longer compose on this host, such as
+    sweep.devices it lacks, the report's config with the stop-rule settings those overrides
+    give). Kept, such a rule would stop the command before its first trial."""
     try:
         composed = load_config(overrides)
     except ConfigError:
-        composed = cfg
+        composed = with_params(cfg, overridden_rules(overrides))
     met = rules_met(composed, study, (primary.metric, primary.direction))
     return [
         key
@@ -207,6 +208,19 @@ def rules_to_unset(
         for key in UNSET_TO_GO_ON[stop.rule]
         if OmegaConf.select(composed, key) is not None
     ]
+
+
+def overridden_rules(overrides: list[str]) -> dict[str, Any]:
+    """The stop-rule settings (UNSET_TO_GO_ON's keys) that ``overrides`` set, as values."""
+    import yaml
+
+    keys = {key for settings in UNSET_TO_GO_ON.values() for key in settings}
+    found = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in keys:
+            found[key.lstrip("+")] = yaml.safe_load(value)
+    return found
 
 
 def searched_distributions(trials: Sequence[FrozenTrial]) -> dict[str, Any]:

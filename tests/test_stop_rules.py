@@ -341,3 +341,21 @@ def test_a_met_rule_with_a_confirm_step_still_prepares_before_any_write(tmp_path
     assert again.returncode == 2, again.stdout + again.stderr
     assert "upload refused" in again.stdout + again.stderr
     assert journal.read_bytes() == written  # refused before the first write
+
+
+def test_the_advice_reads_the_rules_from_the_overrides_where_they_do_not_compose_here(
+    make_cfg, monkeypatch
+):
+    """A study's overrides may not compose on the host that reports (sweep.devices it lacks):
+    the rules they set still count, on the report's config, which has none."""
+
+    def refused(overrides):
+        raise ConfigError("sweep.devices: GPU 1 is not on this machine")
+
+    monkeypatch.setattr("harness.report.load_config", refused)
+    study = optuna.create_study(direction="maximize")
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"steps": 10}))
+    rules = ["sweep.target=0.4", "sweep.budget_steps=31", "sweep.devices=[0,1]"]
+    objective = Objective("eval/f1", "maximize")
+    assert rules_to_unset(study, make_cfg(*FAST), [*FAST, *rules], objective) == ["sweep.target"]
