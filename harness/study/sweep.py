@@ -279,7 +279,7 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         the caller if this raises); then the summary."""
         missing = self.cfg.sweep.n_trials - count_finished(study)
         if missing > 0 and self._met_stop_rule(study, before_start=True):
-            missing = 0  # a resumed study that meets a stop rule already (preflight said so)
+            missing = 0  # a resumed study that meets a stop rule already: no trial starts
         if missing > 0 and not self.is_helper:
             self._warm_start(study)
         if missing > 0 and not self._enough(study):
