@@ -518,6 +518,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         args.budget_steps = (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)[args.backend]
     name = args.data or f"default_{args.backend}"
     args.out = args.out or Path("benchmarks/out/search_efficiency") / name
+    args.overrides = extra  # config overrides (train.eval_every_steps=50): in results.json too
     return args, extra
 
 

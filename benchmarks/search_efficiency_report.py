@@ -76,6 +76,8 @@ class Report:
             f"  objective {cfg.sweep.metric} ({cfg.sweep.direction}), reported per evaluation "
             f"({when}); steps = optimizer steps, ceil(rows / batch size) per epoch"
         )
+        if getattr(args, "overrides", None):
+            self.say(f"  overrides: {' '.join(args.overrides)}")
         self.say("  space: " + ", ".join(f"{k}={v}" for k, v in cfg.search.space.items()))
         self.say(
             f"  default: sampler {cfg.sampler.name} "
