@@ -11,7 +11,9 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 # The test suite's own backends, allowed as a user allows theirs (harness.checks.ALLOW_ENV):
 # configs may name only harness's backends and these in backend._target_.
-os.environ["HARNESS_BACKENDS"] = "tests.helpers.ArtifactBackend,tests.helpers.FlakyBackend"
+os.environ["HARNESS_BACKENDS"] = ",".join(
+    f"tests.helpers.{name}" for name in ("ArtifactBackend", "FlakyBackend", "RendezvousBackend")
+)
 
 import gc
 import subprocess

@@ -576,8 +576,32 @@ class ArtifactBackend(FakeBackend):
         return result
 
 
-_: type[Backend] = FlakyBackend  # both are Backends (mypy)
+class RendezvousBackend(FakeBackend):
+    """Each worker process's first trial waits until every worker of the sweep (sweep.n_workers)
+    has started one: a test of several workers then sees each of them run trials whatever the
+    machine's speed, on an event rather than a guess at how long a process takes to start. The
+    wait is bounded (RENDEZVOUS_S): a worker that never comes fails the test's own checks."""
+
+    def run(self, spec: TrialSpec, reporter: Reporter) -> TrialResult:
+        arrived = Path(spec.config.paths.runs_dir) / "rendezvous"
+        arrived.mkdir(parents=True, exist_ok=True)
+        mine = arrived / str(os.getpid())
+        if not mine.exists():
+            mine.touch()
+            deadline = time.monotonic() + RENDEZVOUS_S
+            while len(list(arrived.iterdir())) < spec.config.sweep.n_workers:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)  # poll interval of the bounded wait
+        return super().run(spec, reporter)
+
+
+RENDEZVOUS_S = 120.0
+RENDEZVOUS = "backend._target_=tests.helpers.RendezvousBackend"
+
+_: type[Backend] = FlakyBackend  # all are Backends (mypy)
 _artifact: type[Backend] = ArtifactBackend
+_rendezvous: type[Backend] = RendezvousBackend
 
 
 class RecordingReporter:

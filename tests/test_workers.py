@@ -11,15 +11,14 @@ import pytest
 from harness.config import ConfigError, load_config
 from harness.study import Sweep, load_study, plan_study
 from harness.tracking import InMemoryStore
-from tests.helpers import run_cli, start_cli, study_runs, wait_for_running
+from tests.helpers import RENDEZVOUS, run_cli, start_cli, study_runs, wait_for_running
 
 
 @pytest.mark.slow  # many processes
 def test_n_workers_share_one_study_and_one_parent_run(make_cfg, runs):
     overrides = [
         "backend=fake",
-        # a second a trial: longer than a worker process takes to start (3-4 s on a busy
-        # 2-core machine), so every worker gets trials before the first has run them all
+        RENDEZVOUS,  # every worker gets trials before the first has run them all
         "backend.seconds_per_epoch=0.5",
         "train.epochs=2",
         "sweep.n_trials=12",
@@ -55,14 +54,15 @@ def gone(pid: int) -> bool:
     return False
 
 
-@pytest.mark.slow  # two processes, ~2 s a trial
+@pytest.mark.slow  # two processes, ~1 s a trial
 def test_a_stop_rule_stops_every_worker(make_cfg, runs, tmp_path):
     """sweep.budget_steps with 2 workers: each reads the rule from the stored study after each
     of its trials, so all stop; only the trial the other worker had in flight when the budget
     was spent can overshoot it."""
     fixed = [
         "backend=fake",
-        "backend.seconds_per_epoch=1",  # 2 s a trial, 16 s for one worker: both get to run trials
+        RENDEZVOUS,  # both workers get to run trials
+        "backend.seconds_per_epoch=0.5",
         "train.epochs=2",  # every trial takes the same steps
         "search=none",
         "train.trainable_blocks=choice(-1,0,1)",  # searched; the fake backend ignores it
@@ -113,7 +113,8 @@ def test_two_workers_prune_a_multi_objective_study_by_pareto_rank(make_cfg, runs
     enqueued = ", ".join(f"{{train.learning_rate: {rate}}}" for rate in rates)
     overrides = [
         "backend=fake",
-        "backend.seconds_per_epoch=2",  # 6 s a good trial: the other worker starts within
+        RENDEZVOUS,  # both workers run trials: the two good ones start together
+        "backend.seconds_per_epoch=1",
         "train.epochs=3",
         "search=none",
         f"train.learning_rate=choice({','.join(rates)})",
