@@ -185,8 +185,11 @@ def gather(
     return facts
 
 
-# why the command that follows the advice sets a stop rule to null
-UNSET_WHY = "kept, a stop rule this study meets already could stop it before its first trial"
+def unset_note(facts: Facts) -> str:
+    """What the command that follows the advice sets to null, and why ("" if nothing)."""
+    unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
+    why = "kept, a stop rule this study meets already could stop it before its first trial"
+    return f"{unset}: {why}" if unset else ""
 
 
 def rules_to_unset(
@@ -738,13 +741,11 @@ def _advice_section(facts: Facts) -> list[str]:
         return [*lines, "No boundary problems: the best trial lies inside every searched range."]
     lines += [f"- {a.text()}" for a in facts.advice]
     if facts.follow_advice:
-        unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
-        if unset:  # said, as the command departs from the study's own overrides there
-            unset = f"; {unset}: {UNSET_WHY}"
+        unset = unset_note(facts)  # said, as the command departs from the study's overrides
         lines += [
             "",
             f"To follow it ({advice.MORE_TRIALS} more trials, the study's own overrides with the "
-            f"wider ranges{unset}):",
+            f"wider ranges{f'; {unset}' if unset else ''}):",
             "",
             f"`{facts.follow_advice}`",
         ]
@@ -825,8 +826,8 @@ def _print(console: Any, folder: Path, facts: Facts, plots: Sequence[Plot], logg
     for item in facts.advice:
         console.print(f"  {item.text().replace('`', '')}", markup=False, soft_wrap=True)
     if facts.follow_advice:
-        unset = ", ".join(f"{key}=null" for key in facts.follow_unset)
-        console.print(f"to follow it{f' ({unset}: {UNSET_WHY})' if unset else ''}:", markup=False)
+        unset = unset_note(facts)
+        console.print(f"to follow it{f' ({unset})' if unset else ''}:", markup=False)
         console.print(facts.follow_advice, markup=False, soft_wrap=True)
     style = "green" if logged.startswith("logged") else "yellow"
     console.print(f"[{style}]mlflow[/{style}]: {escape(logged)}", soft_wrap=True)

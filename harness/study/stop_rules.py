@@ -17,6 +17,7 @@ for every worker of the study and for a resumed study before its first new trial
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import optuna
@@ -87,23 +88,24 @@ def stop_rule_met(
 ) -> Stop | None:
     """The first rule the stored study meets (target, stagnation, step budget), or None.
     ``before_start``: asked before this invocation starts a trial (a resumed study)."""
-    stop = next(iter(rules_met(cfg, study, goal)), None)
+    stop = next(rules_met(cfg, study, goal), None)
     if stop is not None and before_start:
         return Stop(stop.rule, f"{stop.message} (before this sweep: no trial started)")
     return stop
 
 
-def rules_met(cfg: DictConfig, study: optuna.Study, goal: tuple[str, str]) -> list[Stop]:
-    """Every rule the stored study meets, in the order stop_rule_met asks them: a sweep that
-    resumes or continues the study with any of them set stops before its first trial."""
+def rules_met(cfg: DictConfig, study: optuna.Study, goal: tuple[str, str]) -> Iterator[Stop]:
+    """Each rule the stored study meets (target, stagnation, step budget), judged one at a time
+    as asked for: stop_rule_met, after every trial, takes only the first. A sweep that resumes
+    or continues the study with any of them set stops before its first trial."""
     trials = study.get_trials(deepcopy=False, states=FINISHED_STATES)
     trials.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
-    met = (
-        target_reached(trials, cfg.sweep.target, goal),
-        stagnated(trials, cfg, goal, study),
-        steps_spent(trials, cfg.sweep.budget_steps),
+    judges = (
+        lambda: target_reached(trials, cfg.sweep.target, goal),
+        lambda: stagnated(trials, cfg, goal, study),  # reads the confirm runs' noise
+        lambda: steps_spent(trials, cfg.sweep.budget_steps),
     )
-    return [stop for stop in met if stop is not None]
+    return (stop for judge in judges if (stop := judge()) is not None)
 
 
 def target_reached(
