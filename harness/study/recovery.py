@@ -20,7 +20,7 @@ from harness.storage import CLAIM_PREFIX, STORAGE_ATTEMPTS, WORKER_ATTR
 from harness.study.objective import trial_workdir
 from harness.study.plan import Plan
 from harness.study.queries import RUNNING, billed_key
-from harness.study.trial import describe_failure
+from harness.study.trial import describe_failure, final_metrics
 from harness.tracking import Tracker
 from harness.workers import alive, worker_identity
 
@@ -112,8 +112,17 @@ class Recovery:
             t.number: (t.state.name, str(t.user_attrs.get("fail_reason", "")))
             for t in study.get_trials(deepcopy=False)
         }
+        metric = self.plan.objectives[0][0]
+        finals = {  # a completed trial's final metrics, for a run that lacks them
+            t.number: (
+                int(t.user_attrs.get("steps", 0)),
+                final_metrics(t.user_attrs["metrics"], metric),
+            )
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if metric in t.user_attrs.get("metrics", {})
+        }
         try:
-            self.tracker.close_abandoned_runs(trials)
+            self.tracker.close_abandoned_runs(trials, finals)
         except Exception as exc:  # the runs stay as they are; the study goes on
             logging.getLogger("harness").warning(
                 "could not close MLflow runs left open: %s", describe_failure(exc)

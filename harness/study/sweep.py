@@ -227,6 +227,13 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
         study = self.create_study()
         self._store_study_attrs(study)
         self._start_parent_run(study)
+        try:
+            self._run_trials_and_close(study)
+        finally:  # what is still on its way to MLflow is there before the caller reads it
+            self.tracker.close_writes()
+        return study
+
+    def _run_trials_and_close(self, study: optuna.Study) -> None:
         self.workers: list[subprocess.Popen[bytes]] = []
         try:
             self._run_trials(study)
@@ -239,7 +246,6 @@ class Sweep(WarmStart, Recovery, TrialObjective, SweepFinish, ConfirmStep):
             if is_unreachable(exc) and not self.tracking_gone:  # outside a trial
                 raise self._tracking_gone_error(unreachable_reason(exc)) from exc
             raise
-        return study
 
     def _store_study_attrs(self, study: optuna.Study) -> None:
         if self.carried and "harness_continued_from" not in study.user_attrs:

@@ -51,7 +51,7 @@ def train_once(
         plan.cfg = with_params(plan.cfg, {"train.patience": 0})
     params = {key: OmegaConf.select(plan.cfg, key) for key in cfg.search.space}
     plan.prepared = plan.backend.prepare(plan.cfg, plan.dataset)
-    tracker = MLflowTracker(plan.cfg, plan.dataset.file_hashes)
+    tracker = MLflowTracker(plan.cfg, plan.dataset.file_hashes, defer_writes=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = runs_dir(plan.cfg) / "checkpoints" / plan.cfg.name / f"{name}-{stamp}"
     run_tags = {

@@ -191,16 +191,20 @@ def _record_result(
         value = result.metrics.get(metric, math.nan)
         if not math.isfinite(value):
             raise RuntimeError(f"objective {metric} is {value} (metrics: {sorted(result.metrics)})")
-    objective = result.metrics[goals[0][0]]
-    # eval/* already has its history (reported per evaluation); logging the kept model's
-    # values again at the last step would put a second point there. test/* and the
-    # objective (the kept model's validation metric) are final values.
-    final = {k: v for k, v in result.metrics.items() if not k.startswith("eval/")}
-    run.log_metrics(result.steps, {**final, "objective": objective}, buffered=True)
+    run.log_metrics(result.steps, final_metrics(result.metrics, goals[0][0]), buffered=True)
     if "cost_usd" in result.metrics and on_cost is not None:
         on_cost(float(result.metrics["cost_usd"]))
     for artifact in result.artifacts:
         run.log_artifact(artifact)
+
+
+def final_metrics(metrics: Mapping[str, float], objective: str) -> dict[str, float]:
+    """A completed trial's final values as its run logs them at its last step."""
+    # eval/* already has its history (reported per evaluation); logging the kept model's
+    # values again at the last step would put a second point there. test/* and the
+    # objective (the kept model's validation metric) are final values.
+    final = {k: float(v) for k, v in metrics.items() if not k.startswith("eval/")}
+    return {**final, "objective": float(metrics[objective])}
 
 
 def _end_pruned(run: TrackedRun, metric: str, pruned: optuna.TrialPruned) -> None:

@@ -28,6 +28,7 @@ from harness.tracking.records import (
     LossWindow,
     closing_of,
     config_yaml,
+    missing_finals,
     stale_run_tags,
     trial_run_tags,
 )
@@ -192,15 +193,25 @@ class InMemoryTracker:
                 run.tags.update(tags)
                 run.status = "FAILED"
 
-    def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
+    def close_abandoned_runs(
+        self,
+        trials: Mapping[int, tuple[str, str]],
+        finals: Mapping[int, tuple[int, Mapping[str, float]]] | None = None,
+    ) -> None:
         for run in [*self._runs("trial"), *self._runs("confirm")]:
             closing = closing_of(run.tags, trials) if run.status == "RUNNING" else None
             if closing is not None:
+                final = missing_finals(run.tags, set(run.metrics), closing, finals)
+                for key, value in final[1].items():
+                    run.metrics.setdefault(key, []).append((final[0], value))
                 run.status, tags = closing
                 run.tags.update(tags)
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.store.runs[run_id].tags[key] = value
+
+    def close_writes(self) -> None:
+        pass  # every write is made at once
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self.store.runs[run_id].tags)

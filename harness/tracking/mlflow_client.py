@@ -41,7 +41,16 @@ class MLflowStore:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = GuardedClient(MlflowClient(uri))
+        self._client = GuardedClient(MlflowClient(uri))
+
+    @property
+    def client(self) -> GuardedClient:
+        """The client, once every write sent to be made elsewhere has been made."""
+        self.wait_for_writes()
+        return self._client
+
+    def wait_for_writes(self) -> None:
+        """Waits for writes sent to be made elsewhere (MLflowTracker's writer); none here."""
 
     @classmethod
     def of(cls, cfg: DictConfig) -> MLflowStore:

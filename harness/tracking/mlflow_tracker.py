@@ -4,7 +4,9 @@ Every run lists the study's data files as MLflow dataset inputs (the runs table'
 column). Secrets never reach MLflow: config values under secret-looking keys and passwords in
 URLs are redacted before the config is logged (harness.secrets). An http(s) tracking server
 that stops answering fails a request in about ``tracking.server_timeout_s`` (see
-harness.tracking.server)."""
+harness.tracking.server). With the local SQLite store, a trial run's writes after its creation
+are made by a writer process (harness.tracking.mlflow_writer); every other request waits for
+them first."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from harness.secrets import redact_text
 from harness.tracking.datasets import dataset_inputs
 from harness.tracking.mlflow_client import MLflowStore, retried
 from harness.tracking.mlflow_run import TrialRun
+from harness.tracking.mlflow_writer import DeferredClient, wait_for_ended_writers
 from harness.tracking.protocol import ModelDestination, as_model_logger
 from harness.tracking.records import (
     ROLE_TAG,
@@ -29,6 +32,7 @@ from harness.tracking.records import (
     TAG_LIMIT,
     closing_of,
     config_yaml,
+    missing_finals,
     stale_run_tags,
     trial_run_tags,
 )
@@ -44,9 +48,16 @@ from harness.tracking.sqlite_store import fast_sqlite_writes
 class MLflowTracker(MLflowStore):
     """The study's experiment and parent run; makes a ``TrialRun`` per trial."""
 
-    def __init__(self, cfg: DictConfig, file_hashes: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        file_hashes: Mapping[str, str] | None = None,
+        defer_writes: bool = True,
+    ) -> None:
         """``file_hashes``: the data files' sha256 (Dataset.file_hashes), for the runs' dataset
-        inputs; files not in it are hashed when first needed."""
+        inputs; files not in it are hashed when first needed. ``defer_writes``: trial runs'
+        writes to a SQLite store go through a writer process (a study's many runs; not worth
+        it for one run)."""
         import mlflow
 
         self.file_hashes = dict(file_hashes or {})
@@ -56,15 +67,28 @@ class MLflowTracker(MLflowStore):
         if uri.startswith(("http://", "https://")):
             bound_server_requests(cfg.tracking.server_timeout_s)
         uri = use_server_credentials(uri)
+        self.writes: DeferredClient | None = None
         if uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
             store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
             ensure_store(store)  # whole or not at all, whatever stops this process
             fast_sqlite_writes(store)
+            wait_for_ended_writers(store)  # what a killed sweep sent is in the store first
+            if defer_writes:
+                self.writes = DeferredClient(uri, store)
         mlflow.set_tracking_uri(uri)  # for log_model, which only has a fluent API
         super().__init__(uri)
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use
         self.experiment_id = self._experiment(cfg.tracking.experiment or cfg.name)
+
+    def wait_for_writes(self) -> None:
+        if self.writes is not None:
+            self.writes.sync()
+
+    def close_writes(self) -> None:
+        """Makes every write sent to the writer process, and ends it."""
+        if self.writes is not None:
+            self.writes.close()
 
     def _experiment(self, name: str) -> str:
         """The id of experiment ``name``, created the first time."""
@@ -141,7 +165,11 @@ class MLflowTracker(MLflowStore):
             if tags is not None:
                 self._close(run.info.run_id, "FAILED", tags)
 
-    def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
+    def close_abandoned_runs(
+        self,
+        trials: Mapping[int, tuple[str, str]],
+        finals: Mapping[int, tuple[int, Mapping[str, float]]] | None = None,
+    ) -> None:
         """Closes this study's runs left RUNNING by a process that ended without closing them
         (a tracking server that was gone then, a kill): runs whose Optuna trial is finished or
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
@@ -152,8 +180,19 @@ class MLflowTracker(MLflowStore):
             running = f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'"
             for run in self._study_runs(running):
                 closing = closing_of(run.data.tags, trials)
-                if closing is not None:
-                    self._close(run.info.run_id, *closing)
+                if closing is None:
+                    continue
+                step, final = missing_finals(run.data.tags, set(run.data.metrics), closing, finals)
+                if final:
+                    self._log_final(run.info.run_id, step, final)
+                self._close(run.info.run_id, *closing)
+
+    def _log_final(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        retried(lambda: self.client.log_batch(run_id, metrics=batch))
 
     def _study_runs(self, condition: str) -> list[Any]:
         """This study's runs that meet ``condition`` (an MLflow filter)."""
@@ -176,12 +215,13 @@ class MLflowTracker(MLflowStore):
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
-    def log_datasets(self, run_id: str) -> None:
-        """The study's data files as the run's dataset inputs (one request)."""
+    def log_datasets(self, run_id: str, client: Any = None) -> None:
+        """The study's data files as the run's dataset inputs (one request, by ``client``)."""
         if self._datasets is None:
             self._datasets = dataset_inputs(self.cfg.data, self.file_hashes)
         datasets = self._datasets
-        retried(lambda: self.client.log_inputs(run_id, datasets=datasets))
+        client = client or self.client
+        retried(lambda: client.log_inputs(run_id, datasets=datasets))
 
     def start_run(
         self,
@@ -192,9 +232,12 @@ class MLflowTracker(MLflowStore):
         parent_id: str | None = None,
     ) -> TrialRun:
         all_tags = trial_run_tags(str(self.cfg.name), tags, parent_id)
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        # created here, not waiting for the writer: its id is needed now, and no write sent
+        # before concerns it
+        run = self._client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        client = self.writes or self._client
         trial_run = TrialRun(
-            self.client,
+            client,
             run.info.run_id,
             run.info.artifact_uri,
             self.cfg.tracking.flush_every_s,
@@ -202,7 +245,7 @@ class MLflowTracker(MLflowStore):
         )
         try:
             trial_run.log_params(params)
-            self.log_datasets(run.info.run_id)
+            self.log_datasets(run.info.run_id, client)
             trial_run.log_text(config_yaml(cfg), "config.yaml")
         except BaseException:  # Ctrl-C or a store error before the trial began: not RUNNING
             with contextlib.suppress(Exception):

@@ -71,11 +71,20 @@ class Tracker(Protocol):
     def fail_stale_run(self, trial_number: int, reason: str) -> None:
         """Fails the runs of a trial Optuna failed because its process died."""
 
-    def close_abandoned_runs(self, trials: Mapping[int, tuple[str, str]]) -> None:
+    def close_abandoned_runs(
+        self,
+        trials: Mapping[int, tuple[str, str]],
+        finals: Mapping[int, tuple[int, Mapping[str, float]]] | None = None,
+    ) -> None:
         """Closes runs left RUNNING by processes that ended (``trials``: number -> (state,
-        fail reason))."""
+        fail reason)); a completed trial's run gets its final metrics first (``finals``:
+        number -> (step, metrics), as Optuna recorded them), where they are missing."""
 
     def set_tag(self, run_id: str, key: str, value: str) -> None: ...
+
+    def close_writes(self) -> None:
+        """Makes every write of the trial runs still on its way (see MLflowTracker), before the
+        sweep's process goes on to other work or ends."""
 
     def run_tags(self, run_id: str) -> dict[str, str]: ...
 

@@ -70,6 +70,22 @@ def closing_of(
     return None
 
 
+def missing_finals(
+    tags: Mapping[str, str],
+    logged: set[str],
+    closing: tuple[str, Mapping[str, str]],
+    finals: Mapping[int, tuple[int, Mapping[str, float]]] | None,
+) -> tuple[int, dict[str, float]]:
+    """(step, metrics) a run closed as a completed trial's lacks (its process, or the writer
+    process of harness.tracking.mlflow_writer, was killed before logging them): the final
+    metrics Optuna recorded for the trial, none where the run has its ``objective``."""
+    number = tags.get("optuna.trial_number", "")
+    if closing[1].get("optuna.trial_state") != "COMPLETE" or "objective" in logged:
+        return 0, {}
+    step, metrics = (finals or {}).get(int(number), (0, {})) if number.isdigit() else (0, {})
+    return step, {k: float(v) for k, v in metrics.items() if k not in logged}
+
+
 WINDOWED = "train/loss"  # reported every step; logged as a mean over tracking.log_every_steps
 
 
