@@ -74,8 +74,8 @@ class MLflowTracker(MLflowStore):
             ensure_store(store)  # whole or not at all, whatever stops this process
             fast_sqlite_writes(store)
             wait_for_ended_writers(store)  # what a killed sweep sent is in the store first
-            if defer_writes:
-                self.writes = DeferredClient(uri, store)
+            if defer_writes:  # before this process opens the store (see DeferredClient.start)
+                self.writes = DeferredClient.start(uri, store)
         mlflow.set_tracking_uri(uri)  # for log_model, which only has a fluent API
         super().__init__(uri)
         self._datasets: list[Any] | None = None  # the data files' inputs, hashed on first use

@@ -30,24 +30,30 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import itertools
 import os
 import pickle
 import select
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Iterable, Iterator
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from harness.secrets import redact_text
+from harness.tracking.sqlite_store import open_in_this_process
 from harness.workers import alive
 
 ENDED_WRITER_WAIT_S = 120.0  # a writer of an ended sweep has this long to make what it was sent
 CLOSE_WAIT_S = 600.0  # what the sweep's process waits at its exit for its writer to finish
 _HEADER = struct.Struct("<I")
+_WRITERS = itertools.count()  # this process's writers, for their lock files' names
 
 
 def writers_folder(store: Path) -> Path:
@@ -57,12 +63,25 @@ def writers_folder(store: Path) -> Path:
 
 class DeferredClient:
     """The part of MLflow's client a trial run uses after its creation, sent to a writer
-    process (started at the first write) instead of made here."""
+    process instead of made here."""
 
     def __init__(self, uri: str, store: Path) -> None:
         self.tracking_uri = uri
         self.store = store
-        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0  # the writer's, while it runs
+        self.to_writer = -1  # the pipe's ends: the writes in, the writer's acknowledgements out
+        self.acks = -1
+
+    @classmethod
+    def start(cls, uri: str, store: Path) -> DeferredClient | None:
+        """A writer for the SQLite store ``store`` (at ``uri``), forked now; None where this
+        process holds a connection to the store already (a forked child could then corrupt it:
+        a process that runs several sweeps on one store, such as a test; they write in place)."""
+        if open_in_this_process(store):
+            return None
+        client = cls(uri, store)
+        client._start()
+        return client
 
     def log_batch(
         self,
@@ -77,66 +96,86 @@ class DeferredClient:
         self._send(("log_inputs", run_id, datasets))
 
     def set_terminated(self, run_id: str, status: str) -> None:
-        self._send(("set_terminated", run_id, status))
+        # the run ends now, not when the writer gets to it: its duration is the trial's
+        self._send(("set_terminated", run_id, status, int(time.time() * 1000)))
 
     def sync(self, timeout_s: float = CLOSE_WAIT_S) -> None:
         """Returns once the writer has made every write sent so far."""
-        if self.process is None:
+        if not self.pid:
             return
         self._send(("sync",))
-        assert self.process.stdout is not None
-        stdout = self.process.stdout
-        ready, _, _ = select.select([stdout], [], [], timeout_s)
-        if not ready or not os.read(stdout.fileno(), 1):  # unbuffered: one ack per sync
+        ready, _, _ = select.select([self.acks], [], [], timeout_s)
+        if not ready or not os.read(self.acks, 1):
             raise RuntimeError(self._ended(f"did not finish its writes in {timeout_s:.0f} s"))
 
     def close(self) -> None:
         """Ends the writer's input and waits for it to make what is left (bounded: past that, it
-        goes on alone and the next sweep on the store waits for it)."""
-        process, self.process = self.process, None
-        if process is None:
+        goes on alone, and the next sweep on the store waits for it)."""
+        pid, self.pid = self.pid, 0
+        if not pid:
             return
-        with contextlib.suppress(OSError):
-            assert process.stdin is not None
-            process.stdin.close()
-        try:
-            process.wait(CLOSE_WAIT_S)
-        except subprocess.TimeoutExpired:
+        os.close(self.to_writer)
+        try:  # its end closes the acknowledgements' pipe
+            ready, _, _ = select.select([self.acks], [], [], CLOSE_WAIT_S)
+            while ready and os.read(self.acks, 4096):
+                ready, _, _ = select.select([self.acks], [], [], CLOSE_WAIT_S)
+        finally:
+            os.close(self.acks)
+        if not ready:
             print(
-                f"harness: the MLflow writer (pid {process.pid}) is still writing; it goes on "
-                "in the background",
+                f"harness: the MLflow writer (pid {pid}) is still writing; it goes on alone",
                 file=sys.stderr,
             )
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # it has ended: no wait
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def _start(self) -> None:
         folder = writers_folder(self.store)
         folder.mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, self.tracking_uri, str(folder), str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C and a group's SIGKILL reach the sweep, not it
-        )
+        writes_out, writes_in = os.pipe()
+        acks_out, acks_in = os.pipe()
+        # Locked before the fork: the writer holds the lock from its first moment (the lock
+        # belongs to the open file, which the child keeps and this process closes).
+        lock = folder / f"{os.getpid()}-{next(_WRITERS)}.lock"
+        held = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        # Forked, not a new interpreter: MLflow's import (~2 s of CPU) is done already. The
+        # child uses none of this process's threads or connections.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(writes_in)
+                os.close(acks_out)
+                code = serve(self.tracking_uri, lock, held, writes_out, acks_in)
+            except BaseException:
+                _say(f"harness: the MLflow writer stopped: {traceback.format_exc()[-2000:]}")
+            finally:
+                os._exit(code)
+        for fd in (held, writes_out, acks_in):
+            os.close(fd)
+        self.pid, self.to_writer, self.acks = pid, writes_in, acks_out
         atexit.register(self.close)
-        return process
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        if self.process is None:
-            self.process = self._start()
+        if not self.pid:  # closed: a write after the sweep's end starts a writer again
+            self._start()
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        assert self.process.stdin is not None
+        frame = memoryview(_HEADER.pack(len(data)) + data)
         try:
             with _signals_held():  # a frame cut in half by Ctrl-C would garble every next one
-                self.process.stdin.write(_HEADER.pack(len(data)) + data)
-                self.process.stdin.flush()
-        except (BrokenPipeError, ValueError) as exc:  # it died (killed), or was closed
+                while frame:
+                    frame = frame[os.write(self.to_writer, frame) :]
+        except OSError as exc:  # it died (killed)
             raise RuntimeError(self._ended(f"ended ({type(exc).__name__})")) from None
 
     def _ended(self, what: str) -> str:
-        pid = self.process.pid if self.process is not None else "?"
         return (
-            f"the MLflow writer process (pid {pid}) {what}: this trial's run may lack its last "
-            "writes; run the same command again: it closes the runs left open"
+            f"the MLflow writer process (pid {self.pid}) {what}: this trial's run may lack its "
+            "last writes; run the same command again: it closes the runs left open"
         )
 
 
@@ -156,14 +195,14 @@ def _signals_held() -> Iterator[None]:
 def wait_for_ended_writers(store: Path, timeout_s: float = ENDED_WRITER_WAIT_S) -> None:
     """Waits for the writers of sweeps that ended (killed, say) to finish what they were sent,
     so that runs they are about to close are not closed a second time. A running sweep's
-    writer (its process alive) is left alone: its runs are its own."""
+    writer (its process alive, this one too) is left alone: its runs are its own."""
     folder = writers_folder(store)
     if not folder.is_dir():
         return
     deadline = time.monotonic() + timeout_s
     for lock in sorted(folder.glob("*.lock")):
         owner = lock.name.split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and alive(int(owner)):
+        if owner.isdigit() and alive(int(owner)):
             continue
         try:
             handle = lock.open("rb")
@@ -182,65 +221,138 @@ def wait_for_ended_writers(store: Path, timeout_s: float = ENDED_WRITER_WAIT_S) 
             lock.unlink()
 
 
-def _read_frames(stream: BinaryIO) -> Iterator[tuple[Any, ...]]:
-    while True:
-        header = stream.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return
-        data = stream.read(_HEADER.unpack(header)[0])
-        if len(data) < _HEADER.unpack(header)[0]:
-            return
-        yield pickle.loads(data)
+def _say(text: str) -> None:
+    """A line on stderr, by the file descriptor: the forked writer takes no lock the sweep's
+    threads might have held when it was forked."""
+    with contextlib.suppress(OSError):
+        os.write(2, (text.rstrip() + "\n").encode("utf-8", "replace"))
 
 
-def _write(client: Any, message: tuple[Any, ...]) -> None:
-    from harness.tracking.mlflow_client import retried
-
-    operation, run_id, *args = message
-    if operation == "log_batch":
-        metrics, params, tags = args
-        retried(lambda: client.log_batch(run_id, metrics=metrics, params=params, tags=tags))
-    elif operation == "log_inputs":
-        retried(lambda: client.log_inputs(run_id, datasets=args[0]))
-    elif operation == "set_terminated":
-        client.set_terminated(run_id, args[0])
-    else:
-        raise ValueError(f"unknown write {operation!r}")
+def _read_exact(fd: int, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            return None  # the end of the input (a frame cut short by a kill: dropped)
+        data += chunk
+    return data
 
 
-def serve(uri: str, folder: Path, owner: int) -> None:
-    """The writer: the frames on stdin, made in order, until its end."""
+def _read_waiting(fd: int) -> list[tuple[Any, ...]] | None:
+    """The next message, and every other already waiting in the pipe (so that a run's writes
+    sent while the writer was busy go in one request); None at the end of the input."""
+    messages: list[tuple[Any, ...]] = []
+    while not messages or (len(messages) < 1000 and select.select([fd], [], [], 0)[0]):
+        header = _read_exact(fd, _HEADER.size)
+        data = _read_exact(fd, _HEADER.unpack(header)[0]) if header else None
+        if data is None:
+            return messages or None
+        messages.append(pickle.loads(data))
+    return messages
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)] or [[]]
+
+
+class _RunWrites:
+    """One run's writes waiting together: one log_batch for all its params, metrics and tags
+    (within MLflow's limits per request), its dataset inputs, then its end."""
+
+    def __init__(self) -> None:
+        self.metrics: list[Any] = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, Any] = {}  # the last value of a tag set twice wins, as it would
+        self.inputs: list[Any] = []
+        self.end: tuple[str, int] | None = None
+
+    def add(self, operation: str, args: list[Any]) -> None:
+        if operation == "log_batch":
+            metrics, params, tags = args
+            self.metrics += metrics
+            self.params.update((p.key, p) for p in params)
+            self.tags.update((t.key, t) for t in tags)
+        elif operation == "log_inputs":
+            self.inputs.append(args[0])
+        elif operation == "set_terminated":
+            self.end = (args[0], args[1])
+        else:
+            raise ValueError(f"unknown write {operation!r}")
+
+    def make(self, client: Any, run_id: str) -> None:
+        from harness.tracking.mlflow_client import retried
+
+        batches: Iterable[tuple[list[Any], ...]] = zip_longest(
+            _chunks(self.metrics, 1000),
+            _chunks(list(self.params.values()), 100),
+            _chunks(list(self.tags.values()), 100),
+            fillvalue=[],
+        )
+        for metrics, params, tags in batches:
+            if metrics or params or tags:
+                retried(lambda: client.log_batch(run_id, metrics, params, tags))  # noqa: B023
+        for datasets in self.inputs:
+            retried(lambda: client.log_inputs(run_id, datasets=datasets))  # noqa: B023
+        if self.end is not None:
+            client.set_terminated(run_id, *self.end)
+
+
+def _make(client: Any, messages: list[tuple[Any, ...]]) -> None:
+    """Makes ``messages`` (no sync among them) by run, each run's in one go."""
+    runs: dict[str, _RunWrites] = {}
+    for operation, run_id, *args in messages:
+        runs.setdefault(run_id, _RunWrites()).add(operation, args)
+    for run_id, writes in runs.items():
+        try:
+            writes.make(client, run_id)
+        except Exception as exc:
+            _say(
+                f"harness: MLflow writes of run {run_id} failed: "
+                f"{redact_text(f'{type(exc).__name__}: {exc}')[:500]}"
+            )
+
+
+def serve(uri: str, lock: Path, held: int, writes: int, acks: int) -> int:
+    """The writer (a forked child of the sweep's process): the writes read from the file
+    descriptor ``writes``, made in order until its end; each sync acknowledged on ``acks``;
+    ``lock`` held (open as ``held``) until then."""
     from mlflow.tracking import MlflowClient
 
-    from harness.secrets import redact_text
-    from harness.tracking.sqlite_store import fast_sqlite_writes
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops at the end of its input, no sooner
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    lock = folder / f"{owner}-{os.getpid()}.lock"
-    with lock.open("wb") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        fast_sqlite_writes(Path(uri.removeprefix("sqlite:///").split("?", 1)[0]))
-        client = MlflowClient(uri)
-        for message in _read_frames(sys.stdin.buffer):
-            if message[0] == "sync":
-                sys.stdout.buffer.write(b".")
-                sys.stdout.buffer.flush()
+    for number in (signal.SIGINT, signal.SIGTERM):  # it stops at the end of its input
+        signal.signal(number, signal.SIG_IGN)
+    os.setsid()  # a signal to the sweep's process group is not for it
+    _keep_only_fds(held, writes, acks)
+    client: Any = None
+    while (messages := _read_waiting(writes)) is not None:
+        pending: list[tuple[Any, ...]] = []
+        for message in messages:
+            if message[0] != "sync":
+                pending.append(message)
                 continue
-            try:
-                _write(client, message)
-            except Exception as exc:
-                print(
-                    f"harness: MLflow write {message[0]} of run {message[1]} failed: "
-                    f"{redact_text(f'{type(exc).__name__}: {exc}')[:500]}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        lock.unlink()  # before the lock is let go: a waiter that gets it finds the writer done
+            client = client or MlflowClient(uri)  # not before there is work: it takes ~0.5 s
+            _make(client, pending)
+            pending = []
+            os.write(acks, b".")
+        if pending:
+            client = client or MlflowClient(uri)
+            _make(client, pending)
+    lock.unlink()  # before the lock is let go (at exit): a waiter that gets it finds it done
+    return 0
 
 
-# the writer's program (not `-m` this module: the package imports it first, and runpy warns)
-_SERVE = (
-    "import sys; from pathlib import Path; from harness.tracking.mlflow_writer import serve; "
-    "serve(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))"
-)
+def _keep_only_fds(*keep: int) -> None:
+    """Closes what the writer inherited but must not hold open (a server's socket, a pipe a
+    caller reads to its end), but stderr; stdin and stdout are /dev/null."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    for fd in sorted({null, *_open_fds()} - {0, 1, 2, *keep}):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc (macOS): the usual range
+        return list(range(3, 1024))
