@@ -10,16 +10,22 @@ and search space. Taking turns and the median of each side keep a machine shared
 work from favouring one side. Prints the added time per trial in ms and as a share of a
 2-second trial. Goal: under 25 ms per trial with the default stores.
 
-A third side splits what is added: the same sweep with the in-memory tracker (the fast tests'
-harness.tracking.InMemoryStore) in place of MLflow, so the journal storage, config copies,
-reporter and bookkeeping are timed without MLflow's SQLite store, and the difference is what
-the store's requests cost (create the run, its dataset inputs, params, final metrics, end).
+Two more sides split what is added. The same sweep with the in-memory tracker (the fast tests'
+harness.tracking.InMemoryStore) in place of MLflow times the journal storage, config copies,
+reporter and bookkeeping without MLflow's SQLite store; the difference is what the store's
+requests cost (create the run, its dataset inputs, params, final metrics, end). And the same
+sweep with every MLflow request made in the sweep's process (``defer_writes=False``: no writer
+process, as before harness.tracking.mlflow_writer) shows what the writer takes off the trials'
+path. CPU time (this process and the writer it forks) is printed beside the wall time: the
+writer's requests still cost CPU, on another core.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -63,7 +69,7 @@ class PruningReporter:
         pass
 
 
-def bare_loop(cfg: Any, n_trials: int) -> float:
+def bare_loop(cfg: Any, n_trials: int) -> tuple[float, float]:
     distributions = search.to_distributions(dict(cfg.search.space))
     backend = FakeBackend(seconds_per_epoch=cfg.backend.seconds_per_epoch)  # backend=fake
     prepared = backend.prepare(cfg, load_dataset(cfg.data))
@@ -89,24 +95,31 @@ def bare_loop(cfg: Any, n_trials: int) -> float:
         result = backend.run(spec, PruningReporter(trial, cfg.sweep.metric))
         return result.metrics[cfg.sweep.metric]
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     study.optimize(objective, n_trials=n_trials)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that ended (the writer process)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def harness_sweep(
     overrides: list[str], runs: Path, tracker_factory: TrackerFactory = MLflowTracker
-) -> float:
-    """One `harness sweep` in this process, its runs in MLflow's store or ``tracker_factory``'s.
-    The MLflow store is built before the clock starts (a first-use cost, ~1 s)."""
+) -> tuple[float, float]:
+    """One `harness sweep` in this process, its runs in MLflow's store or ``tracker_factory``'s:
+    (wall, CPU) seconds. The MLflow store is built before the clock starts (a first-use cost,
+    ~1 s)."""
     cfg = load_config([*overrides, f"paths.runs_dir={runs}"])
     uri = tracking_uri(cfg)
-    if tracker_factory is MLflowTracker and uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///"):
         ensure_store(Path(uri.removeprefix("sqlite:///")))
     sweep = Sweep(cfg, overrides, tracker_factory=tracker_factory)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     sweep.run()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main() -> None:
@@ -118,50 +131,65 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     overrides = ["backend=fake", f"sweep.n_trials={args.trials}", *extra]
     cfg = load_config(overrides)
-    bare: list[float] = []
-    full: list[float] = []
-    no_mlflow: list[float] = []
+    sides: dict[str, list[tuple[float, float]]] = {label: [] for label in LABELS.values()}
     memory = InMemoryStore()  # one for every run, as MLflow's one store below
+    in_process = functools.partial(MLflowTracker, defer_writes=False)
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up: imports and first-use costs belong to neither side. Each measured study has
         # a runs folder (and MLflow store) of its own, as a `harness sweep` process meets it:
         # one that has not opened the store yet (MLflowTracker's writer process is forked then)
         harness_sweep([*overrides[:1], "sweep.n_trials=2", "name=warmup"], Path(tmp) / "warmup")
         for repeat in range(args.repeats):
-            runs = Path(tmp) / f"runs-{repeat}"
-            bare.append(bare_loop(cfg, args.trials))
-            full.append(harness_sweep([*overrides, f"name=overhead-{repeat}"], runs))
-            no_mlflow.append(
-                harness_sweep([*overrides, f"name=memory-{repeat}"], runs, memory.tracker)
+            folder = Path(tmp) / f"runs-{repeat}"
+            sides[LABELS["bare"]].append(bare_loop(cfg, args.trials))
+            sides[LABELS["full"]].append(
+                harness_sweep([*overrides, f"name=overhead-{repeat}"], folder)
             )
-    bare_s, full_s = statistics.median(bare), statistics.median(full)
-    no_mlflow_s = statistics.median(no_mlflow)
-    added_ms = (full_s - bare_s) / args.trials * 1000
+            sides[LABELS["in_process"]].append(
+                harness_sweep([*overrides, f"name=in-process-{repeat}"], folder / "b", in_process)
+            )
+            sides[LABELS["memory"]].append(
+                harness_sweep([*overrides, f"name=memory-{repeat}"], folder, memory.tracker)
+            )
     print(
         f"{args.trials} trials of the fake backend ({cfg.sampler.name}, {cfg.pruner.name}), "
-        f"median of {args.repeats} runs each"
+        f"median of {args.repeats} runs each; wall and CPU (this process and the MLflow writer "
+        "process it forks) per trial"
     )
-    for label, times in (
-        ("bare Optuna loop (in-memory, no tracking)", bare),
-        ("harness (journal storage + MLflow SQLite)", full),
-        ("harness, in-memory tracker (no MLflow)", no_mlflow),
-    ):
-        seconds = statistics.median(times)
-        each = " ".join(f"{s / args.trials * 1000:.1f}" for s in times)
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for key, label in LABELS.items():
+        runs = sides[label]
+        wall[key] = statistics.median(w for w, _ in runs) / args.trials * 1000
+        cpu[key] = statistics.median(c for _, c in runs) / args.trials * 1000
+        each = " ".join(f"{w / args.trials * 1000:.1f}" for w, _ in runs)
         print(
-            f"  {label + ':':43s} {seconds:7.2f} s  {seconds / args.trials * 1000:6.1f} ms/trial  "
-            f"(runs: {each})"
+            f"  {label + ':':52s} {wall[key]:6.1f} ms wall  {cpu[key]:6.1f} ms CPU  "
+            f"(wall of each run: {each})"
         )
+    added = wall["full"] - wall["bare"]
     print(
-        f"  added by harness: {added_ms:.1f} ms per trial = {added_ms / 2000:.2%} of a 2-second "
-        f"trial (goal: under 25 ms); harness/bare = {full_s / bare_s:.1f}x"
+        f"  added by harness: {added:.1f} ms per trial = {added / 2000:.2%} of a 2-second trial "
+        f"(goal: under 25 ms); harness/bare = {wall['full'] / wall['bare']:.1f}x"
     )
-    own_ms = (no_mlflow_s - bare_s) / args.trials * 1000
+    own = wall["memory"] - wall["bare"]
     print(
         f"    of which harness's own bookkeeping (journal storage, config copies, reporter): "
-        f"{own_ms:.1f} ms; MLflow's SQLite store: {added_ms - own_ms:.1f} ms"
+        f"{own:.1f} ms; MLflow's SQLite store: {added - own:.1f} ms"
+    )
+    print(
+        f"  MLflow requests made in the sweep's process instead (no writer process): "
+        f"{wall['in_process'] - wall['bare']:.1f} ms added; CPU added with the writer "
+        f"{cpu['full'] - cpu['bare']:.1f} ms, without {cpu['in_process'] - cpu['bare']:.1f} ms"
     )
 
+
+LABELS = {
+    "bare": "bare Optuna loop (in-memory, no tracking)",
+    "full": "harness (journal storage + MLflow SQLite)",
+    "in_process": "harness, MLflow requests in the sweep's process",
+    "memory": "harness, in-memory tracker (no MLflow)",
+}
 
 if __name__ == "__main__":
     main()

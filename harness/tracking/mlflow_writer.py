@@ -53,6 +53,7 @@ from harness.workers import alive
 ENDED_WRITER_WAIT_S = 120.0  # a writer of an ended sweep has this long to make what it was sent
 CLOSE_WAIT_S = 600.0  # what the sweep's process waits at its exit for its writer to finish
 _HEADER = struct.Struct("<I")
+PIPE_BYTES = 1 << 20  # the most Linux allows an unprivileged process by default
 _WRITERS = itertools.count()  # this process's writers, for their lock files' names
 
 
@@ -135,6 +136,8 @@ class DeferredClient:
         folder.mkdir(parents=True, exist_ok=True)
         writes_out, writes_in = os.pipe()
         acks_out, acks_in = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):  # Linux: room for ~100 trials' writes
+            fcntl.fcntl(writes_in, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         # Locked before the fork: the writer holds the lock from its first moment (the lock
         # belongs to the open file, which the child keeps and this process closes).
         lock = folder / f"{os.getpid()}-{next(_WRITERS)}.lock"

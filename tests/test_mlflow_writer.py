@@ -1,0 +1,175 @@
+"""The MLflow writer process (harness.tracking.mlflow_writer): a trial run's writes after its
+creation, made in order by a forked process; nothing sent is lost when the sweep's process is
+killed; the next sweep waits for what an ended one sent; runs a killed writer left open are
+closed with the metrics Optuna recorded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.tracking import MLflowTracker, tracking_uri
+from harness.tracking.mlflow_writer import writers_folder
+
+FAST = ("backend=fake",)
+
+
+def trial_runs(cfg) -> list:
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.name)
+    return [
+        run
+        for run in client.search_runs([experiment.experiment_id], max_results=1000)
+        if run.data.tags.get("harness.role") == "trial"
+    ]
+
+
+def test_a_trial_runs_writes_go_through_the_writer_in_order(make_cfg):
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None and tracker.writes.pid  # forked before the store opened
+    writer = tracker.writes.pid
+    run = tracker.start_run("trial-0000", {"train.lr": 0.1}, {"optuna.trial_number": "0"}, cfg)
+    run.log_metrics(1, {"eval/f1": 0.5})
+    run.log_metrics(2, {"eval/f1": 0.6, "objective": 0.6}, buffered=True)
+    run.set_tags({"harness.note": "first"})
+    run.set_tags({"harness.note": "last"})  # set twice: the last value wins, as in place
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    tracker.close_writes()
+    with pytest.raises(ChildProcessError):  # reaped: it ended with its input
+        os.waitpid(writer, os.WNOHANG)
+    [logged] = trial_runs(cfg)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params == {"train.lr": "0.1"}
+    assert logged.data.metrics == {"eval/f1": 0.6, "objective": 0.6}
+    assert logged.data.tags["harness.note"] == "last"
+    assert logged.data.tags["optuna.trial_state"] == "COMPLETE"
+    assert logged.inputs.dataset_inputs  # the data files as dataset inputs
+    history = MlflowClient(tracking_uri(cfg)).get_metric_history(logged.info.run_id, "eval/f1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
+    assert list(writers_folder(Path(tracking_uri(cfg).removeprefix("sqlite:///"))).iterdir()) == []
+
+
+def test_a_process_that_opened_the_store_already_writes_in_place(make_cfg):
+    """Forking while this process holds a connection to the SQLite file could corrupt it:
+    a second tracker on the store in one process makes its requests itself."""
+    cfg = make_cfg(*FAST)
+    first = MLflowTracker(cfg)
+    first.close_writes()
+    second = MLflowTracker(cfg)
+    assert second.writes is None
+    run = second.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    [logged] = trial_runs(cfg)
+    assert (logged.info.status, logged.data.params) == ("FINISHED", {"x": "1"})
+
+
+SENDS_THEN_DIES = textwrap.dedent(
+    """
+    import os, signal, sys
+    from harness.config import load_config
+    from harness.tracking import MLflowTracker
+    cfg = load_config(sys.argv[1:])
+    tracker = MLflowTracker(cfg)
+    for number in range(150):
+        run = tracker.start_run(f"trial-{number:04d}", {"n": number},
+                                {"optuna.trial_number": str(number)}, cfg)
+        run.log_metrics(1, {"objective": number / 150})
+        run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    print(tracker.writes.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no exit handler: the writer is left to finish
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_writes_of_a_killed_sweep_are_made_and_the_next_sweep_waits_for_them(runs):
+    """kill -9 of the sweep's process: its writer makes what it was sent (it reads to the end
+    of its input), and a tracker opened on the store meanwhile waits for it (its lock)."""
+    overrides = ["backend=fake", f"paths.runs_dir={runs}", "name=killed"]
+    process = subprocess.run(
+        [sys.executable, "-c", SENDS_THEN_DIES, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert int(process.stdout.split()[0])  # it had a writer
+    from harness.config import load_config
+
+    cfg = load_config(overrides)
+    MLflowTracker(cfg, defer_writes=False)  # waits for the writer of the killed process
+    store = Path(tracking_uri(cfg).removeprefix("sqlite:///"))
+    assert list(writers_folder(store).iterdir()) == []  # it finished: its lock file is gone
+    logged = trial_runs(cfg)
+    assert len(logged) == 150
+    assert {run.info.status for run in logged} == {"FINISHED"}
+    assert sum("objective" in run.data.metrics for run in logged) == 150
+
+
+HOLDS_A_WRITERS_LOCK = textwrap.dedent(
+    """
+    import fcntl, sys, time
+    from pathlib import Path
+    with open(sys.argv[1], "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(1)  # still writing when the next sweep starts
+        Path(sys.argv[2]).write_text("made")
+    """
+)
+
+
+def test_a_new_tracker_waits_for_the_writer_of_an_ended_sweep(make_cfg, tmp_path):
+    """The lock file of a writer whose sweep is gone (its owner pid dead): a tracker opened on
+    the store returns only once that writer let its lock go, after its last write."""
+    cfg = make_cfg(*FAST)
+    MLflowTracker(cfg, defer_writes=False)  # the store
+    dead = subprocess.Popen(["true"])  # its pid: a sweep that ended
+    dead.wait()
+    store = Path(tracking_uri(cfg).removeprefix("sqlite:///"))
+    writers_folder(store).mkdir(exist_ok=True)
+    lock = writers_folder(store) / f"{dead.pid}-0.lock"
+    made = tmp_path / "made"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDS_A_WRITERS_LOCK, str(lock), str(made)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        MLflowTracker(cfg, defer_writes=False)
+        assert made.read_text() == "made"  # its last write came before
+        assert not lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_runs_a_killed_writer_left_open_are_closed_with_the_metrics_optuna_recorded(make_cfg):
+    """A writer killed itself loses what it had not made: the next sweep closes the run of a
+    completed trial with the final metrics Optuna recorded for it, at its last step."""
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg, defer_writes=False)
+    run = tracker.start_run("trial-0003", {"x": 1}, {"optuna.trial_number": "3"}, cfg)
+    kept = tracker.start_run("trial-0004", {"x": 2}, {"optuna.trial_number": "4"}, cfg)
+    kept.log_metrics(7, {"objective": 0.9})  # its own: not overwritten
+    finals = {3: (12, {"objective": 0.7, "test/f1": 0.6}), 4: (7, {"objective": 0.1})}
+    trials = {3: ("COMPLETE", ""), 4: ("COMPLETE", "")}
+    MLflowTracker(cfg, defer_writes=False).close_abandoned_runs(trials, finals)
+    by_number = {r.data.tags["optuna.trial_number"]: r for r in trial_runs(cfg)}
+    closed = by_number["3"]
+    assert closed.info.status == "FINISHED"
+    assert closed.data.metrics == {"objective": 0.7, "test/f1": 0.6}
+    history = MlflowClient(tracking_uri(cfg)).get_metric_history(run.run_id, "objective")
+    assert [m.step for m in history] == [12]
+    assert by_number["4"].data.metrics == {"objective": 0.9}
+    assert by_number["4"].info.status == "FINISHED"
