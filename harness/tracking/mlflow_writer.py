@@ -75,11 +75,12 @@ class DeferredClient:
 
     @classmethod
     def start(cls, uri: str, store: Path) -> DeferredClient | None:
-        """A writer for the SQLite store ``store`` (at ``uri``), forked now; None where this
-        process holds a connection to the store already (a forked child could then corrupt it:
-        a process that runs several sweeps on one store, such as a test; they write in place)."""
-        if open_in_this_process(store):
-            return None
+        """A writer for the SQLite store ``store`` (at ``uri``), forked now; None (writes made
+        in place) off Linux, or where this process holds a connection to the store already (a
+        forked child could then corrupt it: a process that runs several sweeps on one store,
+        such as a test)."""
+        if not sys.platform.startswith("linux") or open_in_this_process(store):
+            return None  # (macOS: a forked child of a process using its frameworks may crash)
         client = cls(uri, store)
         client._start()
         return client
@@ -111,7 +112,7 @@ class DeferredClient:
 
     def close(self) -> None:
         """Ends the writer's input and waits for it to make what is left (bounded: past that, it
-        goes on alone, and the next sweep on the store waits for it)."""
+        goes on alone, and the next sweep on the store waits for it). No write can follow."""
         pid, self.pid = self.pid, 0
         if not pid:
             return
@@ -164,8 +165,8 @@ class DeferredClient:
         atexit.register(self.close)
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        if not self.pid:  # closed: a write after the sweep's end starts a writer again
-            self._start()
+        if not self.pid:  # forking again now could corrupt the store (see start)
+            raise RuntimeError("a trial run's write after its tracker's close_writes()")
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         frame = memoryview(_HEADER.pack(len(data)) + data)
         try:
