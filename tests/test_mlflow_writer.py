@@ -173,3 +173,39 @@ def test_runs_a_killed_writer_left_open_are_closed_with_the_metrics_optuna_recor
     assert [m.step for m in history] == [12]
     assert by_number["4"].data.metrics == {"objective": 0.9}
     assert by_number["4"].info.status == "FINISHED"
+
+
+def test_a_sweep_whose_writer_died_makes_its_writes_itself(make_cfg, capfd):
+    """The writer killed (the OOM killer, say): the next write notices, says so once, and the
+    sweep goes on writing in place; the run still ends FINISHED with what was sent after."""
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None
+    run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    tracker.writes.sync()  # its params and inputs made
+    os.kill(tracker.writes.pid, signal.SIGKILL)
+    os.waitpid(tracker.writes.pid, 0)  # dead before the next write
+    run.log_metrics(3, {"objective": 0.8})
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    later = tracker.start_run("trial-0001", {"x": 2}, {"optuna.trial_number": "1"}, cfg)
+    later.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    tracker.close_writes()
+    assert capfd.readouterr().err.count("MLflow writer process") == 1
+    by_number = {r.data.tags["optuna.trial_number"]: r for r in trial_runs(cfg)}
+    assert by_number["0"].info.status == "FINISHED"
+    assert by_number["0"].data.metrics == {"objective": 0.8}
+    assert (by_number["0"].data.params, by_number["1"].data.params) == ({"x": "1"}, {"x": "2"})
+    assert by_number["1"].info.status == "FINISHED"
+
+
+def test_a_writer_killed_before_the_sweep_closes_it_is_reported(make_cfg, capfd):
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None
+    run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    os.kill(tracker.writes.pid, signal.SIGKILL)
+    tracker.close_writes()
+    err = capfd.readouterr().err
+    assert "ended before its last writes (killed by signal 9)" in err
+    assert "the next sweep closes the runs it left open" in err

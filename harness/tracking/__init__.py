@@ -4,7 +4,8 @@
 in MLflow (one experiment per study, a parent run per study, a child run per trial) and is,
 with ``MLflowStore``, the package's only way to MLflow's tracking client; ``InMemoryTracker``
 keeps runs in memory for fast tests. server: the tracking URI, its credentials and a server
-that stops answering; sqlite_store: the local store's checks and write mode; records: the tags
+that stops answering; sqlite_store: the local store's checks, write mode and connections;
+mlflow_writer: the process that makes trial runs' writes to the local store; records: the tags
 and closing rules every tracker shares. Secret redaction is harness.secrets'."""
 
 from harness.tracking.memory import InMemoryStore, InMemoryTracker

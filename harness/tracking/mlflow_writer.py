@@ -72,6 +72,7 @@ class DeferredClient:
         self.pid = 0  # the writer's, while it runs
         self.to_writer = -1  # the pipe's ends: the writes in, the writer's acknowledgements out
         self.acks = -1
+        self.in_place: Any = None  # an MlflowClient, once the writer died
 
     @classmethod
     def start(cls, uri: str, store: Path) -> DeferredClient | None:
@@ -106,9 +107,16 @@ class DeferredClient:
         if not self.pid:
             return
         self._send(("sync",))
+        if not self.pid:  # it had died: the writes are made here now
+            return
         ready, _, _ = select.select([self.acks], [], [], timeout_s)
-        if not ready or not os.read(self.acks, 1):
-            raise RuntimeError(self._ended(f"did not finish its writes in {timeout_s:.0f} s"))
+        if not ready:
+            raise RuntimeError(
+                f"the MLflow writer process (pid {self.pid}) did not finish its writes in "
+                f"{timeout_s:.0f} s"
+            )
+        if not os.read(self.acks, 1):  # it died before it got there
+            self._lost()
 
     def close(self) -> None:
         """Ends the writer's input and waits for it to make what is left (bounded: past that, it
@@ -129,8 +137,19 @@ class DeferredClient:
                 file=sys.stderr,
             )
             return
+        status = 0
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)  # it has ended: no wait
+            status = os.waitpid(pid, 0)[1]  # it has ended: no wait
+        if status:  # killed, say: what it had not made is lost
+            how = (
+                f"killed by signal {os.WTERMSIG(status)}"
+                if os.WIFSIGNALED(status)
+                else f"exit code {os.WEXITSTATUS(status)}"
+            )
+            _say(
+                f"harness: the MLflow writer process (pid {pid}) ended before its last writes "
+                f"({how}); the next sweep closes the runs it left open"
+            )
 
     def _start(self) -> None:
         folder = writers_folder(self.store)
@@ -165,6 +184,9 @@ class DeferredClient:
         atexit.register(self.close)
 
     def _send(self, message: tuple[Any, ...]) -> None:
+        if self.in_place is not None:
+            _make_now(self.in_place, message)
+            return
         if not self.pid:  # forking again now could corrupt the store (see start)
             raise RuntimeError("a trial run's write after its tracker's close_writes()")
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -173,14 +195,26 @@ class DeferredClient:
             with _signals_held():  # a frame cut in half by Ctrl-C would garble every next one
                 while frame:
                     frame = frame[os.write(self.to_writer, frame) :]
-        except OSError as exc:  # it died (killed)
-            raise RuntimeError(self._ended(f"ended ({type(exc).__name__})")) from None
+        except OSError:  # it died (killed)
+            self._lost()
+            self._send(message)
 
-    def _ended(self, what: str) -> str:
-        return (
-            f"the MLflow writer process (pid {self.pid}) {what}: this trial's run may lack its "
-            "last writes; run the same command again: it closes the runs left open"
+    def _lost(self) -> None:
+        """The writer died (killed, say): the sweep makes its writes itself from here on. What
+        the writer had not made is lost; the next sweep closes the runs it left open."""
+        from mlflow.tracking import MlflowClient
+
+        _say(
+            f"harness: the MLflow writer process (pid {self.pid}) ended; this sweep makes its "
+            "MLflow writes itself from here on (runs it left open are closed by the next sweep)"
         )
+        for fd in (self.to_writer, self.acks):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)  # it has ended
+        self.pid = 0
+        self.in_place = MlflowClient(self.tracking_uri)
 
 
 @contextlib.contextmanager
@@ -299,6 +333,14 @@ class _RunWrites:
             retried(lambda: client.log_inputs(run_id, datasets=datasets))  # noqa: B023
         if self.end is not None:
             client.set_terminated(run_id, *self.end)
+
+
+def _make_now(client: Any, message: tuple[Any, ...]) -> None:
+    """One write made in the sweep's process, its errors raised (a sync is one already)."""
+    if message[0] != "sync":
+        writes = _RunWrites()
+        writes.add(message[0], list(message[2:]))
+        writes.make(client, message[1])
 
 
 def _make(client: Any, messages: list[tuple[Any, ...]]) -> None:
