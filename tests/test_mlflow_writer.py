@@ -42,6 +42,8 @@ def test_a_trial_runs_writes_go_through_the_writer_in_order(make_cfg):
     run.set_tags({"harness.note": "first"})
     run.set_tags({"harness.note": "last"})  # set twice: the last value wins, as in place
     run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    # any other request through the tracker waits for the writes sent before it
+    assert tracker.run_tags(run.run_id)["harness.note"] == "last"
     tracker.close_writes()
     with pytest.raises(ChildProcessError):  # reaped: it ended with its input
         os.waitpid(writer, os.WNOHANG)
@@ -94,14 +96,17 @@ def test_the_writes_of_a_killed_sweep_are_made_and_the_next_sweep_waits_for_them
     """kill -9 of the sweep's process: its writer makes what it was sent (it reads to the end
     of its input), and a tracker opened on the store meanwhile waits for it (its lock)."""
     overrides = ["backend=fake", f"paths.runs_dir={runs}", "name=killed"]
-    process = subprocess.run(
-        [sys.executable, "-c", SENDS_THEN_DIES, *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    assert process.returncode == -signal.SIGKILL, process.stderr
+    errors = runs.parent / "stderr.txt"  # a file: the writer holds it open after the kill
+    with errors.open("w") as stderr:
+        process = subprocess.run(
+            [sys.executable, "-c", SENDS_THEN_DIES, *overrides],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+    assert process.returncode == -signal.SIGKILL, errors.read_text()
     assert int(process.stdout.split()[0])  # it had a writer
     from harness.config import load_config
 
@@ -183,6 +188,7 @@ def test_a_sweep_whose_writer_died_makes_its_writes_itself(make_cfg, capfd):
     assert tracker.writes is not None
     run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
     tracker.writes.sync()  # its params and inputs made
+    assert tracker.writes.pid > 0
     os.kill(tracker.writes.pid, signal.SIGKILL)
     os.waitpid(tracker.writes.pid, 0)  # dead before the next write
     run.log_metrics(3, {"objective": 0.8})
@@ -204,8 +210,103 @@ def test_a_writer_killed_before_the_sweep_closes_it_is_reported(make_cfg, capfd)
     assert tracker.writes is not None
     run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
     run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    assert tracker.writes.pid > 0  # (0 would signal this whole process group)
     os.kill(tracker.writes.pid, signal.SIGKILL)
     tracker.close_writes()
     err = capfd.readouterr().err
     assert "ended before its last writes (killed by signal 9)" in err
     assert "the next sweep closes the runs it left open" in err
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP has taken effect)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def wait_until(condition, what: str, tries: int = 10_000) -> None:
+    for _ in range(tries):  # bounded; each try is a read of /proc
+        if condition():
+            return
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_sync_cut_short_leaves_no_acknowledgement_for_the_next_to_take(make_cfg):
+    """A sync that timed out (or was cut by Ctrl-C) is acknowledged later: the next sync waits
+    for its own acknowledgement, so it returns only once the writes sent before it are made."""
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None
+    writer = tracker.writes.pid
+    assert writer > 0
+    run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        wait_until(lambda: stopped(writer), "the writer stopped")
+        with pytest.raises(RuntimeError, match="did not finish its writes in 0 s"):
+            tracker.writes.sync(timeout_s=0)
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    tracker.writes.sync()
+    [logged] = trial_runs(cfg)
+    assert logged.info.status == "FINISHED"
+    tracker.close_writes()
+
+
+def test_writes_past_mlflows_limits_per_request_all_arrive(make_cfg):
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    params = {f"p{i}": i for i in range(150)}
+    run = tracker.start_run("trial-0000", params, {"optuna.trial_number": "0"}, cfg)
+    for step in range(3):
+        run.log_metrics(step, {f"m{i}": float(i + step) for i in range(600)}, buffered=True)
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    tracker.close_writes()
+    [logged] = trial_runs(cfg)
+    assert len(logged.data.params) == 150
+    assert len(logged.data.metrics) == 600 and logged.data.metrics["m599"] == 601.0
+    history = MlflowClient(tracking_uri(cfg)).get_metric_history(logged.info.run_id, "m7")
+    assert [(m.step, m.value) for m in history] == [(0, 7.0), (1, 8.0), (2, 9.0)]
+
+
+def test_a_run_its_live_sweep_is_still_writing_is_not_closed_by_another(make_cfg):
+    """RUNNING while its trial is COMPLETE is normal for a moment with a writer: another sweep
+    on the study (a worker starting) leaves the run to its own sweep, which closes it."""
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None
+    run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    other = MLflowTracker(cfg)  # in this process the store is open: it writes in place
+    other.close_abandoned_runs({0: ("COMPLETE", "")}, {0: (3, {"objective": 0.1})})
+    [logged] = trial_runs(cfg)
+    assert (logged.info.status, logged.data.metrics) == ("RUNNING", {})
+    run.log_metrics(3, {"objective": 0.8})
+    run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    tracker.close_writes()
+    [logged] = trial_runs(cfg)
+    assert (logged.info.status, logged.data.metrics) == ("FINISHED", {"objective": 0.8})
+
+
+def test_a_refused_write_costs_only_itself_when_writes_are_merged(make_cfg, capfd):
+    """Writes that waited together go in one request; MLflow refusing it (a param's value
+    changed) has each tried alone: the rest of the run's writes and its end are made."""
+    cfg = make_cfg(*FAST)
+    tracker = MLflowTracker(cfg)
+    assert tracker.writes is not None and tracker.writes.pid > 0
+    writer = tracker.writes.pid
+    run = tracker.start_run("trial-0000", {"x": 1}, {"optuna.trial_number": "0"}, cfg)
+    tracker.writes.sync()
+    os.kill(writer, signal.SIGSTOP)  # what follows waits in the pipe, to be merged
+    try:
+        wait_until(lambda: stopped(writer), "the writer stopped")
+        run.log_params({"x": 2})  # MLflow refuses to change a param
+        run.log_metrics(4, {"objective": 0.7})
+        run.end("FINISHED", {"optuna.trial_state": "COMPLETE"})
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    tracker.close_writes()
+    assert "an MLflow write of run" in capfd.readouterr().err
+    [logged] = trial_runs(cfg)
+    assert logged.data.params == {"x": "1"}
+    assert logged.data.metrics == {"objective": 0.7}
+    assert (logged.info.status, logged.data.tags["optuna.trial_state"]) == ("FINISHED", "COMPLETE")

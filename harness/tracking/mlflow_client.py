@@ -3,7 +3,7 @@ run's tags and end state, files under a run, and the model registry (versions, a
 only module of harness that makes an ``MlflowClient`` in the sweep's process: every MLflow
 request of the package goes through ``MLflowStore`` (``MLflowTracker`` is one, for a study's
 experiment), but trial runs' writes that MLflowTracker sends to its writer process
-(harness.tracking.mlflow_writer).
+(harness.tracking.mlflow_writer, which also makes them in place should that process die).
 
 Written with explicit run ids (no fluent active-run stack), so it works the same from any
 thread or process, and a run's times are its own."""

@@ -11,6 +11,7 @@ them first."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,11 @@ from harness.secrets import redact_text
 from harness.tracking.datasets import dataset_inputs
 from harness.tracking.mlflow_client import MLflowStore, retried
 from harness.tracking.mlflow_run import TrialRun
-from harness.tracking.mlflow_writer import DeferredClient, wait_for_ended_writers
+from harness.tracking.mlflow_writer import (
+    DeferredClient,
+    wait_for_ended_writers,
+    writer_alive,
+)
 from harness.tracking.protocol import ModelDestination, as_model_logger
 from harness.tracking.records import (
     ROLE_TAG,
@@ -68,9 +73,10 @@ class MLflowTracker(MLflowStore):
             bound_server_requests(cfg.tracking.server_timeout_s)
         uri = use_server_credentials(uri)
         self.writes: DeferredClient | None = None
+        self.store: Path | None = None  # the local SQLite store's file
         if uri.startswith("sqlite:"):
             runs_dir(cfg).mkdir(parents=True, exist_ok=True)
-            store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+            store = self.store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
             ensure_store(store)  # whole or not at all, whatever stops this process
             fast_sqlite_writes(store)
             wait_for_ended_writers(store)  # what a killed sweep sent is in the store first
@@ -160,6 +166,7 @@ class MLflowTracker(MLflowStore):
     def fail_stale_run(self, trial_number: int, reason: str) -> None:
         """Fails the runs of a trial Optuna failed because its process died (see
         stale_run_tags)."""
+        self._wait_for_ended_writers()  # a dead worker's writer may be closing that run now
         for run in self._study_runs(f"tags.`optuna.trial_number` = '{trial_number}'"):
             tags = stale_run_tags(run.info.status, reason)
             if tags is not None:
@@ -174,18 +181,36 @@ class MLflowTracker(MLflowStore):
         (a tracking server that was gone then, a kill): runs whose Optuna trial is finished or
         failed (``trials``: number -> (state, fail reason)), and runs started on this host by
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
-        worker, maybe on another host: it is left alone. A confirm run (harness confirm) has no
+        worker, maybe on another host: it is left alone, as is one whose sweep is alive here
+        and writes through a writer process (its end is on the way). A completed trial's run
+        gets the final metrics Optuna recorded where it lacks them (``finals``). A confirm run (harness confirm) has no
         trial: it is closed once its process is gone."""
+        self._wait_for_ended_writers()
         for role in ("trial", "confirm"):
             running = f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'"
             for run in self._study_runs(running):
                 closing = closing_of(run.data.tags, trials)
-                if closing is None:
+                if closing is None or self._writing(run.data.tags):
                     continue
                 step, final = missing_finals(run.data.tags, set(run.data.metrics), closing, finals)
                 if final:
                     self._log_final(run.info.run_id, step, final)
                 self._close(run.info.run_id, *closing)
+
+    def _wait_for_ended_writers(self) -> None:
+        if self.store is not None:
+            wait_for_ended_writers(self.store)
+
+    def _writing(self, tags: Mapping[str, str]) -> bool:
+        """The run's sweep is alive on this host and writes through a writer process: the run
+        is RUNNING only until the writer gets to its end."""
+        pid = tags.get("harness.pid", "")
+        return (
+            self.store is not None
+            and tags.get("harness.host") == socket.gethostname()
+            and pid.isdigit()
+            and writer_alive(self.store, int(pid))
+        )
 
     def _log_final(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric

@@ -2,27 +2,36 @@
 
 Why: MLflow's SQLite store spends ~4 ms of Python per request (sessions, ORM, reloading the
 run) and a trial makes five (create, params, dataset inputs, final metrics and tags, end):
-about two thirds of what harness added to a trial (benchmarks/overhead.py). The run is still
-created in the sweep's process (its id names the run's artifacts and the Optuna trial's
-``mlflow_run_id``); everything after that is sent down a pipe to the writer, which makes the
-requests on another core while the next trial trains.
+most of what harness added to a trial (benchmarks/overhead.py). The run is still created in
+the sweep's process (its id names the run's artifacts and the Optuna trial's
+``mlflow_run_id``); everything after that is sent down a pipe to a writer process the sweep
+forked, which makes the requests on another core while the next trial trains, a run's waiting
+writes in one request.
 
 What stays true:
 - Order: the writer makes a process's writes in the order they were sent, so a run is closed
   after its last metrics, as before. Every other request the tracker makes (``MLflowTracker``'s
   ``client``) first waits until the writer has made everything sent so far (``sync``).
-- Nothing sent is lost when the sweep's process dies: the writer ignores Ctrl-C and SIGTERM,
+- A run's duration is its trial's: its end time is taken when the trial ends, not when the
+  writer gets to it.
+- A kill of the sweep's process loses nothing it sent: the writer ignores Ctrl-C and SIGTERM,
   runs in its own session (a signal to the sweep's process group does not reach it), and at
   the end of its input (the sweep ended or was killed) makes what is left, then exits. A sweep
-  starting on the same store first waits for the writers of ended sweeps to finish
-  (``wait_for_ended_writers``), so it never closes a run their writes would close too.
-- A write that fails (a full disk, a read-only store) is reported on stderr; the next trial's
-  run, created in the sweep's process, meets the same failure and stops the study as before.
-  Only a writer killed itself (SIGKILL, the machine down) loses writes: the next sweep closes
-  the runs it left RUNNING and logs a completed trial's metrics from Optuna (records.closing_of).
+  starting on the same store, and the recovery of trials whose process died, first wait for
+  the writers of ended sweeps (``wait_for_ended_writers``); a run whose sweep is alive and
+  writing through a writer is left for that sweep to close (``writer_alive``).
+- Lost writes are repaired by the next sweep: those of a writer killed itself (SIGKILL, the
+  OOM killer, a whole process group or container stopped) and a request MLflow refused (a full
+  disk, a read-only store: said on stderr; the next trial's run, created in the sweep's
+  process, meets the same failure and stops the study as before, but the trial whose writes
+  failed stays COMPLETE in Optuna). It closes the runs left RUNNING and logs a completed
+  trial's final metrics from Optuna (records.missing_finals).
+- A writer that died is noticed at the next write: the sweep says so and makes its writes
+  itself from then on.
 
-Used for the local SQLite store only: a tracking server's requests (and its time-outs) stay in
-the sweep's process, where harness.tracking.server guards them.
+Used for the local SQLite store only, on Linux, in a process that has not opened the store yet
+(``DeferredClient.start``): a tracking server's requests (and their time-outs) stay in the
+sweep's process, where harness.tracking.server guards them.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import gc
 import itertools
 import os
 import pickle
@@ -41,6 +51,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -73,6 +84,7 @@ class DeferredClient:
         self.to_writer = -1  # the pipe's ends: the writes in, the writer's acknowledgements out
         self.acks = -1
         self.in_place: Any = None  # an MlflowClient, once the writer died
+        self.syncs = 0  # syncs sent: the writer acknowledges each with its number
 
     @classmethod
     def start(cls, uri: str, store: Path) -> DeferredClient | None:
@@ -103,20 +115,24 @@ class DeferredClient:
         self._send(("set_terminated", run_id, status, int(time.time() * 1000)))
 
     def sync(self, timeout_s: float = CLOSE_WAIT_S) -> None:
-        """Returns once the writer has made every write sent so far."""
+        """Returns once the writer has made every write sent so far. (An earlier sync cut short
+        by Ctrl-C or its time-out left its acknowledgement behind: numbered, it is skipped.)"""
         if not self.pid:
             return
-        self._send(("sync",))
-        if not self.pid:  # it had died: the writes are made here now
-            return
-        ready, _, _ = select.select([self.acks], [], [], timeout_s)
-        if not ready:
-            raise RuntimeError(
-                f"the MLflow writer process (pid {self.pid}) did not finish its writes in "
-                f"{timeout_s:.0f} s"
-            )
-        if not os.read(self.acks, 1):  # it died before it got there
-            self._lost()
+        self.syncs += 1
+        self._send(("sync", self.syncs))
+        deadline = time.monotonic() + timeout_s
+        while self.pid:  # else it had died: the writes are made here now
+            if not _readable(self.acks, deadline - time.monotonic()):
+                raise RuntimeError(
+                    f"the MLflow writer process (pid {self.pid}) did not finish its writes in "
+                    f"{timeout_s:.0f} s"
+                )
+            ack = _read_exact(self.acks, _HEADER.size)
+            if ack is None:  # it died before it got there
+                self._lost()
+            elif _HEADER.unpack(ack)[0] == self.syncs:
+                return
 
     def close(self) -> None:
         """Ends the writer's input and waits for it to make what is left (bounded: past that, it
@@ -125,12 +141,14 @@ class DeferredClient:
         if not pid:
             return
         os.close(self.to_writer)
+        self.to_writer = -1
+        deadline = time.monotonic() + CLOSE_WAIT_S
         try:  # its end closes the acknowledgements' pipe
-            ready, _, _ = select.select([self.acks], [], [], CLOSE_WAIT_S)
+            ready = _readable(self.acks, CLOSE_WAIT_S)
             while ready and os.read(self.acks, 4096):
-                ready, _, _ = select.select([self.acks], [], [], CLOSE_WAIT_S)
+                ready = _readable(self.acks, deadline - time.monotonic())
         finally:
-            os.close(self.acks)
+            self._close_pipe()
         if not ready:
             print(
                 f"harness: the MLflow writer (pid {pid}) is still writing; it goes on alone",
@@ -165,9 +183,14 @@ class DeferredClient:
         fcntl.flock(held, fcntl.LOCK_EX)
         # Forked, not a new interpreter: MLflow's import (~2 s of CPU) is done already. The
         # child uses none of this process's threads or connections.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
-            pid = os.fork()
+        gc.freeze()  # the child's collector leaves what it inherited alone (and shared)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                pid = os.fork()
+        finally:
+            if pid != 0:
+                gc.unfreeze()
         if pid == 0:
             code = 1
             try:
@@ -181,7 +204,14 @@ class DeferredClient:
         for fd in (held, writes_out, acks_in):
             os.close(fd)
         self.pid, self.to_writer, self.acks = pid, writes_in, acks_out
+        _LIVE.add(self)
         atexit.register(self.close)
+
+    def _forget_in_child(self) -> None:
+        """In a process forked from the sweep's (a data loader's worker, a next writer): this
+        writer is not its own; its pipe's ends closed, so the writer still ends with the sweep."""
+        self._close_pipe()
+        self.pid = 0
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if self.in_place is not None:
@@ -208,13 +238,39 @@ class DeferredClient:
             f"harness: the MLflow writer process (pid {self.pid}) ended; this sweep makes its "
             "MLflow writes itself from here on (runs it left open are closed by the next sweep)"
         )
-        for fd in (self.to_writer, self.acks):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_pipe()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)  # it has ended
         self.pid = 0
         self.in_place = MlflowClient(self.tracking_uri)
+
+    def _close_pipe(self) -> None:
+        """Closes this process's ends of the pipe (their numbers may be reused at once)."""
+        _LIVE.discard(self)
+        for fd in (self.to_writer, self.acks):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.to_writer = self.acks = -1
+
+
+_LIVE: weakref.WeakSet[DeferredClient] = weakref.WeakSet()  # this process's running writers
+
+
+def _forget_writers_in_child() -> None:
+    for client in list(_LIVE):
+        client._forget_in_child()
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_writers_in_child)
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` has something to read (or its end) within ``timeout_s``."""
+    poller = select.poll()  # not select(): file descriptors above 1023
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))
 
 
 @contextlib.contextmanager
@@ -253,10 +309,20 @@ def wait_for_ended_writers(store: Path, timeout_s: float = ENDED_WRITER_WAIT_S) 
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
+                        _say(
+                            f"harness: the MLflow writer of an ended sweep ({lock.name}) is "
+                            f"still writing after {timeout_s:.0f} s; going on without it"
+                        )
                         return
                     time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):  # its writer was killed before removing it
             lock.unlink()
+
+
+def writer_alive(store: Path, owner: int) -> bool:
+    """Whether process ``owner`` of this host is alive and has a writer on ``store``: its runs
+    may be RUNNING a moment after their trials ended, and are its own to close."""
+    return alive(owner) and any(writers_folder(store).glob(f"{owner}-*.lock"))
 
 
 def _say(text: str) -> None:
@@ -280,7 +346,7 @@ def _read_waiting(fd: int) -> list[tuple[Any, ...]] | None:
     """The next message, and every other already waiting in the pipe (so that a run's writes
     sent while the writer was busy go in one request); None at the end of the input."""
     messages: list[tuple[Any, ...]] = []
-    while not messages or (len(messages) < 1000 and select.select([fd], [], [], 0)[0]):
+    while not messages or (len(messages) < 1000 and _readable(fd, 0)):
         header = _read_exact(fd, _HEADER.size)
         data = _read_exact(fd, _HEADER.unpack(header)[0]) if header else None
         if data is None:
@@ -294,22 +360,27 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 
 class _RunWrites:
-    """One run's writes waiting together: one log_batch for all its params, metrics and tags
-    (within MLflow's limits per request), its dataset inputs, then its end."""
+    """One run's writes waiting together: its params, metrics and tags in as few log_batch
+    requests as MLflow's limits allow (1000 metrics, 100 params, 100 tags), its dataset inputs,
+    then its end. Should a merged request be refused, each write is tried alone, so one bad
+    value costs no more than it did in place; the end is made whatever failed before it."""
 
     def __init__(self) -> None:
+        self.messages: list[tuple[Any, ...]] = []
         self.metrics: list[Any] = []
         self.params: dict[str, Any] = {}
         self.tags: dict[str, Any] = {}  # the last value of a tag set twice wins, as it would
         self.inputs: list[Any] = []
         self.end: tuple[str, int] | None = None
 
-    def add(self, operation: str, args: list[Any]) -> None:
+    def add(self, message: tuple[Any, ...]) -> None:
+        operation, _run_id, *args = message
         if operation == "log_batch":
             metrics, params, tags = args
             self.metrics += metrics
             self.params.update((p.key, p) for p in params)
             self.tags.update((t.key, t) for t in tags)
+            self.messages.append(message)
         elif operation == "log_inputs":
             self.inputs.append(args[0])
         elif operation == "set_terminated":
@@ -317,88 +388,115 @@ class _RunWrites:
         else:
             raise ValueError(f"unknown write {operation!r}")
 
-    def make(self, client: Any, run_id: str) -> None:
+    def make(self, client: Any, run_id: str) -> list[Exception]:
+        """Makes the writes; returns what failed."""
         from harness.tracking.mlflow_client import retried
 
-        batches: Iterable[tuple[list[Any], ...]] = zip_longest(
+        failed: list[Exception] = []
+        try:
+            for metrics, params, tags in self._merged():
+                retried(lambda: client.log_batch(run_id, metrics, params, tags))  # noqa: B023
+        except Exception:
+            for _, _, metrics, params, tags in self.messages:  # one at a time, in order
+                try:
+                    retried(lambda: client.log_batch(run_id, metrics, params, tags))  # noqa: B023
+                except Exception as exc:
+                    failed.append(exc)
+        for datasets in self.inputs:
+            try:
+                retried(lambda: client.log_inputs(run_id, datasets=datasets))  # noqa: B023
+            except Exception as exc:
+                failed.append(exc)
+        if self.end is not None:
+            try:
+                client.set_terminated(run_id, *self.end)
+            except Exception as exc:
+                failed.append(exc)
+        return failed
+
+    def _merged(self) -> list[tuple[list[Any], list[Any], list[Any]]]:
+        batches: Iterable[tuple[list[Any], list[Any], list[Any]]] = zip_longest(
             _chunks(self.metrics, 1000),
             _chunks(list(self.params.values()), 100),
             _chunks(list(self.tags.values()), 100),
             fillvalue=[],
         )
-        for metrics, params, tags in batches:
-            if metrics or params or tags:
-                retried(lambda: client.log_batch(run_id, metrics, params, tags))  # noqa: B023
-        for datasets in self.inputs:
-            retried(lambda: client.log_inputs(run_id, datasets=datasets))  # noqa: B023
-        if self.end is not None:
-            client.set_terminated(run_id, *self.end)
+        return [batch for batch in batches if any(batch)]
 
 
 def _make_now(client: Any, message: tuple[Any, ...]) -> None:
-    """One write made in the sweep's process, its errors raised (a sync is one already)."""
-    if message[0] != "sync":
-        writes = _RunWrites()
-        writes.add(message[0], list(message[2:]))
-        writes.make(client, message[1])
+    """One write made in the sweep's process (the writer died), its error raised as in place."""
+    if message[0] == "sync":
+        return
+    writes = _RunWrites()
+    writes.add(message)
+    failed = writes.make(client, message[1])
+    if failed:
+        raise failed[0]
 
 
 def _make(client: Any, messages: list[tuple[Any, ...]]) -> None:
-    """Makes ``messages`` (no sync among them) by run, each run's in one go."""
+    """Makes ``messages`` (no sync among them) by run, each run's in one go; says what failed."""
     runs: dict[str, _RunWrites] = {}
-    for operation, run_id, *args in messages:
-        runs.setdefault(run_id, _RunWrites()).add(operation, args)
+    for message in messages:
+        runs.setdefault(message[1], _RunWrites()).add(message)
     for run_id, writes in runs.items():
-        try:
-            writes.make(client, run_id)
-        except Exception as exc:
+        for exc in writes.make(client, run_id):
             _say(
-                f"harness: MLflow writes of run {run_id} failed: "
+                f"harness: an MLflow write of run {run_id} failed: "
                 f"{redact_text(f'{type(exc).__name__}: {exc}')[:500]}"
             )
 
 
 def serve(uri: str, lock: Path, held: int, writes: int, acks: int) -> int:
     """The writer (a forked child of the sweep's process): the writes read from the file
-    descriptor ``writes``, made in order until its end; each sync acknowledged on ``acks``;
-    ``lock`` held (open as ``held``) until then."""
+    descriptor ``writes``, made in order until its end; each sync acknowledged on ``acks``
+    with its number; ``lock`` held (open as ``held``) until then."""
     from mlflow.tracking import MlflowClient
 
     for number in (signal.SIGINT, signal.SIGTERM):  # it stops at the end of its input
         signal.signal(number, signal.SIG_IGN)
     os.setsid()  # a signal to the sweep's process group is not for it
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no thread of its own to start
     _keep_only_fds(held, writes, acks)
     client: Any = None
+    acknowledging = True  # until the sweep is gone: then it only makes what is left
     while (messages := _read_waiting(writes)) is not None:
         pending: list[tuple[Any, ...]] = []
         for message in messages:
             if message[0] != "sync":
                 pending.append(message)
                 continue
-            client = client or MlflowClient(uri)  # not before there is work: it takes ~0.5 s
-            _make(client, pending)
-            pending = []
-            os.write(acks, b".")
+            if pending:
+                client = client or MlflowClient(uri)  # not before there is work (~0.5 s)
+                _make(client, pending)
+                pending = []
+            if acknowledging:
+                try:
+                    os.write(acks, _HEADER.pack(message[1]))
+                except OSError:  # the sweep's process died while it waited
+                    acknowledging = False
         if pending:
             client = client or MlflowClient(uri)
             _make(client, pending)
-    lock.unlink()  # before the lock is let go (at exit): a waiter that gets it finds it done
+    with contextlib.suppress(FileNotFoundError):  # before the lock is let go (at exit): a
+        lock.unlink()  # waiter that gets it finds the writer done
     return 0
 
 
 def _keep_only_fds(*keep: int) -> None:
-    """Closes what the writer inherited but must not hold open (a server's socket, a pipe a
-    caller reads to its end), but stderr; stdin and stdout are /dev/null."""
+    """Lets go of what the writer inherited but must not hold open (a server's socket, a pipe
+    a caller reads to its end), stderr kept: each is made /dev/null rather than closed, so that
+    no number is reused under an inherited object that may close it."""
     null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    for fd in sorted({null, *_open_fds()} - {0, 1, 2, *keep}):
+    for fd in sorted(set(_open_fds()) - {2, null, *keep}):
         with contextlib.suppress(OSError):
-            os.close(fd)
+            os.dup2(null, fd)
+    os.close(null)
 
 
 def _open_fds() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # no /proc (macOS): the usual range
-        return list(range(3, 1024))
+    except OSError:  # no /proc: the usual range
+        return list(range(1024))
