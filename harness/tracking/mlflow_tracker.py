@@ -183,8 +183,8 @@ class MLflowTracker(MLflowStore):
         a process that is gone. A run of a trial still RUNNING in Optuna belongs to a live
         worker, maybe on another host: it is left alone, as is one whose sweep is alive here
         and writes through a writer process (its end is on the way). A completed trial's run
-        gets the final metrics Optuna recorded where it lacks them (``finals``). A confirm run (harness confirm) has no
-        trial: it is closed once its process is gone."""
+        gets the final metrics Optuna recorded where it lacks them (``finals``). A confirm run
+        (harness confirm) has no trial: it is closed once its process is gone."""
         self._wait_for_ended_writers()
         for role in ("trial", "confirm"):
             running = f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'"
