@@ -53,7 +53,6 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +414,7 @@ class _RunWrites:
         return failed
 
     def _merged(self) -> list[tuple[list[Any], list[Any], list[Any]]]:
-        batches: Iterable[tuple[list[Any], list[Any], list[Any]]] = zip_longest(
+        batches: Iterable[tuple[list[Any], list[Any], list[Any]]] = itertools.zip_longest(
             _chunks(self.metrics, 1000),
             _chunks(list(self.params.values()), 100),
             _chunks(list(self.tags.values()), 100),
