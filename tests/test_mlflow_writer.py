@@ -5,6 +5,7 @@ closed with the metrics Optuna recorded."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.tracking import MLflowTracker, tracking_uri
+from harness.tracking import MLflowTracker, mlflow_writer, tracking_uri
 from harness.tracking.mlflow_writer import writers_folder
 
 FAST = ("backend=fake",)
@@ -122,18 +123,40 @@ def test_the_writes_of_a_killed_sweep_are_made_and_the_next_sweep_waits_for_them
 
 HOLDS_A_WRITERS_LOCK = textwrap.dedent(
     """
-    import fcntl, sys, time
+    import fcntl, sys
     from pathlib import Path
     with open(sys.argv[1], "wb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         print("locked", flush=True)
-        time.sleep(1)  # still writing when the next sweep starts
+        sys.stdin.readline()  # still writing until told: the next sweep is waiting by then
         Path(sys.argv[2]).write_text("made")
     """
 )
 
 
-def test_a_new_tracker_waits_for_the_writer_of_an_ended_sweep(make_cfg, tmp_path):
+class FlockReleasingTheHolder:
+    """mlflow_writer's fcntl, but the first lock refused to the waiter tells the holder (on its
+    stdin) to make its last write and let go: the wait is seen to happen, with no clock."""
+
+    def __init__(self, holder: subprocess.Popen[str]) -> None:
+        self.holder = holder
+        self.refusals = 0
+
+    def flock(self, fd, operation) -> None:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            self.refusals += 1
+            if self.refusals == 1 and self.holder.stdin is not None:
+                self.holder.stdin.write("go\n")
+                self.holder.stdin.flush()
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(fcntl, name)
+
+
+def test_a_new_tracker_waits_for_the_writer_of_an_ended_sweep(make_cfg, tmp_path, monkeypatch):
     """The lock file of a writer whose sweep is gone (its owner pid dead): a tracker opened on
     the store returns only once that writer let its lock go, after its last write."""
     cfg = make_cfg(*FAST)
@@ -146,13 +169,17 @@ def test_a_new_tracker_waits_for_the_writer_of_an_ended_sweep(make_cfg, tmp_path
     made = tmp_path / "made"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDS_A_WRITERS_LOCK, str(lock), str(made)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        released = FlockReleasingTheHolder(holder)
+        monkeypatch.setattr(mlflow_writer, "fcntl", released)
         MLflowTracker(cfg, defer_writes=False)
-        assert made.read_text() == "made"  # its last write came before
+        assert released.refusals >= 1  # it found the lock held, and waited
+        assert made.read_text() == "made"  # the writer's last write came before its return
         assert not lock.exists()
     finally:
         holder.kill()

@@ -30,11 +30,7 @@ from harness.tracking.server import (
     unreachable_reason,
     use_server_credentials,
 )
-from harness.tracking.sqlite_store import (
-    check_store_writable,
-    open_in_this_process,
-    unwritable_store_message,
-)
+from harness.tracking.sqlite_store import check_store_writable, unwritable_store_message
 
 __all__ = [
     "UNRECORDED",
@@ -55,7 +51,6 @@ __all__ = [
     "config_yaml",
     "hurry_server_requests",
     "is_unreachable",
-    "open_in_this_process",
     "tracking_uri",
     "unreachable_reason",
     "unwritable_store_message",

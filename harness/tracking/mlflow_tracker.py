@@ -194,7 +194,7 @@ class MLflowTracker(MLflowStore):
                     continue
                 step, final = missing_finals(run.data.tags, set(run.data.metrics), closing, finals)
                 if final:
-                    self._log_final(run.info.run_id, step, final)
+                    self._log_metrics(run.info.run_id, step, final)
                 self._close(run.info.run_id, *closing)
 
     def _wait_for_ended_writers(self) -> None:
@@ -212,11 +212,13 @@ class MLflowTracker(MLflowStore):
             and writer_alive(self.store, int(pid))
         )
 
-    def _log_final(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+    def _log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        """``metrics`` at ``step``, in one request, of a run other processes may write too (a
+        parent run, workers ending together; a run closed for a process that ended)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         retried(lambda: self.client.log_batch(run_id, metrics=batch))
 
     def _study_runs(self, condition: str) -> list[Any]:
@@ -295,11 +297,7 @@ class MLflowTracker(MLflowStore):
         self.client.set_tag(run_id, "harness.logged_model_id", model.model_id)
 
     def finish_parent(self, run_id: str, metrics: Mapping[str, float], close: bool = True) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        retried(lambda: self.client.log_batch(run_id, metrics=batch))  # workers ending together
+        self._log_metrics(run_id, 0, metrics)
         if close:
             self.terminate_run(run_id, "FINISHED")
 
